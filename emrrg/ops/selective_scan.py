@@ -64,7 +64,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     # Expand the G groups to the D channels: (b, G, N, L) -> (b, D, N, L)
     B = B.float().repeat_interleave(d // g, dim=1)
     C = C.float().repeat_interleave(d // g, dim=1)
-    deltaA = torch.exp(delta.unsqueeze(-1) * A)                          # (b, D, L, N)
+    deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])              # (b, D, L, N)
     deltaB_u = delta.unsqueeze(-1) * B.transpose(2, 3) * u.unsqueeze(-1)  # (b, D, L, N)
     x = u.new_zeros((b, d, n))                                            # (b, D, N)
     ys = []

