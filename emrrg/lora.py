@@ -67,6 +67,10 @@ def merge_partial_lora(module: nn.Module) -> int:
     return count
 
 
+class AdapterMismatchError(ValueError):
+    """An adapter folder that does not fit the model it is loaded into."""
+
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -103,9 +107,13 @@ def load_encoder_adapter(encoder: nn.Module, adapter_dir: str | Path) -> dict:
 
     d = Path(adapter_dir)
     cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+    want = (getattr(encoder.cfg, "lora_rank", 0), getattr(encoder.cfg, "lora_x_rank", 0))
+    if (cfg.get("r", 0), cfg.get("lora_x_rank", 0)) != want:
+        raise AdapterMismatchError(f"adapter {d} has ranks (partial LoRA {cfg.get('r')}, lora_X {cfg.get('lora_x_rank')}) "
+                                   f"but the encoder was built with {want}")
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(d / ADAPTER_WEIGHTS)).items()}
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     adapter_missing = [k for k in missing if ".in_proj_lora." in k or ".lora_X." in k]
     if unexpected or adapter_missing:
-        raise KeyError(f"adapter {d} does not fit the encoder: unexpected {unexpected[:5]}, missing {adapter_missing[:5]}")
+        raise AdapterMismatchError(f"adapter {d} does not fit the encoder: unexpected {unexpected[:5]}, missing {adapter_missing[:5]}")
     return cfg
