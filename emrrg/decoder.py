@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ def byte_tokenizer(vocab_size: int = 512):
 
 
 def _load_smollm2():
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import smollm2_gguf
@@ -67,9 +69,21 @@ def _load_smollm2():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        model.save_pretrained(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # save_pretrained refuses a GGUF-loaded model (it still carries the GGUF quantizer), so write the
+        # de-quantized f32 weights ourselves; tied lm_head is implied by the config.
+        config = model.config
+        config.__dict__.pop("quantization_config", None)
+        config.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"))
         tok.save_pretrained(tmp)
-        if not cached.exists():  # another process may have won the race; its copy is identical
+        if cached.exists():  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             tmp.replace(cached)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(cached)
