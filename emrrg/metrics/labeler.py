@@ -5,8 +5,9 @@ The 14 CheXpert classes are found with the mention phrase lists that ship in the
 here). Each mention then gets a ConText-style state of its own:
 
 * pre-triggers in the mention's clause before it ("no", "without", "negative for", "free of",
-  "no evidence of", "resolved", ...) negate it; the nearest trigger wins, so in "possible
-  effusion, no pneumothorax" the pneumothorax is negated and the effusion is uncertain;
+  "no evidence of", "resolved", and hypothetical ones: "to detect", "evaluation for") negate it;
+  the nearest trigger wins, so in "possible effusion, no pneumothorax" the pneumothorax is
+  negated and the effusion is uncertain;
 * post-triggers after it, up to the next comma ("is not seen", "are absent", "has resolved",
   "is normal", ...) negate it;
 * uncertainty cues ("may", "possible", "cannot be excluded", "suspicious for", ...) make it
@@ -19,6 +20,9 @@ here). Each mention then gets a ConText-style state of its own:
   "heart size", "cardiac silhouette", "mediastinum", "contour") only count when an abnormality
   cue ("enlarged", "widened", "prominent", ...) sits next to them, so "Heart size is normal." and
   "The mediastinal contours are stable." are negative and "The heart is enlarged." is positive.
+
+Beyond radtext's lists we add a few mention phrases ("mediastinal widening", "ETT",
+"tracheostomy") and exclusions ("Kerley B lines" and "plate-like" are no support devices).
 
 A report's state per class follows CheXpert: positive if any mention is positive, else uncertain
 if any is uncertain, else negative if any is negative, else blank. No Finding is positive when no
@@ -93,9 +97,17 @@ _EXTRA_EXCLUDES: dict[str, tuple[str, ...]] = {
     "Support Devices": (
         r"kerley\s*(?:b\s*)?lines?", r"\bb[- ]lines?", r"septal\s+lines?", r"pleural\s+lines?",
         r"plate[- ]?like", r"fissure\s+lines?", r"\blines?\s+of\s+kerley", r"skin\s*fold\s*lines?",
-        r"support(?:ive)?\s+care", r"tubular",
+        r"support(?:ive)?\s+care", r"tubular", r"end\s*-?\s*plates?",
     ),
     "Lung Lesion": (r"mass\s+effect",),
+}
+
+# Our own additions to radtext's include lists: common report wordings its list misses.
+_EXTRA_INCLUDES: dict[str, tuple[str, ...]] = {
+    "Enlarged Cardiomediastinum": (
+        r"mediastinal\s+(?:widening|enlargement)", r"widen(?:ed|ing)\s+(?:of\s+the\s+)?(?:superior\s+)?mediastin",
+    ),
+    "Support Devices": (r"\bett\b", r"tracheostomy", r"\bintubated\b"),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +119,8 @@ _PRE_NEG = (
     r"\bresolution\s+of\b", r"\bresolving\b", r"\babsence\s+of\b", r"\babsent\b", r"\bremoval\s+of\b",
     r"\brule\s+out\b", r"\bruled\s+out\b", r"\bexclude[sd]?\b", r"\bneither\b", r"\bnor\b",
     r"\bdisappearance\s+of\b", r"\bhealed\b", r"\brather\s+than\b", r"\bdenies\b",
+    # Hypothetical mentions: "sensitivity to detect pneumothorax", "evaluation for effusion".
+    r"\bto\s+(?:detect|assess|evaluate|exclude)\b", r"\bevaluat(?:e|ion)\s+(?:for|of)\b", r"\bassess(?:ment)?\s+for\b",
 )
 # "normal" and friends negate only what follows within two words ("normal heart size").
 _PRE_NEG_NARROW = (r"\bnormal(?:\s+size)?\b", r"\bunremarkable\b", r"\bno\s+longer\b")
@@ -133,15 +147,19 @@ _POST_NEG = (
     r"\bnot\s+(?:seen|identified|present|visualized|visible|appreciated|evident|demonstrated|detected|enlarged|widened)\b",
     r"\bno\s+longer\b", r"\b(?:is|are|were|was)\s+absent\b", r"\babsent\b",
     r"\b(?:has|have|had)\s+(?:since\s+)?(?:been\s+)?(?:resolved|removed|cleared)\b", r"\bresolved\b", r"\bremoved\b",
-    r"\bwithin\s+normal\s+(?:\w+\s+){0,2}limits\b", r"\bnormal\b", r"\bunremarkable\b", r"\bnegative\b",
+    r"\bwithin\s+normal\s+(?:\w+\s+){0,2}limits\b", r"\bnormal\s+in\s+(?:size|caliber|appearance|contour)\b",
+    r"\b(?:is|are|was|were|appears?|remains?|seems?|looks?)\s+(?:\w+\s+)?(?:normal|unremarkable)\b", r"\bnegative\b",
     r"\bnone\b", r"\bupper\s+limits?\s+of\s+normal\b",
 )
+# "Heart size normal": a bare "normal" / "unremarkable" right after the mention (two words at most).
+_POST_NEG_NARROW = (r"\bnormal\b", r"\bunremarkable\b")
 _PSEUDO = (
     r"\bno\s+(?:significant\s+|definite\s+|substantial\s+|appreciable\s+)?(?:interval\s+)?"
     r"(?:change|increase|decrease|worsening|improvement|progression)\b",
     r"\bnot\s+(?:significantly\s+|substantially\s+)?(?:changed|increased|decreased|improved|worsened)\b",
     r"\bwithout\s+(?:significant\s+|interval\s+)*change\b", r"\bnot\s+only\b", r"\bno\s+doubt\b",
     r"\bgram[- ]negative\b", r"\bnot\s+(?:well\s+)?(?:assessed|evaluated)\b",
+    r"\bto\s+suggest\b",  # "no opacity to suggest pneumonia": the "no" carries over
 )
 _TERMINATORS = (
     r"\bbut\b", r"\bhowever\b", r"\balthough\b", r"\bthough\b", r"\bexcept\b", r"\baside\s+from\b",
@@ -167,6 +185,7 @@ _RE_PRE_NEG_NARROW = _any(_PRE_NEG_NARROW)
 _RE_PRE_UNC = _any(_PRE_UNC)
 _RE_POST_UNC = _any(_POST_UNC)
 _RE_POST_NEG = _any(_POST_NEG)
+_RE_POST_NEG_NARROW = _any(_POST_NEG_NARROW)
 _RE_PSEUDO = _any(_PSEUDO)
 _RE_TERM = _any(_TERMINATORS)
 _RE_SENT = re.compile(r"(?<=[.!?])\s+|\n\s*\n|;|:(?!\d)|(?<=\D)\.(?=[A-Za-z])")
@@ -237,7 +256,8 @@ class _ClassMatcher:
 def _matchers() -> tuple[_ClassMatcher, ...]:
     out = []
     for cls, d in chexpert_phrases().items():
-        inc = tuple((p, re.compile(p.lower())) for p in d.get("include", ()))
+        phrases = [p.lower() for p in d.get("include", ())] + list(_EXTRA_INCLUDES.get(cls, ()))
+        inc = tuple((p, re.compile(p)) for p in phrases)
         exc_list = [p.lower() for p in d.get("exclude", ())] + list(_EXTRA_EXCLUDES.get(cls, ()))
         out.append(_ClassMatcher(cls, inc, _any(exc_list) if exc_list else None))
     return tuple(out)
@@ -303,6 +323,7 @@ def _mention_state(sentence: str, clause: tuple[int, int], span: tuple[int, int]
         cands.sort(key=lambda t: (t[0], t[1] == UNCERTAIN))
         return cands[-1][1]
     post_hits = [(a, UNCERTAIN) for a, _ in post_unc] + [(a, NEGATIVE) for a, _ in _hits(_RE_POST_NEG, post, pseudo, e)]
+    post_hits += [(a, NEGATIVE) for a, _ in _hits(_RE_POST_NEG_NARROW, post, pseudo, e) if _n_words(sentence[e:a]) <= 2]
     if post_hits:
         post_hits.sort(key=lambda t: (t[0], t[1] != UNCERTAIN))
         return post_hits[0][1]
