@@ -1,0 +1,128 @@
+"""Bundle writer: everything goes into a hidden temporary sibling, then one rename publishes it.
+
+Interrupting an export (Ctrl-C, SIGTERM, an error, a full disk) removes the temporary directory, so
+no bundle and no partial files are left. A SIGKILL cannot be caught; its leftover `.NAME.tmp-PID`
+directory is removed by the next export into the same folder once that PID is gone.
+The layout and the manifest are defined in `emrrg.runtime.bundle` (the reader), shared here.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import __version__
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
+
+TMP_MARK = ".tmp-"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot go on; the message says why and what to do."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> None:
+    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """`kill PID` should clean up like Ctrl-C does: turn SIGTERM into KeyboardInterrupt while we write."""
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def staged_bundle(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it becomes `out` (atomically), on any failure it vanishes."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; choose another --output or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with _sigterm_as_interrupt():
+            yield tmp
+            if out.exists():  # --overwrite: swap the old bundle out only once the new one is complete
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ExportError(f"no space left on the device holding {out.parent} while writing the bundle; "
+                              "nothing was written — free space or choose another --output") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fill in format fields, per-artifact bytes/sha256, and the list of every file; write manifest.json."""
+    files = {p.relative_to(root).as_posix(): file_entry(root, p.relative_to(root).as_posix())
+             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    for art in manifest.get("artifacts", {}).values():
+        for key in ("bytes", "sha256"):
+            art[key] = files[art["path"]][key]
+        if art.get("data"):
+            art["bytes"] += sum(files[d]["bytes"] for d in art["data"])
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "emrrg_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **manifest, "files": files}
+    (root / MANIFEST).write_text(json.dumps(full, indent=2, default=_jsonable))
+    return full
+
+
+def _jsonable(x):
+    try:
+        import numpy as np
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -1,0 +1,262 @@
+"""The export pipeline behind `emrrg-export`: checkpoint -> validated bundle.
+
+    load checkpoint ─► merge adapters (checked against the unmerged model)
+       ─► encoder ONNX: custom-op (SelectiveScan) + pure-ONNX twin, each validated vs PyTorch f32
+       ─► --int8: explicit Q/DQ calibrated on X-rays, validated on calibration + held-out images
+       ─► decoder ONNX with KV cache (validated) ─► --llm-bits 4: MatMulNBits, accuracy-aware choice
+       ─► tokenizer, embeddings, manifest (every file's sha256) ─► one atomic rename
+
+Everything is written into a hidden temporary sibling of the output (see export/bundle.py), so a
+failure or an interrupt at any step leaves nothing behind.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .bundle import ExportError, staged_bundle, write_manifest
+
+TARGETS = ("cpu", "cuda", "tensorrt", "jetson")
+# Merging replaces W x + s·B(A x) by (W + s·BA) x: f32 rounding of one extra matmul per layer, amplified by
+# depth and the norms; a wrong merge shows up at >= 1e-2. Same bound as tests/model/test_adapters.py.
+MERGE_MAX_ABS = 1e-3
+HELD_OUT = 4  # real X-rays kept out of calibration to validate the INT8 encoder on unseen images
+
+
+@dataclass
+class ExportOptions:
+    int8: bool = False
+    llm_bits: int = 4                    # 4: MatMulNBits; 32: keep the decoder in f32
+    target: str = "cpu"
+    calib: str | None = None             # folder of DICOM/PNG/JPEG; None: the real X-rays shipped offline
+    strict: bool = False                 # fail when no quantization configuration meets its thresholds
+    overwrite: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+    max_calib: int | None = None         # cap on calibration images (tests use a few)
+
+
+def check_target(target: str) -> None:
+    """Fail before any work when the target's toolchain is missing."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target in ("tensorrt", "jetson"):
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise ExportError(f"--target {target} needs TensorRT on this machine (engines are built on the GPU that "
+                              "runs them): install JetPack 6/7 on a Jetson or NVIDIA's TensorRT packages, or export "
+                              "with --target cpu / cuda (the same ONNX files run in ONNX Runtime)") from None
+
+
+def _steps(opts: ExportOptions) -> list[str]:
+    s = ["load checkpoint", "merge adapters", "export encoder", "validate encoder"]
+    if opts.int8:
+        s.append("int8 encoder")
+    s += ["export decoder"]
+    if opts.llm_bits == 4:
+        s.append("4-bit decoder")
+    s += ["tokenizer + manifest"]
+    return s
+
+
+class _Progress:
+    """One bar over the pipeline's steps (tqdm), with the step name and elapsed seconds."""
+
+    def __init__(self, steps: list[str], enabled: bool):
+        self.steps, self.i, self.t0 = steps, 0, time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=len(steps), desc="emrrg-export", unit="step", leave=True,
+                            bar_format="{desc}: {n}/{total} [{elapsed}] {postfix}")
+
+    def start(self, name: str) -> None:
+        if self.bar:
+            self.bar.set_postfix_str(name)
+
+    def done(self) -> None:
+        self.i += 1
+        if self.bar:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _images(opts: ExportOptions) -> list:
+    from ..assets import real_xrays
+    from .quantize_encoder import list_calibration_images
+
+    imgs = list_calibration_images(opts.calib) if opts.calib else real_xrays()
+    if opts.max_calib:
+        imgs = imgs[: opts.max_calib]
+    return imgs
+
+
+def _split(images: list) -> tuple[list, list]:
+    """Calibration / held-out split: the last HELD_OUT images (at least one) are never calibrated on."""
+    k = min(HELD_OUT, max(1, len(images) // 4))
+    return (images[:-k], images[-k:]) if len(images) > 1 else (images, images)
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions | None = None,
+                  progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    opts = opts or ExportOptions()
+    check_target(opts.target)
+    if opts.llm_bits not in (4, 32):
+        raise ExportError(f"--llm-bits {opts.llm_bits} is not supported (4, or 32 to keep the decoder in f32)")
+    import torch
+
+    from ..checkpoint import load_checkpoint
+    from ..runtime.bundle import sha256_tree
+    from .encoder_onnx import export_encoder, validate_encoder
+
+    steps = _steps(opts)
+    bar = _Progress(steps, progress)
+    t_start = time.perf_counter()
+    try:
+        with staged_bundle(out, overwrite=opts.overwrite) as tmp, torch.no_grad():
+            work = tmp / ".work"
+            work.mkdir()
+            # 1. checkpoint + images ------------------------------------------------------------------
+            bar.start(steps[0])
+            model = load_checkpoint(checkpoint)
+            src_sha = sha256_tree(checkpoint)
+            images = _images(opts)
+            calib, held = _split(images)
+            size = model.cfg.encoder.img_size
+            from ..runtime.preprocess import preprocess_study
+            px_all = np.stack([preprocess_study([p], size=size) for p in images])       # (N, 1, 3, S, S)
+            bar.done()
+            # 2. merge, checked against the unmerged model ---------------------------------------------
+            bar.start(steps[1])
+            probe = torch.from_numpy(px_all[: min(2, len(px_all))])
+            before = model.encode_images(probe)
+            merged = model.merge_adapters()
+            after = model.encode_images(probe)
+            merge_diff = float((before - after).abs().max())
+            if merge_diff > MERGE_MAX_ABS:
+                raise ExportError(f"merged encoder differs from the unmerged one by {merge_diff:.2e} "
+                                  f"(> {MERGE_MAX_ABS}); the checkpoint's adapters do not merge cleanly")
+            bar.done()
+            # 3. encoder ONNX, both variants -----------------------------------------------------------
+            bar.start(steps[2])
+            enc_custom = export_encoder(model, work / "encoder.f32.onnx", "custom_op")
+            enc_pure = export_encoder(model, work / "encoder.f32.scan.onnx", "pure_onnx")
+            bar.done()
+            bar.start(steps[3])
+            ref_tokens = {"calibration": _ref_tokens(model, px_all[: len(calib)]),
+                          "held_out": _ref_tokens(model, px_all[len(calib):] if len(images) > 1 else px_all)}
+            sets = {"calibration": px_all[: len(calib)], "held_out": px_all[len(calib):] if len(images) > 1 else px_all}
+            val = {"encoder_f32_pure": validate_encoder(work / "encoder.f32.scan.onnx", model, sets,
+                                                        oplib=False, reference_outputs=ref_tokens, verbose=False)}
+            from ..runtime.oplib import find_op_library
+            if find_op_library() is not None:
+                val["encoder_f32"] = validate_encoder(work / "encoder.f32.onnx", model, sets, reference_outputs=ref_tokens,
+                                                      verbose=False)
+            bar.done()
+            enc_files = {"custom": work / "encoder.f32.onnx", "pure": work / "encoder.f32.scan.onnx"}
+            enc_precision, calibration = "fp32", None
+            # 4. INT8 ------------------------------------------------------------------------------------
+            if opts.int8:
+                bar.start("int8 encoder")
+                from .quantize_encoder import quantize_int8
+                q = quantize_int8(work / "encoder.f32.onnx", work / "encoder.f32.scan.onnx", calib,
+                                  work / "encoder.int8.onnx", pure_out_path=work / "encoder.int8.scan.onnx")
+                calibration = q.get("calibration")
+                val["encoder_int8_pure"] = validate_encoder(work / "encoder.int8.scan.onnx", model, sets, oplib=False,
+                                                            reference_outputs=ref_tokens, verbose=False)
+                if find_op_library() is not None:
+                    val["encoder_int8"] = validate_encoder(work / "encoder.int8.onnx", model, sets,
+                                                           reference_outputs=ref_tokens, verbose=False)
+                enc_files = {"custom": work / "encoder.int8.onnx", "pure": work / "encoder.int8.scan.onnx"}
+                enc_precision = "int8"
+                bar.done()
+            shutil.move(str(enc_files["custom"]), tmp / "encoder.onnx")
+            shutil.move(str(enc_files["pure"]), tmp / "encoder.scan.onnx")
+            # 5. decoder ---------------------------------------------------------------------------------
+            bar.start("export decoder")
+            from .decoder_onnx import export_decoder
+            dec = export_decoder(model.llama_model, work / "decoder_f32", tokenizer=model.tokenizer, verbose=False)
+            val["decoder_f32"] = dec.validation
+            bar.done()
+            dec_dir, dec_precision, dec_choice = work / "decoder_f32", "fp32", None
+            if opts.llm_bits == 4:
+                bar.start("4-bit decoder")
+                dec_dir, dec_choice = _quantize_decoder(model, visual_probe=ref_tokens["calibration"][:1], dec=dec,
+                                                        work=work, opts=opts)
+                dec_precision = "int4"
+                val["decoder_4bit"] = dec_choice
+                bar.done()
+            for f in dec_dir.iterdir():
+                if f.name.startswith("decoder.onnx") or f.name == "cross_kv.onnx":
+                    shutil.move(str(f), tmp / f.name)
+            shutil.move(str(dec.embed_tokens), tmp / "embed_tokens.npy")
+            # 6. tokenizer + manifest --------------------------------------------------------------------
+            bar.start(steps[-1])
+            model.tokenizer.save_pretrained(tmp / "tokenizer")
+            shutil.rmtree(work)
+            manifest = _manifest(model, dec, opts, src_sha, checkpoint, enc_custom, enc_precision, dec_precision,
+                                 calibration, val, merged, merge_diff, images, calib, held, tmp)
+            manifest["export_s"] = round(time.perf_counter() - t_start, 1)
+            full = write_manifest(tmp, manifest)
+            bar.done()
+    finally:
+        bar.close()
+    return full
+
+
+def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
+    import torch
+    return np.concatenate([model.encode_images(torch.from_numpy(px[i:i + 4])).numpy() for i in range(0, len(px), 4)])
+
+
+def _quantize_decoder(model, visual_probe, dec, work: Path, opts: ExportOptions):
+    """4-bit decoder through the accuracy-aware chooser (export/quantize_decoder.py)."""
+    from .quantize_decoder import choose_decoder_config
+    return choose_decoder_config(dec, model=model, visual=visual_probe, out_dir=work / "decoder_4bit",
+                                 strict=opts.strict, extra=opts.extra)
+
+
+def _manifest(model, dec, opts, src_sha, checkpoint, enc_info, enc_precision, dec_precision, calibration, val,
+              merged, merge_diff, images, calib, held, root: Path) -> dict:
+    tok = model.tokenizer
+    before, after = model.prompt_ids()
+    from ..model import PROMPT_AFTER, PROMPT_BEFORE
+    spec = dec.spec.to_dict()
+    arts = {
+        "encoder": {"path": "encoder.onnx", "precision": enc_precision, "target": opts.target,
+                    "scan_variant": "custom_op", "requires_op_library": True},
+        "encoder_fallback": {"path": "encoder.scan.onnx", "precision": enc_precision, "target": "cpu",
+                             "scan_variant": "pure_onnx", "requires_op_library": False},
+        "decoder": {"path": "decoder.onnx", "precision": dec_precision, "target": opts.target,
+                    "data": ["decoder.onnx.data"] if (root / "decoder.onnx.data").exists() else []},
+        "embed_tokens": {"path": "embed_tokens.npy", "precision": "fp32", "target": "any"},
+        "tokenizer": {"path": "tokenizer/tokenizer.json", "precision": "-", "target": "any"},
+    }
+    if (root / "cross_kv.onnx").exists():
+        arts["cross_kv"] = {"path": "cross_kv.onnx", "precision": "fp32", "target": opts.target}
+    cfg = model.cfg
+    return {
+        "source": {"checkpoint": str(checkpoint), "sha256": src_sha},
+        "config": cfg.to_dict(),
+        "prompt": {"before": PROMPT_BEFORE, "after": PROMPT_AFTER, "before_ids": before, "after_ids": after},
+        "generation": {**asdict(cfg.generation), "max_positions_new": max(512, cfg.generation.max_new_tokens)},
+        "tokens": {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id, "unk_token_id": tok.unk_token_id, "unk_token": tok.unk_token},
+        "encoder": {"image_size": cfg.encoder.img_size, "num_tokens": cfg.encoder.num_tokens,
+                    "hidden": enc_info["hidden"], "input": "pixel_values (B, V, 3, S, S)", "output": "visual_tokens"},
+        "decoder": spec,
+        "artifacts": arts,
+        "merge": {"merged": merged, "max_abs_diff": merge_diff, "tolerance": MERGE_MAX_ABS},
+        "calibration": calibration or {"images": [Path(str(p)).name for p in calib], "used": False},
+        "validation": {"images": {"calibration": [Path(str(p)).name for p in calib],
+                                  "held_out": [Path(str(p)).name for p in held]}, **val},
+        "export_options": {k: v for k, v in asdict(opts).items() if k != "overwrite"},
+    }

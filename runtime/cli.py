@@ -1,0 +1,88 @@
+"""emrrg-run: bundle + the views of one study -> report. Torch-free.
+
+    emrrg-run BUNDLE frontal.dcm [lateral.dcm ...] [--backend auto] [--beams N] [--max-new-tokens N]
+              [--stream] [--json]
+
+Every known failure (bundle problems, missing op library, unreadable image, unavailable backend)
+prints one line on stderr and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+
+def run_main(argv: list[str] | None = None) -> None:
+    from .engine import BACKENDS
+
+    p = argparse.ArgumentParser(prog="emrrg-run", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("bundle", help="bundle directory written by emrrg-export")
+    p.add_argument("images", nargs="+", help="DICOM / PNG / JPEG views of ONE study (averaged as upstream)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend")
+    p.add_argument("--beams", type=int, default=None, help="beam count (default: the bundle's setting; 1 = greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the bundle's setting)")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="(default: the bundle's setting)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (greedy only streams live)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files (sizes still checked)")
+    a = p.parse_args(argv)
+
+    from .bundle import BundleError
+    from .engine import BackendUnavailableError, Runtime
+    from .oplib import OpLibraryMissingError
+    from .preprocess import ImageError
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            rt = Runtime.from_pretrained(a.bundle, backend=a.backend, threads=a.threads, verify=not a.no_verify)
+        for w in caught:
+            print(f"emrrg-run: warning: {w.message}", file=sys.stderr)
+        on_token = None
+        if a.stream and not a.json:
+            dec = _StreamPrinter(rt)
+            on_token = dec
+        out = rt.generate(a.images, num_beams=a.beams, max_new_tokens=a.max_new_tokens,
+                          min_new_tokens=a.min_new_tokens, on_token=on_token)
+    except (BundleError, OpLibraryMissingError, ImageError, BackendUnavailableError, ValueError) as e:
+        print(f"emrrg-run: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("emrrg-run: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    if a.json:
+        out = {k: v for k, v in out.items() if k != "token_ids"}
+        out["timings_ms"] = {k: round(v, 2) for k, v in out["timings_ms"].items()}
+        print(json.dumps(out))
+        return
+    if a.stream:
+        print()
+    else:
+        print(out["report"])
+    t = out["timings_ms"]
+    print(f"[{out['backend']}; {out['tokens']} tokens; preprocess {t['preprocess']:.0f} ms, encoder {t['encoder']:.0f} ms, "
+          f"prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms, total {t['total']:.0f} ms; "
+          f"peak RSS {out['peak_rss_mb']:.0f} MB]", file=sys.stderr)
+
+
+class _StreamPrinter:
+    """Prints the text of each new token as it arrives (decoding the whole prefix keeps bytes whole)."""
+
+    def __init__(self, rt):
+        self.rt, self.ids, self.shown = rt, [], ""
+
+    def __call__(self, tok: int) -> None:
+        self.ids.append(tok)
+        text = self.rt.decode_text(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run_main()

@@ -1,0 +1,121 @@
+"""The ONNX decoder as a StepModel (see generation.py), with a preallocated, IO-bound KV cache.
+
+decoder.onnx contract (written by emrrg.export.decoder_onnx):
+    inputs   inputs_embeds (B, T, H) f32, attention_mask (B, P+T) i64, position_ids (B, T) i64,
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) f32,
+             [visual_kv.{j}.key / .value (B, heads, Lv, head_dim) f32 for hybrid layer j]
+    outputs  logits (B, T, V) f32, present.{i}.key / .value (B, kv_heads, P+T, head_dim) f32
+
+KV cache without a reallocation per token: two flat f32 buffers per cache tensor, sized for
+(max rows, kv_heads, max length, head_dim). A (B, kv, P, hd) tensor is the contiguous prefix of
+a buffer, so ORT reads `past` from one buffer and writes `present` straight into the other
+through IOBinding; the next step swaps them. A beam reorder is one np.take into the idle buffer.
+
+    step t:   past = A[:B*kv*P*hd]  --decoder-->  present = B[:B*kv*(P+1)*hd]
+    step t+1: past = B[...]        --decoder-->  present = A[...]
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class OrtDecoder:
+    def __init__(self, session, embed_tokens: np.ndarray, num_layers: int, kv_heads: int, head_dim: int,
+                 max_len: int, max_rows: int, hybrid_layers: tuple[int, ...] = ()):
+        self.sess = session
+        self.embed = embed_tokens
+        self.nl, self.kvh, self.hd = num_layers, kv_heads, head_dim
+        self.max_len, self.max_rows = max_len, max_rows
+        self.hybrid = tuple(hybrid_layers)
+        self.vocab = embed_tokens.shape[0]
+        size = max_rows * kv_heads * max_len * head_dim
+        names = [f"{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        self._buf = {n: (np.empty(size, np.float32), np.empty(size, np.float32)) for n in names}
+        self._cur = 0        # which of the two buffers holds the live cache
+        self._rows = 0
+        self._len = 0
+        self._logits = np.empty(max_rows * self.vocab, np.float32)
+        self._visual: dict[str, np.ndarray] = {}
+        self._cpu = "CPUExecutionProvider" == session.get_providers()[0]
+
+    # ---- hybrid layers -------------------------------------------------------------------------
+    def set_visual_kv(self, kv: dict[str, np.ndarray] | None) -> None:
+        """visual_kv.{j}.key/value arrays for one image (batch 1); tiled to the live rows on use."""
+        self._visual = dict(kv or {})
+
+    def _visual_inputs(self, rows: int) -> dict[str, np.ndarray]:
+        return {k: np.ascontiguousarray(np.repeat(v, rows, axis=0)) if v.shape[0] != rows else v
+                for k, v in self._visual.items()}
+
+    # ---- cache views ---------------------------------------------------------------------------
+    def _view(self, name: str, which: int, rows: int, length: int) -> np.ndarray:
+        n = rows * self.kvh * length * self.hd
+        return self._buf[name][which][:n].reshape(rows, self.kvh, length, self.hd)
+
+    def _run(self, embeds: np.ndarray, rows: int, past_len: int, past_buf: int, out_buf: int) -> np.ndarray:
+        t = embeds.shape[1]
+        if past_len + t > self.max_len:
+            raise ValueError(f"sequence of {past_len + t} tokens exceeds the cache of {self.max_len}")
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+            "attention_mask": np.ones((rows, past_len + t), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past_len, past_len + t, dtype=np.int64), (rows, t)).copy(),
+            **self._visual_inputs(rows),
+        }
+        if not self._cpu:  # device providers: let ORT place the tensors
+            for i in range(self.nl):
+                for kv in ("key", "value"):
+                    feeds[f"past_key_values.{i}.{kv}"] = np.ascontiguousarray(self._view(f"{i}.{kv}", past_buf, rows, past_len))
+            outs = self.sess.run(None, feeds)
+            names = [o.name for o in self.sess.get_outputs()]
+            for name, val in zip(names, outs):
+                if name.startswith("present."):
+                    self._view(name.removeprefix("present."), out_buf, rows, past_len + t)[...] = val
+            return outs[names.index("logits")][:, -1]
+        io = self.sess.io_binding()
+        for k, v in feeds.items():
+            io.bind_cpu_input(k, v)
+        for i in range(self.nl):
+            for kv in ("key", "value"):
+                name = f"{i}.{kv}"
+                past = self._view(name, past_buf, rows, past_len)
+                io.bind_input(f"past_key_values.{name}", "cpu", 0, np.float32, list(past.shape), past.ctypes.data)
+                pres = self._view(name, out_buf, rows, past_len + t)
+                io.bind_output(f"present.{name}", "cpu", 0, np.float32, list(pres.shape), pres.ctypes.data)
+        logits = self._logits_view(rows, t)
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.sess.run_with_iobinding(io)
+        return logits[:, -1]
+
+    def _logits_view(self, rows: int, t: int) -> np.ndarray:
+        n = rows * t * self.vocab
+        if n > self._logits.size:
+            self._logits = np.empty(n, np.float32)  # prefill: T positions once; steps reuse it
+        return self._logits[:n].reshape(rows, t, self.vocab)
+
+    # ---- StepModel -----------------------------------------------------------------------------
+    def prefill(self, embeds: np.ndarray, num_rows: int) -> np.ndarray:
+        """Run the prompt once (batch 1) and tile its cache to `num_rows` beams."""
+        if num_rows > self.max_rows:
+            raise ValueError(f"{num_rows} rows exceed the preallocated {self.max_rows}")
+        t = embeds.shape[1]
+        a, b = self._cur, 1 - self._cur
+        logits = self._run(embeds, 1, 0, a, b).copy()                 # present (1, kv, T, hd) in buffer b
+        for name in self._buf:
+            one = self._view(name, b, 1, t)
+            self._view(name, a, num_rows, t)[...] = one               # tile into buffer a
+        self._cur, self._rows, self._len = a, num_rows, t
+        return np.repeat(logits, num_rows, axis=0)
+
+    def step(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        n = len(tokens)
+        live, idle = self._cur, 1 - self._cur
+        if n != self._rows or not np.array_equal(rows, np.arange(n)):
+            for name in self._buf:                                     # beam reorder into the idle buffer
+                np.take(self._view(name, live, self._rows, self._len), rows, axis=0,
+                        out=self._view(name, idle, n, self._len))
+            live, idle = idle, live
+        embeds = self.embed[tokens][:, None, :]                        # (n, 1, H)
+        logits = self._run(embeds, n, self._len, live, idle)
+        self._cur, self._rows, self._len = idle, n, self._len + 1
+        return logits.copy()

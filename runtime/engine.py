@@ -1,0 +1,216 @@
+"""`Runtime`: bundle -> report, torch-free (numpy, onnxruntime, tokenizers, pillow, pydicom).
+
+    rt = Runtime.from_pretrained("bundle/", backend="auto")
+    out = rt.generate(["frontal.dcm", "lateral.dcm"])      # the views of one study
+    out["report"], out["timings_ms"]
+
+Backend choice for `auto`, first that can run:
+  1. TensorRT (an engine built for this GPU plus the plugin; emrrg.runtime.tensorrt, when present)
+  2. ORT CUDA (CUDAExecutionProvider available)
+  3. ORT CPU with the SelectiveScan op library (encoder.onnx)
+  4. ORT CPU with the pure-ONNX encoder (encoder.scan.onnx), with a warning: slower, same numbers
+An explicitly requested backend that cannot run raises BackendUnavailableError instead of falling back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .bundle import BundleError, bundle_digest, verify_bundle
+from .decoder import OrtDecoder
+from .generation import DecodeSettings, generate
+from .oplib import OpLibraryMissingError, find_op_library, register
+from .preprocess import preprocess_study
+
+log = logging.getLogger("emrrg.runtime")
+BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "cpu-pure")
+
+
+class BackendUnavailableError(RuntimeError):
+    pass
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+class _TimedStep:
+    """Wraps a StepModel to split decoder time into prefill and per-token decode."""
+
+    def __init__(self, inner):
+        self.inner, self.prefill_s, self.decode_s = inner, 0.0, 0.0
+
+    def prefill(self, embeds, num_rows):
+        t = time.perf_counter()
+        out = self.inner.prefill(embeds, num_rows)
+        self.prefill_s += time.perf_counter() - t
+        return out
+
+    def step(self, tokens, rows):
+        t = time.perf_counter()
+        out = self.inner.step(tokens, rows)
+        self.decode_s += time.perf_counter() - t
+        return out
+
+
+class Runtime:
+    def __init__(self, bundle: Path, manifest: dict, backend: str, encoder_sess, decoder: OrtDecoder,
+                 cross_kv_sess, tokenizer, threads: int | None):
+        self.bundle, self.manifest, self.backend = bundle, manifest, backend
+        self.encoder, self.decoder, self.cross_kv = encoder_sess, decoder, cross_kv_sess
+        self.tokenizer = tokenizer
+        self.threads = threads
+        self.sha256 = bundle_digest(manifest)
+        self.image_size = int(manifest["encoder"]["image_size"])
+        self.prompt_before = list(manifest["prompt"]["before_ids"])
+        self.prompt_after = list(manifest["prompt"]["after_ids"])
+        self.special = manifest["tokens"]
+        self.gen = dict(manifest["generation"])
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, bundle: str | os.PathLike, backend: str = "auto", threads: int | None = None,
+                        verify: bool = True) -> "Runtime":
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        if backend not in BACKENDS:
+            raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        bundle = Path(bundle)
+        manifest = verify_bundle(bundle, check_sha=verify)
+        arts = manifest["artifacts"]
+        available = ort.get_available_providers()
+
+        def options(with_ops: bool):
+            so = ort.SessionOptions()
+            if threads:
+                so.intra_op_num_threads = threads
+            so.log_severity_level = 3
+            if with_ops:
+                register(so)
+            return so
+
+        chosen, providers = None, ["CPUExecutionProvider"]
+        if backend in ("auto", "tensorrt"):
+            reason = "the TensorRT backend is not part of this runtime build (see plugins/ and the GPU issue)"
+            if backend == "tensorrt":
+                raise BackendUnavailableError(f"TensorRT backend unavailable: {reason}")
+            log.info("skipping TensorRT: %s", reason)
+        if backend in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+            chosen, providers = "ort-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        elif backend == "cuda":
+            raise BackendUnavailableError("ORT CUDA backend unavailable: this onnxruntime has no CUDAExecutionProvider "
+                                          "(install onnxruntime-gpu instead of onnxruntime, never both)")
+        enc_art = arts["encoder"]
+        fallback = arts.get("encoder_fallback")
+        needs_ops = enc_art.get("requires_op_library", False)
+        if backend == "cpu-pure":
+            if not fallback:
+                raise BackendUnavailableError("this bundle has no pure-ONNX encoder (encoder_fallback); re-export it")
+            enc_art, needs_ops, chosen = fallback, False, "ort-cpu-pure"
+        elif needs_ops and find_op_library() is None:
+            if fallback and backend == "auto":
+                warnings.warn("SelectiveScan op library not found: using the pure-ONNX encoder (slower, same "
+                              "numbers). Build the library with: bash scripts/build_plugins.sh", RuntimeWarning,
+                              stacklevel=2)
+                enc_art, needs_ops, chosen = fallback, False, chosen or "ort-cpu-pure"
+            else:
+                register(ort.SessionOptions())  # raises OpLibraryMissingError naming the build command
+        chosen = chosen or "ort-cpu"
+        encoder = ort.InferenceSession(str(bundle / enc_art["path"]), options(needs_ops), providers=providers)
+        dec = manifest["decoder"]
+        decoder_sess = ort.InferenceSession(str(bundle / arts["decoder"]["path"]), options(False), providers=providers)
+        embed = np.load(bundle / arts["embed_tokens"]["path"], mmap_mode="r")
+        g = manifest["generation"]
+        max_len = len(manifest["prompt"]["before_ids"]) + int(manifest["encoder"]["num_tokens"]) + \
+            len(manifest["prompt"]["after_ids"]) + int(g.get("max_positions_new", 512))
+        decoder = OrtDecoder(decoder_sess, embed, dec["num_layers"], dec["kv_heads"], dec["head_dim"],
+                             max_len=max_len, max_rows=max(8, int(g["num_beams"])),
+                             hybrid_layers=tuple(dec.get("hybrid_layers", ())))
+        cross = None
+        if "cross_kv" in arts:
+            cross = ort.InferenceSession(str(bundle / arts["cross_kv"]["path"]), options(False), providers=providers)
+        tok = Tokenizer.from_file(str(bundle / arts["tokenizer"]["path"]))
+        log.info("emrrg runtime: backend %s, bundle %s", chosen, bundle)
+        return cls(bundle, manifest, chosen, encoder, decoder, cross, tok, threads)
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(B, V, 3, S, S) -> (B, L, H) projected visual tokens."""
+        return self.encoder.run(["visual_tokens"], {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)})[0]
+
+    def prompt_embeds(self, visual: np.ndarray) -> np.ndarray:
+        """(1, L, H) visual tokens -> (1, T, H): BOS + 'Human: <Img>' + visual + '</Img> ... Assistant:'."""
+        emb = self.decoder.embed
+        return np.concatenate([emb[self.prompt_before][None], visual.astype(np.float32),
+                               emb[self.prompt_after][None]], axis=1)
+
+    def settings(self, **over) -> DecodeSettings:
+        g = {k: self.gen[k] for k in ("num_beams", "repetition_penalty", "length_penalty", "min_new_tokens",
+                                      "max_new_tokens")}
+        g.update({k: v for k, v in over.items() if v is not None})
+        if over.get("max_new_tokens") is not None and over.get("min_new_tokens") is None:
+            g["min_new_tokens"] = min(g["min_new_tokens"], g["max_new_tokens"])
+        return DecodeSettings(eos_token_id=int(self.special["eos_token_id"]), **g)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        """Upstream clean-up: drop a leading BOS/UNK/PAD, cut at EOS, remove <unk>, strip."""
+        sp = self.special
+        ids = list(ids)
+        while ids and ids[0] in (sp.get("bos_token_id"), sp.get("unk_token_id"), sp.get("pad_token_id")):
+            ids = ids[1:]
+        if sp["eos_token_id"] in ids:
+            ids = ids[: ids.index(sp["eos_token_id"])]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if sp.get("unk_token"):
+            text = text.replace(sp["unk_token"], "")
+        return text.strip()
+
+    # ---- the job -----------------------------------------------------------------------------------
+    def generate(self, images: Sequence, num_beams: int | None = None, max_new_tokens: int | None = None,
+                 min_new_tokens: int | None = None, on_token: Callable[[int], None] | None = None) -> dict:
+        """Report for one study (one or more views: paths, or arrays already loaded)."""
+        t0 = time.perf_counter()
+        px = preprocess_study(list(images), size=self.image_size)[None]         # (1, V, 3, S, S)
+        t1 = time.perf_counter()
+        visual = self.encode(px)                                                 # (1, L, H)
+        if self.cross_kv is not None:
+            names = [o.name for o in self.cross_kv.get_outputs()]
+            kv = self.cross_kv.run(None, {"visual_tokens": visual})
+            self.decoder.set_visual_kv(dict(zip(names, kv)))
+        t2 = time.perf_counter()
+        s = self.settings(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        step = _TimedStep(self.decoder)
+        ids = generate(step, self.prompt_embeds(visual), s, on_token=on_token)
+        t3 = time.perf_counter()
+        self.decoder.set_visual_kv(None)
+        return {
+            "report": self.decode_text(ids),
+            "tokens": len(ids),
+            "token_ids": ids,
+            "backend": self.backend,
+            "bundle_sha256": self.sha256,
+            "timings_ms": {
+                "preprocess": 1e3 * (t1 - t0), "encoder": 1e3 * (t2 - t1), "prefill": 1e3 * step.prefill_s,
+                "decode": 1e3 * step.decode_s, "total": 1e3 * (t3 - t0),
+            },
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {"bundle_sha256": self.sha256, "backend": self.backend, "emrrg_version": m.get("emrrg_version"),
+                "format_version": m.get("format_version"), "source_sha256": m.get("source", {}).get("sha256"),
+                "artifacts": {k: {kk: v.get(kk) for kk in ("path", "precision", "target", "bytes")}
+                              for k, v in m["artifacts"].items()},
+                "generation": m["generation"], "validation": m.get("validation", {})}
+
+
+__all__ = ["Runtime", "BackendUnavailableError", "BundleError", "OpLibraryMissingError", "BACKENDS"]
