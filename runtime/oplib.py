@@ -1,0 +1,82 @@
+"""Locate and register the SelectiveScan op library (libemrrg_ops.so) with ONNX Runtime.
+
+The exported encoder holds `com.emrrg::SelectiveScan` nodes (ARCHITECTURE.md, "The SelectiveScan
+contract"); ONNX Runtime runs them only after the op library is registered on the SessionOptions:
+
+    import onnxruntime as ort
+    from emrrg.runtime import oplib
+
+    so = ort.SessionOptions()
+    oplib.register(so)                      # raises OpLibraryMissingError with the build command
+    sess = ort.InferenceSession("encoder.onnx", so)
+
+Search order (first existing file wins):
+  1. $EMRRG_OPS_LIB (a file, or a folder holding libemrrg_ops.so). When set it is the only place looked.
+  2. build/plugins/libemrrg_ops.so under the repository root (what `bash scripts/build_plugins.sh` makes).
+  3. libemrrg_ops.so next to this package (for installs that ship the library inside the wheel).
+
+Torch-free: numpy / onnxruntime only (tests/runtime/test_torch_free.py).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LIBRARY_NAME = "libemrrg_ops.so"
+ENV_VAR = "EMRRG_OPS_LIB"
+BUILD_COMMAND = "bash scripts/build_plugins.sh"
+
+# The node the library implements (must match plugins/selective_scan/selectiveScanOrtOp.cpp).
+OP_DOMAIN = "com.emrrg"
+OP_TYPE = "SelectiveScan"
+OP_VERSION = 1
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_REPO_ROOT = _PACKAGE_DIR.parent
+
+
+class OpLibraryMissingError(RuntimeError):
+    """The SelectiveScan op library is not built, not found, or cannot be loaded."""
+
+
+def candidate_paths() -> list[Path]:
+    """Where find_op_library() looks, in order."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        p = Path(env).expanduser()
+        return [p / LIBRARY_NAME if p.is_dir() else p]
+    return [_REPO_ROOT / "build" / "plugins" / LIBRARY_NAME, _PACKAGE_DIR / LIBRARY_NAME]
+
+
+def find_op_library() -> Path | None:
+    """Path of libemrrg_ops.so, or None when it is in none of candidate_paths()."""
+    for p in candidate_paths():
+        if p.is_file():
+            return p
+    return None
+
+
+def _missing_message() -> str:
+    searched = "\n".join(f"  - {p}" for p in candidate_paths())
+    env = os.environ.get(ENV_VAR, "").strip()
+    hint = (f"{ENV_VAR}={env} does not name an existing file; fix or unset it"
+            if env else f"or point {ENV_VAR} at a built {LIBRARY_NAME}")
+    return (f"The ONNX Runtime op library for {OP_DOMAIN}::{OP_TYPE} ({LIBRARY_NAME}) was not found. Searched:\n"
+            f"{searched}\nBuild it from the repository root with:  {BUILD_COMMAND}\n({hint}).")
+
+
+def register(session_options, path: str | os.PathLike | None = None) -> Path:
+    """Register the op library on an onnxruntime.SessionOptions; returns the library's path.
+
+    Raises OpLibraryMissingError (saying how to build it) when the library is not found or does not load.
+    """
+    lib = Path(path) if path is not None else find_op_library()
+    if lib is None or not lib.is_file():
+        raise OpLibraryMissingError(_missing_message() if path is None else
+                                    f"{lib} does not exist. Build it with:  {BUILD_COMMAND}")
+    try:
+        session_options.register_custom_ops_library(str(lib))
+    except Exception as e:  # onnxruntime raises its own types (Fail, RuntimeException, ...)
+        raise OpLibraryMissingError(
+            f"{lib} exists but ONNX Runtime could not load it ({e}). Rebuild it with:  {BUILD_COMMAND}") from e
+    return lib
