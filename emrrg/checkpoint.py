@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from .config import EMRRGConfig, EncoderConfig, decoder_config, generation_config
+from .config import DECODER_PRESETS, EMRRGConfig, EncoderConfig, UnknownPresetError, decoder_config, generation_config
 from .decoder import decoder_layers
 from .lora import load_encoder_adapter, save_encoder_adapter
 from .model import EMRRG
@@ -115,7 +115,11 @@ def read_config(ckpt: str | Path) -> EMRRGConfig:
     if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{f}: format {d.get('format')!r} v{d.get('format_version')} is not "
                               f"{FORMAT!r} v{FORMAT_VERSION}")
-    return EMRRGConfig.from_dict(d)
+    cfg = EMRRGConfig.from_dict(d)
+    if cfg.decoder.preset not in DECODER_PRESETS:
+        raise UnknownPresetError(f"{f}: unknown decoder preset {cfg.decoder.preset!r}; this emrrg knows "
+                                 f"{', '.join(DECODER_PRESETS)}")
+    return cfg
 
 
 def load_checkpoint(ckpt: str | Path) -> EMRRG:
