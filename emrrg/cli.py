@@ -27,6 +27,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def _cli_errors(prog: str):
+    from .export.cli import quiet_library_warnings
+
+    quiet_library_warnings()
     try:
         yield
     except KeyboardInterrupt:

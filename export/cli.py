@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 
 from .pipeline import TARGETS
 
@@ -48,6 +50,8 @@ def export_main(argv: list[str] | None = None) -> None:
 
     from .pipeline import ExportOptions, export_bundle
 
+    quiet_library_warnings()
+
     opts = ExportOptions(int8=a.int8, llm_bits=a.llm_bits, target=a.target, calib=a.calib, strict=a.strict,
                          overwrite=a.overwrite, extra=extra)
     try:
@@ -67,6 +71,15 @@ def export_main(argv: list[str] | None = None) -> None:
         print(f"wrote {a.output}: {summary['bytes'] / 2**20:.1f} MiB in {summary['export_s']} s")
         for k, v in summary["artifacts"].items():
             print(f"  {k:<17} {v['precision']:<6} {v['bytes'] / 2**20:8.2f} MiB")
+
+
+def quiet_library_warnings() -> None:
+    """Deprecation chatter from transformers / peft / torch.onnx is not for the console operator."""
+    for cat in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=cat)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers.*")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

@@ -1,0 +1,145 @@
+"""emrrg-export end to end on the tiny checkpoint: the bundle, and one clear error with nothing written
+for every bad input (not a checkpoint, mismatched keys, unknown preset, empty calibration folder,
+full disk, missing TensorRT, Ctrl-C / kill)."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from emrrg.export.cli import export_main
+from emrrg.runtime.bundle import verify_bundle
+
+
+def leftovers(parent):
+    return sorted(p.name for p in parent.iterdir())
+
+
+def expect_export_error(capsys, argv, *needles):
+    with pytest.raises(SystemExit) as e:
+        export_main(argv + ["--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err and "\nemrrg-export: error:" in "\n" + err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_bundle_manifest(tiny_bundle, tiny_checkpoint):
+    m = verify_bundle(tiny_bundle)
+    assert set(m["artifacts"]) >= {"encoder", "encoder_fallback", "decoder", "embed_tokens", "tokenizer", "cross_kv"}
+    assert m["source"]["sha256"] and m["merge"]["merged"] == {"encoder_partial_lora": 2, "llm_lora": 4}
+    assert m["validation"]["encoder_f32_pure"]["passed"]
+    assert m["decoder"]["hybrid_layers"] == [1]
+    for name, art in m["artifacts"].items():
+        assert len(art["sha256"]) == 64 and art["bytes"] > 0, name
+    assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "weights.bin").write_bytes(b"\0" * 100)
+    expect_export_error(capsys, [str(tmp_path / "ck"), "-o", str(tmp_path / "b")], "not an emrrg checkpoint")
+    assert leftovers(tmp_path) == ["ck"]
+
+
+def test_mismatched_keys(tiny_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    state = load_file(str(ck / "model.safetensors"))
+    state.pop("visual_encoder.layers.0.mixer.A_c_log")
+    state["llama_proj.weight"] = state["llama_proj.weight"][:, :5].contiguous()
+    save_file(state, str(ck / "model.safetensors"))
+    err = expect_export_error(capsys, [str(ck), "-o", str(tmp_path / "b")], "A_c_log", "missing", "llama_proj.weight")
+    print(err)
+    assert leftovers(tmp_path) == ["ck"]
+
+
+def test_unknown_preset(tiny_checkpoint, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["decoder"]["preset"] = "gpt-99"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    expect_export_error(capsys, [str(ck), "-o", str(tmp_path / "b")], "unknown decoder preset 'gpt-99'")
+    assert leftovers(tmp_path) == ["ck"]
+
+
+def test_calibration_folder_without_images(tiny_checkpoint, tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "notes.txt").write_text("no images here")
+    (calib / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    expect_export_error(capsys, [str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--int8", "--calib", str(calib)],
+                        "calib")
+    assert leftovers(tmp_path) == ["calib"]
+
+
+def test_full_disk(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing (simulated at the manifest, the last write): clear error, nothing left."""
+    import emrrg.export.pipeline as pipeline
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pipeline, "write_manifest", full)
+    expect_export_error(capsys, [str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--llm-bits", "32"],
+                        "no space left")
+    assert leftovers(tmp_path) == []
+
+
+def test_tensorrt_target_without_tensorrt(tiny_checkpoint, tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    expect_export_error(capsys, [str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--target", "tensorrt"],
+                        "needs TensorRT")
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_kept(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mine.txt").write_text("keep")
+    expect_export_error(capsys, [str(tiny_checkpoint), "-o", str(tmp_path / "b")], "exists")
+    assert (tmp_path / "b" / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, sig):
+    out = tmp_path / "out" / "bundle"
+    out.parent.mkdir()
+    cmd = [sys.executable, "-m", "emrrg.export.cli", str(tiny_checkpoint), "-o", str(out), "--llm-bits", "32",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    # Wait until the export has started writing (its hidden staging directory holds files).
+    while time.time() < deadline and proc.poll() is None:
+        staged = [p for p in out.parent.iterdir() if p.name.startswith(".bundle.tmp-")]
+        if staged and any(staged[0].rglob("*.onnx")):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "export finished before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert leftovers(out.parent) == []
+
+
+def test_stale_staging_dir_from_a_killed_export_is_removed(tiny_checkpoint, tmp_path):
+    from emrrg.export.bundle import staged_bundle
+    dead = tmp_path / ".b.tmp-999999"   # a PID that does not exist: what SIGKILL leaves behind
+    dead.mkdir()
+    (dead / "encoder.onnx").write_bytes(b"partial")
+    with staged_bundle(tmp_path / "b") as tmp:
+        (tmp / "x").write_text("ok")
+    assert leftovers(tmp_path) == ["b"]
+    assert os.path.exists(tmp_path / "b" / "x")
