@@ -1,0 +1,239 @@
+"""End-to-end benchmark: PyTorch f32 eager vs the runtime's f32 bundle vs its INT8 + 4-bit bundle.
+
+Same checkpoint (base encoder + the real SmolLM2-135M), same real X-rays, 60 new tokens greedy, in one
+process and alternating (a, b, c, a, b, c, ...) so that load on this shared machine hits all three alike.
+Peak RSS is measured per configuration in a fresh subprocess (ru_maxrss is per process).
+
+    python benchmarks/e2e.py [--repeats 5] [--tokens 60] [--threads 2]
+
+Writes benchmarks/results/e2e.{json,md} and e2e.png (stage breakdown).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / ".cache" / "bench"
+STAGES = ("preprocess", "encoder", "prefill", "decode", "total")
+
+
+def prepare(threads: int) -> dict[str, Path]:
+    """Checkpoint + the two bundles, built once and cached in .cache/bench."""
+    from emrrg.export.pipeline import ExportOptions, export_bundle
+
+    ckpt = WORK / "ckpt-base-smollm2"
+    if not (ckpt / "config.json").is_file():
+        from emrrg.cli import init_main
+        init_main(["--encoder", "base", "--decoder", "smollm2-135m", "-o", str(ckpt)])
+    out = {"ckpt": ckpt}
+    for name, opts in (("bundle-f32", ExportOptions(llm_bits=32)), ("bundle-int8-4bit", ExportOptions(int8=True, llm_bits=4))):
+        b = WORK / name
+        if not (b / "manifest.json").is_file():
+            print(f"[e2e] exporting {name} ...", flush=True)
+            export_bundle(ckpt, b, opts, progress=True)
+        out[name] = b
+    return out
+
+
+class TorchRef:
+    """(a) the PyTorch f32 eager reference: same preprocessing, greedy with a DynamicCache."""
+
+    def __init__(self, ckpt: Path):
+        import torch
+
+        from emrrg.checkpoint import load_checkpoint
+        self.torch = torch
+        self.model = load_checkpoint(ckpt)
+        self.model.merge_adapters()
+
+    def run(self, images, tokens: int) -> dict:
+        torch = self.torch
+        from transformers import DynamicCache
+
+        from emrrg.runtime.preprocess import preprocess_study
+        m = self.model
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            px = torch.from_numpy(preprocess_study(images, size=m.cfg.encoder.img_size))[None]
+            t1 = time.perf_counter()
+            visual = m.encode_images(px)
+            t2 = time.perf_counter()
+            emb = m.prompt_embeds(visual)
+            cache = DynamicCache()
+            out = m.llama_model(inputs_embeds=emb, past_key_values=cache, use_cache=True)
+            tok = int(out.logits[0, -1].argmax())
+            t3 = time.perf_counter()
+            n = emb.shape[1]
+            ids = [tok]
+            table = m.llama_model.get_input_embeddings()
+            for _ in range(tokens - 1):
+                n += 1
+                out = m.llama_model(inputs_embeds=table(torch.tensor([[tok]])), past_key_values=cache, use_cache=True,
+                                    attention_mask=torch.ones(1, n, dtype=torch.long))
+                tok = int(out.logits[0, -1].argmax())
+                ids.append(tok)
+            t4 = time.perf_counter()
+        return {"ids": ids, "timings_ms": {"preprocess": 1e3 * (t1 - t0), "encoder": 1e3 * (t2 - t1),
+                                           "prefill": 1e3 * (t3 - t2), "decode": 1e3 * (t4 - t3),
+                                           "total": 1e3 * (t4 - t0)}}
+
+
+class RuntimeRun:
+    def __init__(self, bundle: Path, threads: int):
+        from emrrg.runtime.engine import Runtime
+        self.rt = Runtime.from_pretrained(bundle, threads=threads)
+
+    def run(self, images, tokens: int) -> dict:
+        # Greedy without penalties, exactly `tokens` tokens: what the reference loop above does.
+        self.rt.gen.update(repetition_penalty=1.0)
+        out = self.rt.generate(images, num_beams=1, min_new_tokens=tokens, max_new_tokens=tokens)
+        return {"ids": out["token_ids"], "timings_ms": out["timings_ms"], "backend": out["backend"]}
+
+
+def bundle_bytes(b: Path) -> int:
+    return sum(p.stat().st_size for p in b.rglob("*") if p.is_file())
+
+
+def peak_rss_child(kind: str, path: Path, images: list[str], tokens: int, threads: int) -> float:
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import e2e; "
+            f"e2e._child({kind!r}, {str(path)!r}, {images!r}, {tokens}, {threads})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def _child(kind: str, path: str, images: list[str], tokens: int, threads: int) -> None:
+    if kind == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        TorchRef(Path(path)).run(images, tokens)
+    else:
+        RuntimeRun(Path(path), threads).run(images, tokens)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for s in STAGES:
+        v = [r["timings_ms"][s] for r in runs]
+        out[s] = {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
+    decode = [r["timings_ms"]["decode"] / max(1, len(r["ids"]) - 1) for r in runs]
+    out["decode_tok_s"] = 1e3 / statistics.median(decode)
+    return out
+
+
+def write_results(res: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "e2e.json").write_text(json.dumps(res, indent=2))
+    cfgs = res["configs"]
+    lines = ["# End to end: PyTorch f32 vs runtime bundles", "",
+             f"{res['machine']}; {res['tokens']} new tokens greedy; {res['repeats']} alternating repeats; "
+             f"threads {res['threads']}; images: {', '.join(res['images'])}", "",
+             "| config | " + " | ".join(f"{s} ms (median, min–max)" for s in STAGES) + " | decode tok/s | peak RSS MB | bundle MB |",
+             "|---|" + "---|" * (len(STAGES) + 3)]
+    for name, c in cfgs.items():
+        cells = [f"{c['stages'][s]['median_ms']:.0f} ({c['stages'][s]['min_ms']:.0f}–{c['stages'][s]['max_ms']:.0f})"
+                 for s in STAGES]
+        size = f"{c['bundle_bytes'] / 2**20:.0f}" if c.get("bundle_bytes") else "–"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {c['stages']['decode_tok_s']:.1f} | {c['peak_rss_mb']:.0f} | {size} |")
+    lines += ["", "Ratios (speed-up = baseline time / config time; RSS and size as config / baseline):", "",
+              "| ratio | total speed-up | encoder speed-up | prefill speed-up | decode tok/s ratio | peak RSS | bundle size |",
+              "|---|---|---|---|---|---|---|"]
+    for k, r in res["ratios"].items():
+        lines.append(f"| {k} | {r['total_speedup']:.2f}× | {r['encoder_speedup']:.2f}× | {r['prefill_speedup']:.2f}× | "
+                     f"{r['decode_tok_s_ratio']:.2f}× | {r['peak_rss_ratio']:.2f} | {r.get('bundle_size_ratio', float('nan')):.2f} |")
+    lines += ["", f"Token agreement with the PyTorch reference (first {res['tokens']} greedy tokens): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in res["token_agreement"].items())]
+    (RESULTS / "e2e.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        names = list(cfgs)
+        left = np.zeros(len(names))
+        for s in ("preprocess", "encoder", "prefill", "decode"):
+            v = np.array([cfgs[n]["stages"][s]["median_ms"] for n in names])
+            ax.barh(names, v, left=left, label=s)
+            left += v
+        ax.set_xlabel("median ms per report (60 tokens greedy)")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(RESULTS / "e2e.png", dpi=110)
+    except ImportError:
+        print("[e2e] matplotlib not installed: no PNG chart", file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=60)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--images", type=int, default=1, help="views per study (real X-rays)")
+    a = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    from emrrg.assets import chest_dicom, pneumonia_images
+
+    paths = prepare(a.threads)
+    images = [str(chest_dicom("RG1_UNCR.dcm")), *map(str, pneumonia_images())][: a.images]
+    runners = {"a_pytorch_f32": TorchRef(paths["ckpt"]), "b_runtime_f32": RuntimeRun(paths["bundle-f32"], a.threads),
+               "c_runtime_int8_4bit": RuntimeRun(paths["bundle-int8-4bit"], a.threads)}
+    runs: dict[str, list[dict]] = {k: [] for k in runners}
+    for i in range(a.warmup + a.repeats):
+        for k, r in runners.items():
+            out = r.run(images, a.tokens)
+            if i >= a.warmup:
+                runs[k].append(out)
+        print(f"[e2e] round {i + 1}/{a.warmup + a.repeats}: " +
+              ", ".join(f"{k} {runs[k][-1]['timings_ms']['total']:.0f} ms" for k in runs if runs[k]), flush=True)
+    ref_ids = runs["a_pytorch_f32"][0]["ids"]
+    configs, agreement = {}, {}
+    kinds = {"a_pytorch_f32": ("torch", paths["ckpt"]), "b_runtime_f32": ("rt", paths["bundle-f32"]),
+             "c_runtime_int8_4bit": ("rt", paths["bundle-int8-4bit"])}
+    for k, rs in runs.items():
+        kind, path = kinds[k]
+        configs[k] = {"stages": summarize(rs), "peak_rss_mb": peak_rss_child(kind, path, images, a.tokens, a.threads),
+                      "bundle_bytes": bundle_bytes(path) if kind == "rt" else None,
+                      "backend": rs[0].get("backend", "pytorch")}
+        ids = rs[0]["ids"]
+        agreement[k] = float(np.mean([x == y for x, y in zip(ids, ref_ids)]))
+
+    def ratio(c: str, base: str) -> dict:
+        x, b = configs[c], configs[base]
+        r = {"total_speedup": b["stages"]["total"]["median_ms"] / x["stages"]["total"]["median_ms"],
+             "encoder_speedup": b["stages"]["encoder"]["median_ms"] / x["stages"]["encoder"]["median_ms"],
+             "prefill_speedup": b["stages"]["prefill"]["median_ms"] / x["stages"]["prefill"]["median_ms"],
+             "decode_tok_s_ratio": x["stages"]["decode_tok_s"] / b["stages"]["decode_tok_s"],
+             "peak_rss_ratio": x["peak_rss_mb"] / b["peak_rss_mb"]}
+        if x["bundle_bytes"] and b["bundle_bytes"]:
+            r["bundle_size_ratio"] = x["bundle_bytes"] / b["bundle_bytes"]
+        return r
+
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "tokens": a.tokens, "repeats": a.repeats, "threads": a.threads,
+           "images": [Path(i).name for i in images], "configs": configs,
+           "ratios": {"c/a": ratio("c_runtime_int8_4bit", "a_pytorch_f32"), "c/b": ratio("c_runtime_int8_4bit", "b_runtime_f32"),
+                      "b/a": ratio("b_runtime_f32", "a_pytorch_f32")},
+           "token_agreement": agreement}
+    write_results(res)
+    print((RESULTS / "e2e.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
