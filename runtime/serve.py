@@ -1,0 +1,908 @@
+"""emrrg-serve: an HTTP report service for an X-ray console (FastAPI + uvicorn). Torch-free.
+
+    emrrg-serve BUNDLE [--host 127.0.0.1] [--port 8080] [--backend auto] [--threads N]
+                [--queue-size 4] [--max-request-mb 64] [--beams N] [--max-new-tokens N]
+                [--graceful-timeout 30]
+
+API (OpenAPI schema at /openapi.json, interactive docs at /docs):
+
+  POST /v1/reports[?beams=N&max_new_tokens=N]
+      Body: ONE view as the raw file (Content-Type application/dicom, image/png, image/jpeg or
+      application/octet-stream; no Content-Type means octet-stream), or multipart/form-data with
+      one or more file parts named `views` (the views of one study, averaged as upstream; other
+      parts are ignored). The bytes are sniffed (PNG, JPEG, DICOM with or without the preamble);
+      a declared type only has to be one of the above (any image/* in a multipart part).
+      beams / max_new_tokens override the server's defaults (--beams / --max-new-tokens, else the
+      bundle's generation settings).
+      200  ReportResponse: the JSON of `emrrg-run --json` (report, tokens, backend, bundle_sha256,
+           timings_ms {preprocess, encoder, prefill, decode, total}, peak_rss_mb) plus request_id,
+           queue_wait_ms and views. timings_ms.preprocess and .total include decoding the upload;
+           queue_wait_ms is the time between the upload being decoded and generation starting.
+      400  empty body, malformed multipart, no `views` part, an empty view, more than 8 views
+      408  the upload took longer than 120 s
+      413  body larger than --max-request-mb (by Content-Length, or counted while reading)
+      415  not a PNG, JPEG or DICOM (by the declared type, or by the bytes: text, random data)
+      422  an image that cannot be decoded (truncated, corrupt, a DICOM without pixel data), or
+           beams / max_new_tokens out of range
+      503  the queue is full, the model is still loading, or the service is stopping; with a
+           Retry-After header (seconds, >= 1, estimated from recent generation times)
+      500  generation failed (the message names the exception type only)
+      Every error body is {"error": code, "detail": message, "request_id": id}.
+  GET /healthz    200 {"status": "ok", "model_loaded": bool, "state": "loading|ready|failed|stopping",
+                       "backend": str|null, "queue": {"capacity", "queue_size", "active", "running", "waiting"}}
+  GET /v1/model   200 Runtime.summary(): bundle_sha256, backend, versions, artifacts, generation,
+                      validation (503 until the model is loaded)
+  Every response carries an X-Request-ID header (a server-made id; client ids are not adopted).
+
+Design:
+- ONE Runtime, loaded at start-up in the single generation thread (the runtime is not re-entrant);
+  the port is bound at once, /healthz says when the model is ready, and a bundle that fails to load
+  stops the server with exit status 2. Uploads are decoded in a separate single decode thread.
+- Admission: at most --queue-size requests waiting plus the one running. A request takes its slot
+  before its body is read and keeps it until its generation has ended, so at most
+  (queue_size + 1) x --max-request-mb of uploads are ever held in memory; a request that finds no
+  slot gets 503 without its body being read.
+- Uploads are decoded from a private temporary directory (mode 0700; under $TMPDIR when set, else
+  /dev/shm when it has room, else the system temp dir) that is removed before the request goes on.
+- Logging (Python logging, logger "emrrg.serve"): one line per request with id, method, route,
+  status, byte counts, views and timings (/healthz at DEBUG). Never pixel data, DICOM tags, upload
+  file names or query strings; errors name the view ("view 2"), never the client's file name.
+  Warnings raised while decoding are counted, not printed (they could quote DICOM values).
+- Binds to 127.0.0.1 by default and warns loudly when bound elsewhere: there is no TLS and no
+  authentication here; put it behind a TLS-terminating, authenticating proxy if it must be reachable.
+- SIGTERM / SIGINT: stop accepting, let running and queued requests finish (up to
+  --graceful-timeout seconds), stop the worker threads, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from .bundle import BundleError, load_manifest
+from .engine import BACKENDS
+from .preprocess import ImageError, load_image
+
+log = logging.getLogger("emrrg.serve")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_QUEUE_SIZE = 4
+DEFAULT_MAX_REQUEST_MB = 64.0
+DEFAULT_GRACEFUL_TIMEOUT_S = 30
+MAX_VIEWS = 8                 # views per study; IU X-Ray has 2, MIMIC-CXR studies rarely more than 4
+UPLOAD_TIMEOUT_S = 120.0      # a slow upload holds a queue slot; give it up after this long
+BEAMS_CAP, MAX_NEW_TOKENS_CAP = 64, 4096   # schema bounds; the bundle's own limits are checked too
+RAW_TYPES = ("application/dicom", "image/png", "image/jpeg", "application/octet-stream")
+_KNOWN_PATHS = ("/v1/reports", "/healthz", "/v1/model", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}/[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
+_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+_SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
+_SCRATCH_PREFIX = "emrrg-serve-"
+
+
+# --------------------------------------------------------------------------- API models
+
+class Timings(BaseModel):
+    preprocess: float = Field(description="decoding the upload + resize/normalize, ms")
+    encoder: float = Field(description="vision encoder (+ visual K/V of hybrid layers), ms")
+    prefill: float = Field(description="decoder prefill over the prompt, ms")
+    decode: float = Field(description="per-token decoding, ms")
+    total: float = Field(description="preprocess to last token, ms (queue wait excluded)")
+
+
+class ReportResponse(BaseModel):
+    request_id: str
+    report: str = Field(description="the generated report text")
+    tokens: int = Field(description="number of generated tokens")
+    backend: str = Field(description="execution backend, e.g. ort-cpu")
+    bundle_sha256: str = Field(description="digest of the bundle that wrote the report")
+    timings_ms: Timings
+    peak_rss_mb: float = Field(description="peak resident memory of the server process so far, MB")
+    queue_wait_ms: float = Field(description="time between the upload being decoded and generation starting, ms")
+    views: int = Field(description="number of views (images) in the study")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. queue_full, undecodable_image")
+    detail: str = Field(description="one-line message for a person")
+    request_id: str
+
+
+class QueueInfo(BaseModel):
+    capacity: int = Field(description="queue_size + 1 (the one running)")
+    queue_size: int
+    active: int = Field(description="admitted requests not yet finished (uploading, waiting or running)")
+    running: bool
+    waiting: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model_loaded: bool
+    state: Literal["loading", "ready", "failed", "stopping"]
+    backend: Optional[str] = None
+    queue: QueueInfo
+
+
+class ArtifactInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    path: Optional[str] = None
+    precision: Optional[str] = None
+    target: Optional[str] = None
+    bytes: Optional[int] = None
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    bundle_sha256: str
+    backend: str
+    emrrg_version: Optional[str] = None
+    format_version: Optional[int] = None
+    source_sha256: Optional[str] = None
+    artifacts: dict[str, ArtifactInfo]
+    generation: dict[str, Any]
+    validation: dict[str, Any]
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, a code, a PHI-free one-line message, optional headers."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+class _ClientGone(Exception):
+    """The client disconnected; nobody is left to answer."""
+
+
+# --------------------------------------------------------------------------- uploads
+
+@dataclass
+class _View:
+    label: str                      # "upload" or "view N": what error messages and logs call it
+    data: bytearray = field(default_factory=bytearray)
+    declared: str = ""              # the declared media type ("" when none)
+
+
+def _check_declared(label: str, media_type: str, multipart_part: bool) -> None:
+    """415 unless the declared type can hold a DICOM / PNG / JPEG."""
+    if not media_type or media_type in RAW_TYPES:
+        return
+    if multipart_part and media_type.startswith("image/"):
+        return  # browsers label parts by extension; the bytes decide
+    shown = repr(media_type) if _MEDIA_TYPE.match(media_type) else "an invalid media type"
+    raise ApiError(415, "unsupported_media_type",
+                   f"{label}: declared type {shown} is not a DICOM, PNG or JPEG image; send "
+                   f"application/dicom, image/png, image/jpeg or application/octet-stream")
+
+
+def sniff(data: bytes | bytearray) -> str | None:
+    """'dicom', 'png', 'jpeg' by the leading bytes, or None."""
+    head = bytes(data[:132])
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00"):  # with / without the preamble
+        return "dicom"
+    return None
+
+
+def _describe_unknown(data: bytes | bytearray) -> str:
+    head = bytes(data[:512])
+    try:
+        head.decode("utf-8")
+        text = b"\x00" not in head
+    except UnicodeDecodeError:
+        text = False
+    return "a text file" if text else "unrecognised binary data"
+
+
+def _scratch_root(nbytes: int) -> str | None:
+    """Where private temp dirs go: $TMPDIR when set, else /dev/shm (RAM) when it has room, else the default."""
+    if os.environ.get("TMPDIR"):
+        return None  # tempfile honours it
+    shm = "/dev/shm"
+    try:
+        if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes + (16 << 20):
+            return shm
+    except OSError:
+        pass
+    return None
+
+
+def decode_views(views: list[_View]) -> list[np.ndarray]:
+    """Uploaded bytes -> (H, W) float32 gray images via `load_image`, through a private temp dir.
+
+    Raises ApiError 415 (not a PNG/JPEG/DICOM) or 422 (recognised but undecodable); messages name the
+    view label, never a path or file name. The temp dir is removed before this returns.
+    """
+    out = []
+    for v in views:
+        kind = sniff(v.data)
+        if kind is None:
+            raise ApiError(415, "unsupported_media_type",
+                           f"{v.label}: not a PNG, JPEG or DICOM image ({_describe_unknown(v.data)})")
+        with tempfile.TemporaryDirectory(prefix=_SCRATCH_PREFIX, dir=_scratch_root(len(v.data))) as td:
+            path = Path(td) / f"image{_SUFFIX[kind]}"
+            with open(path, "wb") as f:
+                f.write(v.data)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    gray = load_image(path)
+            except ImageError as e:
+                msg = str(e)
+                msg = msg.replace(str(path), v.label) if str(path) in msg else f"{v.label}: {msg}"
+                raise ApiError(422, "undecodable_image", msg.replace(td, "")) from None
+            except Exception as e:  # anything else a decoder raises: name the type only
+                raise ApiError(422, "undecodable_image",
+                               f"{v.label}: cannot decode the {kind.upper()} image ({type(e).__name__})") from None
+        if caught:
+            log.debug("%s: %d decoder warning(s) suppressed (%s)", v.label, len(caught),
+                      ", ".join(sorted({w.category.__name__ for w in caught})))
+        out.append(gray)
+    return out
+
+
+class _MultipartViews:
+    """Streaming multipart/form-data parser that keeps the `views` file parts in memory."""
+
+    def __init__(self, boundary: bytes):
+        self.views: list[_View] = []
+        self.ignored_parts = 0
+        self.ended = False
+        self._headers: dict[bytes, bytes] = {}
+        self._hname, self._hval = b"", b""
+        self._cur: _View | None = None
+        self._open = False
+        cb = {"on_part_begin": self._part_begin, "on_part_data": self._part_data, "on_part_end": self._part_end,
+              "on_header_field": self._header_field, "on_header_value": self._header_value,
+              "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+              "on_end": self._end}
+        self.parser = MultipartParser(boundary, cb)
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError:
+            raise ApiError(400, "bad_multipart", "malformed multipart/form-data body") from None
+
+    def finish(self) -> list[_View]:
+        self.parser.finalize()
+        if not self.ended or self._open:
+            raise ApiError(400, "bad_multipart", "multipart/form-data body ends before its closing boundary")
+        if not self.views:
+            raise ApiError(400, "no_views", "multipart/form-data body has no file part named 'views' "
+                                            f"({self.ignored_parts} other part(s) ignored)")
+        return self.views
+
+    def _part_begin(self) -> None:
+        self._headers, self._cur, self._open = {}, None, True
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._hname += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._hval += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._hname.strip().lower()] = self._hval.strip()
+        self._hname, self._hval = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, opts = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if opts.get(b"name") != b"views":
+            self.ignored_parts += 1
+            return
+        if len(self.views) >= MAX_VIEWS:
+            raise ApiError(400, "too_many_views", f"more than {MAX_VIEWS} views in one study")
+        label = f"view {len(self.views) + 1}"
+        declared = parse_options_header(self._headers.get(b"content-type", b""))[0].decode("latin-1")
+        _check_declared(label, declared, multipart_part=True)
+        self._cur = _View(label, declared=declared)
+        self.views.append(self._cur)
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._cur is not None:
+            self._cur.data += data[start:end]
+
+    def _part_end(self) -> None:
+        self._open = False
+        if self._cur is not None and not self._cur.data:
+            raise ApiError(400, "empty_view", f"{self._cur.label} is empty (0 bytes)")
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+# --------------------------------------------------------------------------- the service
+
+class _Slot:
+    """A place in the bounded queue. Freed when the handler is done AND every job it started has ended."""
+
+    def __init__(self, svc: "ReportService"):
+        self._svc, self._holds, self._lock = svc, 1, threading.Lock()
+
+    def hold(self, fut: Future) -> None:
+        with self._lock:
+            self._holds += 1
+        fut.add_done_callback(lambda _f: self._drop())
+
+    def release(self) -> None:  # the handler's own hold; call exactly once
+        self._drop()
+
+    def _drop(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            last = self._holds == 0
+        if last:
+            self._svc._free_slot()
+
+
+class ReportService:
+    """One Runtime behind a bounded queue: a single generation thread and a single decode thread."""
+
+    def __init__(self, bundle: str | os.PathLike, backend: str = "auto", threads: int | None = None,
+                 queue_size: int = DEFAULT_QUEUE_SIZE, max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2**20),
+                 beams: int | None = None, max_new_tokens: int | None = None, warmup: bool = True):
+        if queue_size < 0:
+            raise ValueError("queue_size must be >= 0")
+        self.bundle, self.backend_request, self.threads = Path(bundle), backend, threads
+        self.queue_size, self.capacity = queue_size, queue_size + 1
+        self.max_request_bytes = max_request_bytes
+        self.default_beams, self.default_max_new_tokens = beams, max_new_tokens
+        self.warmup = warmup
+        self.runtime = None
+        self.state = "loading"
+        self.max_beams = self.max_new_tokens_limit = None
+        self.on_fatal = None              # called (from the worker) when the bundle cannot be loaded
+        self._lock = threading.Lock()
+        self._active = 0
+        self._running = False
+        self._recent: deque[float] = deque(maxlen=20)   # seconds per generation, for Retry-After
+        self._gen: ThreadPoolExecutor | None = None
+        self._dec: ThreadPoolExecutor | None = None
+
+    # ---- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._gen = ThreadPoolExecutor(1, thread_name_prefix="emrrg-generate")
+        self._dec = ThreadPoolExecutor(1, thread_name_prefix="emrrg-decode")
+        self._gen.submit(self._load)
+
+    def stop(self) -> None:
+        if self.state != "failed":
+            self.state = "stopping"
+        for pool in (self._dec, self._gen):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _load(self) -> None:
+        from .engine import Runtime
+
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                rt = Runtime.from_pretrained(self.bundle, backend=self.backend_request, threads=self.threads)
+            for w in caught:
+                log.warning("%s", w.message)
+            m = rt.manifest
+            self.max_beams = int(rt.decoder.max_rows)
+            self.max_new_tokens_limit = int(rt.decoder.max_len - len(m["prompt"]["before_ids"]) -
+                                            int(m["encoder"]["num_tokens"]) - len(m["prompt"]["after_ids"]))
+            for name, v, lim in (("--beams", self.default_beams, self.max_beams),
+                                 ("--max-new-tokens", self.default_max_new_tokens, self.max_new_tokens_limit)):
+                if v is not None and v > lim:
+                    raise ValueError(f"{name} {v} exceeds this bundle's limit of {lim}")
+            if self.warmup:  # first ORT runs allocate; do it before the first patient does
+                t1 = time.perf_counter()
+                rt.generate([np.zeros((rt.image_size, rt.image_size), np.float32)], num_beams=1, max_new_tokens=1)
+                log.info("warm-up generation took %.0f ms", 1e3 * (time.perf_counter() - t1))
+        except Exception as e:
+            self.state = "failed"
+            kind = "" if isinstance(e, (BundleError, ValueError)) else f"{type(e).__name__}: "
+            log.error("cannot load the bundle %s: %s%s", self.bundle, kind, e)
+            if self.on_fatal is not None:
+                self.on_fatal()
+            return
+        self.runtime = rt
+        self.state = "ready"
+        log.info("model ready in %.1f s: backend %s, bundle sha256 %s, queue %d + 1 running, max request %.1f MB",
+                 time.perf_counter() - t0, rt.backend, rt.sha256, self.queue_size, self.max_request_bytes / 2**20)
+
+    # ---- admission -------------------------------------------------------------------------------
+    def queue_info(self) -> dict:
+        with self._lock:
+            active, running = self._active, self._running
+        return {"capacity": self.capacity, "queue_size": self.queue_size, "active": active,
+                "running": running, "waiting": max(0, active - int(running))}
+
+    def retry_after_s(self) -> int:
+        """Seconds until the backlog ahead should have drained: mean recent generation time x requests ahead."""
+        recent = list(self._recent)
+        per = sum(recent) / len(recent) if recent else 2.0
+        with self._lock:
+            ahead = max(1, self._active)
+        return int(min(3600, max(1, math.ceil(per * ahead))))
+
+    def admit(self) -> _Slot:
+        if self.state != "ready":
+            what = {"loading": "the model is still loading", "failed": "the model failed to load",
+                    "stopping": "the service is shutting down"}[self.state]
+            retry = "5" if self.state == "loading" else "30"
+            raise ApiError(503, "unavailable", f"{what}; retry later", {"Retry-After": retry})
+        with self._lock:
+            full = self._active >= self.capacity
+            if not full:
+                self._active += 1
+                return _Slot(self)
+            running, waiting = int(self._running), self._active - int(self._running)
+        retry = self.retry_after_s()
+        raise ApiError(503, "queue_full", f"the report queue is full ({running} running, {waiting} waiting, "
+                                          f"capacity {self.capacity}); retry after {retry} s",
+                       {"Retry-After": str(retry)})
+
+    def _free_slot(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    # ---- work ------------------------------------------------------------------------------------
+    def check_settings(self, beams: int | None, max_new_tokens: int | None) -> tuple[int | None, int | None]:
+        beams = beams if beams is not None else self.default_beams
+        max_new_tokens = max_new_tokens if max_new_tokens is not None else self.default_max_new_tokens
+        if beams is not None and self.max_beams is not None and beams > self.max_beams:
+            raise ApiError(422, "bad_parameter", f"beams={beams} exceeds this bundle's limit of {self.max_beams}")
+        if max_new_tokens is not None and self.max_new_tokens_limit is not None and \
+                max_new_tokens > self.max_new_tokens_limit:
+            raise ApiError(422, "bad_parameter", f"max_new_tokens={max_new_tokens} exceeds this bundle's limit "
+                                                 f"of {self.max_new_tokens_limit}")
+        return beams, max_new_tokens
+
+    async def decode(self, views: list[_View], slot: _Slot) -> tuple[list[np.ndarray], float]:
+        def job():
+            t = time.perf_counter()
+            arrays = decode_views(views)
+            return arrays, 1e3 * (time.perf_counter() - t)
+        fut = self._dec.submit(job)
+        slot.hold(fut)
+        return await asyncio.wrap_future(fut)
+
+    async def generate(self, arrays: list[np.ndarray], beams: int | None, max_new_tokens: int | None,
+                       slot: _Slot, gone: threading.Event) -> dict | None:
+        queued = time.perf_counter()
+
+        def job():
+            if gone.is_set():
+                return None  # the client left while waiting: do not spend minutes on it
+            start = time.perf_counter()
+            with self._lock:
+                self._running = True
+            try:
+                out = self.runtime.generate(arrays, num_beams=beams, max_new_tokens=max_new_tokens)
+            finally:
+                with self._lock:
+                    self._running = False
+                self._recent.append(time.perf_counter() - start)
+            out["queue_wait_ms"] = 1e3 * (start - queued)
+            return out
+        fut = self._gen.submit(job)
+        slot.hold(fut)
+        return await asyncio.wrap_future(fut)
+
+
+# --------------------------------------------------------------------------- the app
+
+_REQUEST_BODY = {
+    "required": True,
+    "description": "One view as the raw file, or multipart/form-data with one or more `views` file parts "
+                   "(the views of one study). The bytes are sniffed: PNG, JPEG or DICOM.",
+    "content": {
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in RAW_TYPES},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["views"],
+            "properties": {"views": {"type": "array", "maxItems": MAX_VIEWS,
+                                     "items": {"type": "string", "format": "binary"},
+                                     "description": "DICOM / PNG / JPEG views of ONE study"}}}},
+    },
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying (>= 1)", "schema": {"type": "integer"}}}
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "empty body, malformed multipart, no or empty views, too many views"},
+    408: {"model": ErrorResponse, "description": "the upload was too slow"},
+    413: {"model": ErrorResponse, "description": "request body larger than --max-request-mb"},
+    415: {"model": ErrorResponse, "description": "not a DICOM, PNG or JPEG (declared type or bytes)"},
+    422: {"model": ErrorResponse, "description": "undecodable image, or beams / max_new_tokens out of range"},
+    500: {"model": ErrorResponse, "description": "generation failed"},
+    503: {"model": ErrorResponse, "description": "queue full, model loading, or shutting down",
+          "headers": _RETRY_AFTER},
+}
+
+
+def _error_json(status: int, code: str, detail: str, request: Request, headers: dict | None = None) -> JSONResponse:
+    rid = request.scope.get("emrrg", {}).get("id", "-")
+    ctx = request.scope.get("emrrg")
+    if ctx is not None:
+        ctx["fields"]["error"] = code
+    return JSONResponse({"error": code, "detail": detail, "request_id": rid}, status_code=status, headers=headers)
+
+
+class _AccessLog:
+    """Pure ASGI middleware: request id, X-Request-ID header, one log line per request, last-resort 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = secrets.token_hex(8)
+        ctx = {"id": rid, "fields": {}}
+        scope["emrrg"] = ctx
+        t0 = time.perf_counter()
+        counts = {"in": 0, "out": 0, "status": 0}
+
+        async def receive_counted():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                counts["in"] += len(msg.get("body", b""))
+            return msg
+
+        async def send_logged(msg):
+            if msg["type"] == "http.response.start":
+                counts["status"] = msg["status"]
+                msg = dict(msg)
+                msg["headers"] = [*msg.get("headers", []), (b"x-request-id", rid.encode())]
+            elif msg["type"] == "http.response.body":
+                counts["out"] += len(msg.get("body", b""))
+            await send(msg)
+
+        try:
+            await self.app(scope, receive_counted, send_logged)
+        except Exception as e:  # never let a traceback (and whatever its message quotes) reach the log
+            ctx["fields"]["error"] = f"internal ({type(e).__name__})"
+            log.debug("unhandled exception in request %s", rid, exc_info=True)
+            if counts["status"] == 0:
+                body = ('{"error": "internal_error", "detail": "internal error (%s)", "request_id": "%s"}'
+                        % (type(e).__name__, rid)).encode()
+                await send_logged({"type": "http.response.start", "status": 500,
+                                   "headers": [(b"content-type", b"application/json"),
+                                               (b"content-length", str(len(body)).encode())]})
+                await send_logged({"type": "http.response.body", "body": body})
+        path = scope.get("path", "")
+        route = path if path in _KNOWN_PATHS else "<other>"
+        status = counts["status"] or 499  # 499: the client left before an answer
+        extra = "".join(f" {k}={v}" for k, v in ctx["fields"].items())
+        level = logging.DEBUG if route == "/healthz" and status == 200 else logging.INFO
+        log.log(level, "%s %s id=%s status=%d in_bytes=%d out_bytes=%d wall_ms=%.1f%s", scope.get("method"), route,
+                rid, status, counts["in"], counts["out"], 1e3 * (time.perf_counter() - t0), extra)
+
+
+async def _read_raw(request: Request, limit: int) -> bytearray:
+    buf = bytearray()
+    async for chunk in request.stream():
+        if len(buf) + len(chunk) > limit:
+            raise _too_large(limit)
+        buf += chunk
+    return buf
+
+
+async def _read_multipart(request: Request, limit: int, parser: _MultipartViews) -> int:
+    n = 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise _too_large(limit)
+        if chunk:
+            parser.feed(chunk)
+    return n
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"request body exceeds the limit of {limit / 2**20:g} MB "
+                                              "(--max-request-mb); send smaller images or raise the limit")
+
+
+def create_app(service: ReportService) -> FastAPI:
+    """The FastAPI app around a ReportService; the service starts and stops with the app's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            log.info("stopping: waiting for the worker threads")
+            await asyncio.get_running_loop().run_in_executor(None, service.stop)
+            log.info("stopped")
+
+    app = FastAPI(title="emrrg-serve", version=_version(), lifespan=lifespan,
+                  description="Chest X-ray report generation (EMRRG edge runtime). One model, a bounded queue; "
+                              "no authentication or TLS: keep it on loopback or behind an authenticating proxy.")
+    app.state.service = service
+    app.add_middleware(_AccessLog)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_json(exc.status, exc.code, exc.detail, request, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors()[:5]:  # never echo the input value
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "query")
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        return _error_json(422, "bad_parameter", "; ".join(parts) or "invalid request", request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_json(exc.status_code, code, str(exc.detail), request, getattr(exc, "headers", None))
+
+    @app.get("/healthz", response_model=Health, summary="Liveness, and whether the model is loaded")
+    async def healthz() -> dict:
+        rt = service.runtime
+        return {"status": "ok", "model_loaded": rt is not None and service.state == "ready",
+                "state": service.state, "backend": rt.backend if rt is not None else None,
+                "queue": service.queue_info()}
+
+    @app.get("/v1/model", response_model=ModelInfo, summary="The loaded bundle (Runtime.summary())",
+             responses={503: {"model": ErrorResponse, "description": "model not loaded yet", "headers": _RETRY_AFTER}})
+    async def model_info() -> dict:
+        if service.runtime is None:
+            raise ApiError(503, "unavailable", f"the model is not loaded (state: {service.state})", {"Retry-After": "5"})
+        return service.runtime.summary()
+
+    @app.post("/v1/reports", response_model=ReportResponse, responses=_ERRORS, openapi_extra={"requestBody": _REQUEST_BODY},
+              summary="Write a report for one study (one or more views)")
+    async def create_report(
+        request: Request, response: Response,
+        beams: Optional[int] = Query(None, ge=1, le=BEAMS_CAP, description="beam count (1 = greedy); default: server/bundle"),
+        max_new_tokens: Optional[int] = Query(None, ge=1, le=MAX_NEW_TOKENS_CAP, description="default: server/bundle"),
+    ) -> Any:
+        ctx = request.scope["emrrg"]["fields"]
+        media_type, params = parse_options_header(request.headers.get("content-type"))
+        media_type = media_type.decode("latin-1")
+        is_multipart = media_type == "multipart/form-data"
+        if not is_multipart:
+            _check_declared("upload", media_type, multipart_part=False)
+        declared_len = request.headers.get("content-length")
+        if declared_len is not None:
+            try:
+                n = int(declared_len)
+            except ValueError:
+                raise ApiError(400, "bad_request", "invalid Content-Length header") from None
+            ctx["declared_bytes"] = n
+            if n > service.max_request_bytes:
+                raise _too_large(service.max_request_bytes)
+            if n == 0:
+                raise ApiError(400, "empty_body", "empty body: POST one DICOM, PNG or JPEG file, or "
+                                                  "multipart/form-data with 'views' file parts")
+        if is_multipart and not params.get(b"boundary"):
+            raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary parameter")
+        beams, max_new_tokens = service.check_settings(beams, max_new_tokens)
+        slot = service.admit()
+        gone = threading.Event()
+        watcher = None
+        try:
+            limit = service.max_request_bytes
+            try:
+                if is_multipart:
+                    mp = _MultipartViews(params[b"boundary"])
+                    await asyncio.wait_for(_read_multipart(request, limit, mp), UPLOAD_TIMEOUT_S)
+                    views = mp.finish()
+                    if mp.ignored_parts:
+                        ctx["ignored_parts"] = mp.ignored_parts
+                else:
+                    body = await asyncio.wait_for(_read_raw(request, limit), UPLOAD_TIMEOUT_S)
+                    if not body:
+                        raise ApiError(400, "empty_body", "empty body: POST one DICOM, PNG or JPEG file, or "
+                                                          "multipart/form-data with 'views' file parts")
+                    views = [_View("upload", body, media_type)]
+            except asyncio.TimeoutError:
+                raise ApiError(408, "upload_timeout", f"the upload took longer than {UPLOAD_TIMEOUT_S:g} s") from None
+            except ClientDisconnect:
+                raise _ClientGone() from None
+            ctx["views"] = len(views)
+            watcher = asyncio.create_task(_watch_disconnect(request, gone))
+            arrays, load_ms = await service.decode(views, slot)
+            del views
+            out = await service.generate(arrays, beams, max_new_tokens, slot, gone)
+            del arrays
+        except _ClientGone:
+            ctx["error"] = "client_gone"
+            return Response(status_code=499)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            slot.release()
+        if out is None:
+            ctx["error"] = "client_gone"
+            return Response(status_code=499)
+        t = out["timings_ms"]
+        t["preprocess"] += load_ms
+        t["total"] += load_ms
+        ctx.update(beams=beams if beams is not None else "default",
+                   max_new_tokens=max_new_tokens if max_new_tokens is not None else "default", tokens=out["tokens"],
+                   queue_ms=f"{out['queue_wait_ms']:.1f}", preprocess_ms=f"{t['preprocess']:.1f}",
+                   encoder_ms=f"{t['encoder']:.1f}", prefill_ms=f"{t['prefill']:.1f}",
+                   decode_ms=f"{t['decode']:.1f}", total_ms=f"{t['total']:.1f}")
+        response.headers["Cache-Control"] = "no-store"
+        return {"request_id": request.scope["emrrg"]["id"], "report": out["report"], "tokens": out["tokens"],
+                "backend": out["backend"], "bundle_sha256": out["bundle_sha256"],
+                "timings_ms": {k: round(v, 2) for k, v in t.items()}, "peak_rss_mb": out["peak_rss_mb"],
+                "queue_wait_ms": round(out["queue_wait_ms"], 2), "views": ctx["views"]}
+
+    return app
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+    """After the body is read, the next ASGI message is http.disconnect when the client leaves."""
+    try:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                gone.set()
+                return
+    except Exception:  # pragma: no cover - the server tearing the connection down
+        return
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("emrrg")
+    except Exception:
+        return "0"
+
+
+# --------------------------------------------------------------------------- CLI
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(host: str) -> bool:
+    """Log a loud warning when the service would be reachable from other machines; True when it warned."""
+    if is_loopback(host):
+        return False
+    where = "ALL network interfaces" if host in ("0.0.0.0", "::", "") else f"{host}"
+    bar = "!" * 78
+    log.warning("\n%s\n!! emrrg-serve is bound to %s, not to loopback.\n"
+                "!! It has NO authentication and NO TLS: anyone who can reach this port can upload patient\n"
+                "!! images and read reports. Bind to 127.0.0.1 and put an authenticating TLS proxy in front,\n"
+                "!! or make sure a firewall limits this port to the X-ray console.\n%s", bar, where, bar)
+    return True
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("emrrg", "uvicorn.error"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    # pydicom's own log messages can quote element values; its real failures surface as exceptions anyway.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _port(s: str) -> int:
+    v = int(s)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {v}")
+    return v
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="emrrg-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="HTTP report service for an X-ray console: POST /v1/reports (DICOM/PNG/"
+                                            "JPEG, or multipart 'views'), GET /healthz, GET /v1/model, /openapi.json.")
+    p.add_argument("bundle", help="bundle directory written by emrrg-export")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (anything but loopback is warned about: "
+                                                        "no authentication, no TLS)")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="ONNX Runtime intra-op threads (None: all cores)")
+    p.add_argument("--queue-size", type=_non_negative_int, default=DEFAULT_QUEUE_SIZE,
+                   help="requests that may wait while one runs; more get 503 with Retry-After")
+    p.add_argument("--max-request-mb", type=_positive_float, default=DEFAULT_MAX_REQUEST_MB,
+                   help="largest accepted request body in MiB (413 above)")
+    p.add_argument("--beams", type=_positive_int, default=None,
+                   help="default beam count (None: the bundle's setting; 1 = greedy)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default max new tokens (None: the bundle's setting)")
+    p.add_argument("--graceful-timeout", type=_positive_float, default=DEFAULT_GRACEFUL_TIMEOUT_S,
+                   help="seconds to let running and queued requests finish on SIGTERM/SIGINT")
+    a = p.parse_args(argv)
+
+    import uvicorn
+
+    _setup_logging()
+    try:
+        load_manifest(a.bundle)  # fail fast on a wrong path; the full check runs while loading
+    except BundleError as e:
+        print(f"emrrg-serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    warn_if_exposed(a.host)
+    service = ReportService(a.bundle, backend=a.backend, threads=a.threads, queue_size=a.queue_size,
+                            max_request_bytes=int(a.max_request_mb * 2**20), beams=a.beams,
+                            max_new_tokens=a.max_new_tokens)
+    config = uvicorn.Config(create_app(service), host=a.host, port=a.port, log_config=None, access_log=False,
+                            lifespan="on", server_header=False, timeout_graceful_shutdown=int(math.ceil(a.graceful_timeout)))
+    server = uvicorn.Server(config)
+    service.on_fatal = lambda: setattr(server, "should_exit", True)
+
+    # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown), then re-raises the signal once it is done;
+    # these handlers receive that re-raise, so a graceful stop exits 0 instead of dying by the signal.
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: received.append(s))
+    server.run()
+    if service.state == "failed":
+        print("emrrg-serve: error: the bundle could not be loaded (see the log above)", file=sys.stderr)
+        raise SystemExit(2)
+    if not server.started:
+        raise SystemExit(1)
+    if received:
+        log.info("exited after %s", signal.Signals(received[0]).name)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    serve_main()
