@@ -1,0 +1,594 @@
+"""Export the report-writing LLM (a LoRA-merged LlamaForCausalLM) to ONNX with a KV cache.
+
+Why not optimum-onnx: optimum-onnx 0.1.0 pins ``transformers<4.58`` and ``optimum~=2.1.0``, and this
+project runs transformers 5.x throughout (4.57 silently misreads 5.x configs: SmolLM2's rope_theta
+100000 comes back as 10000). So we export with ``torch.onnx.export(dynamo=True)`` through a small
+wrapper module (`DecoderWithCache`) that takes the past K/V as flat tensors and builds a
+transformers ``DynamicCache`` from them.
+
+THE CONTRACT (what the torch-free runtime relies on; `DECODER_FORMAT_VERSION` guards it)
+========================================================================================
+
+``decoder.onnx`` (initializers in ``decoder.onnx.data`` when the weights exceed
+`EXTERNAL_DATA_ABOVE_BYTES`). L = num_layers, B/T/P are all dynamic (P may be 0):
+
+    inputs
+      inputs_embeds                     (B, T, hidden)              float32
+      attention_mask                    (B, P+T)                    int64   1 = attend, 0 = padding
+      position_ids                      (B, T)                      int64   P, P+1, ... for an unpadded row
+      past_key_values.{i}.key           (B, kv_heads, P, head_dim)  float32   i = 0 .. L-1
+      past_key_values.{i}.value         (B, kv_heads, P, head_dim)  float32
+      visual_kv.{j}.key                 (B, heads_j, Lv, hd_j)      float32   hybrid decoders only,
+      visual_kv.{j}.value               (B, heads_j, Lv, hd_j)      float32   j = hybrid layer ids, ascending
+    outputs
+      logits                            (B, T, vocab)               float32
+      present.{i}.key                   (B, kv_heads, P+T, head_dim) float32  i = 0 .. L-1
+      present.{i}.value                 (B, kv_heads, P+T, head_dim) float32
+
+  Inputs and outputs appear in exactly this order. The first call of a generation feeds P = 0
+  (past tensors of shape (B, kv_heads, 0, head_dim)); every later call feeds the previous
+  ``present.*`` back as ``past_key_values.*``. ``visual_kv`` must have the same B as
+  ``inputs_embeds``: with beams, repeat each image's K/V once per beam (np.repeat on axis 0).
+
+``embed_tokens.npy``: the input embedding table (vocab, hidden) float32. The runtime builds
+``inputs_embeds`` itself, so it can splice the projected visual tokens into the prompt
+(BOS + "Human: <Img>" + visual tokens + "</Img> ... \\nAssistant:", see emrrg.model).
+
+``cross_kv.onnx`` (hybrid decoders only): ``visual_tokens`` (B, Lv, hidden) float32 ->
+``visual_kv.{j}.key`` / ``visual_kv.{j}.value`` (B, heads_j, Lv, hd_j) for every hybrid layer j,
+in the order above. Run it once per image; feed its outputs to every decoder call.
+
+Metadata: `DecoderSpec.to_dict()`, returned by `export_decoder` for the bundle manifest and also
+stored in decoder.onnx's ``metadata_props``, one key per field, each value JSON-encoded
+(``json.loads(sess.get_modelmeta().custom_metadata_map["num_layers"])``). Keys: format,
+format_version, num_layers, num_heads, kv_heads, head_dim, hidden, vocab, hybrid_layers,
+hybrid_heads, hybrid_head_dim, bos_token_id, eos_token_id, pad_token_id, rope_theta,
+max_position_embeddings, input_names, output_names.
+
+The lm_head is always a weight of its own inside decoder.onnx (SmolLM2 ties it to the embedding),
+stored as a plain (hidden, vocab) MatMul initializer so that the 4-bit quantizer reaches it.
+Every weight MatMul is renamed after its torch module (node ``model.layers.3.mlp.down_proj``,
+initializer ``model.layers.3.mlp.down_proj.weight_t``), which is how `quantize_decoder`'s
+``keep_fp`` patterns and per-layer reports name them.
+
+Every export ends with `validate_decoder`: ORT vs the PyTorch f32 model for a prefill and two
+incremental decode steps through the cache (and through cross_kv.onnx for hybrid decoders).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+DECODER_FORMAT = "emrrg-decoder-onnx"
+DECODER_FORMAT_VERSION = 1
+DECODER_ONNX = "decoder.onnx"
+CROSS_KV_ONNX = "cross_kv.onnx"
+EMBED_TOKENS_NPY = "embed_tokens.npy"
+OPSET = 18
+EXTERNAL_DATA_ABOVE_BYTES = 512 * 2**20  # inline protobufs stay well under the 2 GB limit and load fast
+
+# ORT f32 vs PyTorch f32 logits. Both run the same f32 graph; they differ only in summation order
+# (MLAS vs oneDNN GEMM blocking, a fused vs decomposed softmax). The per-op relative error is ~1e-7;
+# over 30 layers with RMSNorms and logits of magnitude ~30 it grows to ~1e-5 relative: SmolLM2-135M
+# measures 4e-4 max |diff| on a 7-token prefill of random ids and 1e-4 on decode steps. A real export
+# bug (wrong mask, rope offset, cache order) shows up at >= 1e-1. So: 1e-3 absolute plus 1e-4
+# relative to the largest |logit| (4e-3 for SmolLM2, 10x above what it measures).
+LOGITS_ATOL = 1e-3
+LOGITS_RTOL = 1e-4
+KV_ATOL = 1e-4  # K/V are pre-softmax projections of magnitude ~1-10; same argument, one layer deep
+
+
+class DecoderExportError(RuntimeError):
+    """The decoder could not be exported in the form the runtime contract needs."""
+
+
+class DecoderValidationError(DecoderExportError):
+    """The exported ONNX does not reproduce the PyTorch f32 reference within tolerance."""
+
+
+# ---- the contract, as data ------------------------------------------------------------------------
+
+@dataclass
+class DecoderSpec:
+    """Everything the runtime needs to drive decoder.onnx (goes into the manifest and metadata_props)."""
+
+    num_layers: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    hybrid_layers: list[int] = field(default_factory=list)
+    hybrid_heads: list[int] = field(default_factory=list)     # per hybrid layer, same order
+    hybrid_head_dim: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    rope_theta: float | None = None
+    max_position_embeddings: int | None = None
+    format: str = DECODER_FORMAT
+    format_version: int = DECODER_FORMAT_VERSION
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    @property
+    def visual_kv_names(self) -> list[str]:
+        return [f"visual_kv.{j}.{kv}" for j in self.hybrid_layers for kv in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["inputs_embeds", "attention_mask", "position_ids", *self.past_names, *self.visual_kv_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", *self.present_names]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_names"] = self.input_names
+        d["output_names"] = self.output_names
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """P = 0 past tensors for the first call."""
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        return {n: z for n in self.past_names}
+
+
+def _hybrid_modules(llm) -> list[tuple[int, object]]:
+    from emrrg.decoder import decoder_layers
+
+    return [(i, layer.cross_attn) for i, layer in enumerate(decoder_layers(llm)) if hasattr(layer, "cross_attn")]
+
+
+def _rope_theta(config) -> float | None:
+    rp = getattr(config, "rope_parameters", None) or {}
+    theta = rp.get("rope_theta", getattr(config, "rope_theta", None))
+    return None if theta is None else float(theta)
+
+
+def decoder_spec(llm, tokenizer=None) -> DecoderSpec:
+    """The contract's numbers for a (merged) LlamaForCausalLM; token ids from the tokenizer when given."""
+    c = llm.config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    hyb = _hybrid_modules(llm)
+
+    def tid(name):
+        v = getattr(tokenizer, name, None) if tokenizer is not None else None
+        v = getattr(c, name, None) if v is None else v
+        return int(v[0] if isinstance(v, (list, tuple)) else v) if v is not None else None
+
+    return DecoderSpec(
+        num_layers=c.num_hidden_layers, num_heads=heads, kv_heads=c.num_key_value_heads, head_dim=head_dim,
+        hidden=c.hidden_size, vocab=c.vocab_size,
+        hybrid_layers=[i for i, _ in hyb], hybrid_heads=[x.heads for _, x in hyb],
+        hybrid_head_dim=[c.hidden_size // x.heads for _, x in hyb],
+        bos_token_id=tid("bos_token_id"), eos_token_id=tid("eos_token_id"), pad_token_id=tid("pad_token_id"),
+        rope_theta=_rope_theta(c), max_position_embeddings=getattr(c, "max_position_embeddings", None),
+    )
+
+
+# ---- export-only rewrites ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def untied_lm_head(llm) -> Iterator[None]:
+    """Give lm_head a Parameter of its own for the duration of the export.
+
+    Avoids: with ``tie_word_embeddings`` the lm_head weight *is* the embedding Parameter. Exporters
+    that keep the embedding in the graph then emit the lm_head as ``Transpose(embedding)`` feeding a
+    MatMul, and the MatMulNBits quantizer skips any MatMul whose B is not a plain initializer, so the
+    largest matrix of a small LM (28M of SmolLM2's 135M parameters) stays f32. A separate copy is
+    exported as its own (hidden, vocab) initializer and can be quantized independently.
+    """
+    import torch
+
+    head = llm.get_output_embeddings()
+    tied = head.weight is llm.get_input_embeddings().weight
+    original = head.weight
+    if tied:
+        head.weight = torch.nn.Parameter(original.detach().clone(), requires_grad=False)
+    try:
+        yield
+    finally:
+        if tied:
+            head.weight = original
+
+
+@contextlib.contextmanager
+def visual_kv_from_inputs(hybrid: Sequence[tuple[int, object]], kv: Sequence) -> Iterator[None]:
+    """Point each hybrid layer's cached visual K/V at graph inputs while tracing.
+
+    Avoids: the hybrid hook (emrrg.decoder._hybrid_hook) reads ``cross_attn.visual_kv``, which
+    ``EMRRG.set_visual`` fills from the image in eager mode. Without this the trace either fails
+    ("hybrid decoder layer used before set_visual") or bakes one image's K/V in as constants. The
+    previous values are restored afterwards so an eager model in use is left as it was.
+    """
+    saved = [x.visual_kv for _, x in hybrid]
+    try:
+        for n, (_, x) in enumerate(hybrid):
+            x.visual_kv = (kv[2 * n], kv[2 * n + 1])
+        yield
+    finally:
+        for (_, x), s in zip(hybrid, saved):
+            x.visual_kv = s
+
+
+def _torch_module():
+    import torch.nn as nn
+
+    return nn.Module
+
+
+def cache_kwarg(model, cache) -> dict:
+    """{'cache': cache} on transformers >= 5.2x (which renamed it), else {'past_key_values': cache}."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+class DecoderWithCache(_torch_module()):
+    """Flat-tensor facade over a LlamaForCausalLM: the signature decoder.onnx exposes.
+
+    forward(inputs_embeds (B,T,H), attention_mask (B,P+T), position_ids (B,T), past (2L tensors
+    (B,kvh,P,hd)), visual_kv (2 per hybrid layer)) -> (logits (B,T,V), *present (2L tensors
+    (B,kvh,P+T,hd))).
+    """
+
+    def __init__(self, llm):
+        super().__init__()
+        self.llm = llm
+        self.num_layers = llm.config.num_hidden_layers
+        self.hybrid = _hybrid_modules(llm)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past: tuple, visual_kv: tuple = ()):
+        from transformers import DynamicCache
+
+        L = self.num_layers
+        if len(past) != 2 * L or len(visual_kv) != 2 * len(self.hybrid):
+            raise DecoderExportError(f"expected {2 * L} past tensors and {2 * len(self.hybrid)} visual K/V, "
+                                     f"got {len(past)} and {len(visual_kv)}")
+        # DynamicLayer.update concatenates onto the (possibly empty, P = 0) past along the sequence axis.
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)])
+        with visual_kv_from_inputs(self.hybrid, visual_kv):
+            out = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=True, **cache_kwarg(self.llm.model, cache))
+        logits = self.llm.lm_head(out.last_hidden_state)                     # (B, T, V)
+        present = []
+        for layer in cache.layers:
+            present += [layer.keys, layer.values]                            # (B, kvh, P+T, hd) each
+        return (logits, *present)
+
+
+class CrossKV(_torch_module()):
+    """visual_tokens (B, Lv, H) -> K, V (B, heads_j, Lv, hd_j) for every hybrid layer j (cross_kv.onnx)."""
+
+    def __init__(self, llm):
+        super().__init__()
+        import torch.nn as nn
+
+        self.xattn = nn.ModuleList([x for _, x in _hybrid_modules(llm)])
+
+    def forward(self, visual_tokens):
+        out = []
+        for x in self.xattn:
+            out += list(x.compute_kv(visual_tokens))
+        return tuple(out)
+
+
+# ---- export -------------------------------------------------------------------------------------------
+
+@dataclass
+class DecoderExport:
+    """What `export_decoder` wrote, and how it validated."""
+
+    decoder: Path
+    embed_tokens: Path
+    cross_kv: Path | None
+    spec: DecoderSpec
+    bytes: dict[str, int]
+    validation: dict
+    export_s: float
+
+    def manifest(self) -> dict:
+        return {"spec": self.spec.to_dict(), "files": {k: str(v) for k, v in self.files().items()},
+                "bytes": self.bytes, "validation": self.validation, "export_s": round(self.export_s, 1)}
+
+    def files(self) -> dict[str, Path]:
+        f = {"decoder": self.decoder, "embed_tokens": self.embed_tokens}
+        data = self.decoder.with_name(self.decoder.name + ".data")
+        if data.exists():
+            f["decoder_data"] = data
+        if self.cross_kv is not None:
+            f["cross_kv"] = self.cross_kv
+        return f
+
+
+def save_embed_tokens(llm, out_dir: str | Path) -> Path:
+    """Write the input embedding table as embed_tokens.npy, (vocab, hidden) float32."""
+    out = Path(out_dir) / EMBED_TOKENS_NPY
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w = llm.get_input_embeddings().weight.detach().float().cpu().numpy()
+    np.save(out, np.ascontiguousarray(w))
+    return out
+
+
+def _example_inputs(spec: DecoderSpec, B=2, T=3, P=4, Lv=5, seed=0):
+    """Trace-time example: every dynamic dim >= 2 (torch.export specializes sizes 0 and 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(B, T, spec.hidden, generator=g) * 0.02
+    mask = torch.ones(B, P + T, dtype=torch.long)
+    pos = torch.arange(P, P + T).expand(B, T).contiguous()
+    past = tuple(torch.randn(B, spec.kv_heads, P, spec.head_dim, generator=g) for _ in range(2 * spec.num_layers))
+    vis = tuple(torch.randn(B, h, Lv, d, generator=g) for h, d in zip(spec.hybrid_heads, spec.hybrid_head_dim)
+                for _ in range(2))
+    return embeds, mask, pos, past, vis
+
+
+def _weight_names(module) -> dict[str, str]:
+    """sha1 of each Linear weight, transposed to ONNX's (K, N) layout -> torch module name."""
+    import torch
+
+    names = {}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight.detach().float().t().contiguous().cpu().numpy()
+            names.setdefault(hashlib.sha1(w.tobytes()).hexdigest() + str(w.shape), name)
+    return names
+
+
+def _name_weight_matmuls(model, names: dict[str, str], strip_prefix: str) -> int:
+    """Rename each weight MatMul and its (K, N) initializer after the torch module it came from."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    renamed = 0
+    used = set()
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        t = inits[node.input[1]]
+        if len(t.dims) != 2:
+            continue
+        w = numpy_helper.to_array(t)
+        key = hashlib.sha1(np.ascontiguousarray(w).tobytes()).hexdigest() + str(w.shape)
+        mod = names.get(key)
+        if mod is None or mod in used:
+            continue
+        used.add(mod)
+        mod = mod[len(strip_prefix):] if mod.startswith(strip_prefix) else mod
+        new = f"{mod}.weight_t"
+        old = t.name
+        t.name = new
+        for n in model.graph.node:
+            for k, inp in enumerate(n.input):
+                if inp == old:
+                    n.input[k] = new
+        node.name = mod
+        renamed += 1
+    return renamed
+
+
+def _finish_onnx(src: Path, dst: Path, names: dict[str, str], strip_prefix: str, meta: dict | None) -> None:
+    """Name weight MatMuls, attach metadata, save with external data when large."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for node in model.graph.node:  # the exporter's per-node stack traces: ~2 KB a node, no use at runtime
+        del node.metadata_props[:]
+    _name_weight_matmuls(model, names, strip_prefix)
+    if meta:
+        del model.metadata_props[:]
+        for k, v in meta.items():
+            p = model.metadata_props.add()
+            p.key, p.value = k, json.dumps(v)
+    save_onnx(model, dst)
+
+
+def save_onnx(model, dst: str | Path, external: bool | None = None) -> Path:
+    """Save a ModelProto; initializers go to ``<name>.data`` when they exceed EXTERNAL_DATA_ABOVE_BYTES."""
+    import onnx
+
+    dst = Path(dst)
+    data = dst.with_name(dst.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external is None:
+        external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_ABOVE_BYTES
+    if external:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+    return dst
+
+
+def _onnx_export(module, args, input_names, output_names, dynamic_shapes, tmp: Path) -> Path:
+    import torch
+
+    module.eval()
+    prog = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
+                             dynamic_shapes=dynamic_shapes, dynamo=True, optimize=True, opset_version=OPSET,
+                             verbose=False)
+    prog.save(str(tmp), external_data=True)
+    return tmp
+
+
+def export_decoder(llm, out_dir: str | Path, *, tokenizer=None, validate: bool = True,
+                   atol: float = LOGITS_ATOL, rtol: float = LOGITS_RTOL, verbose: bool = True) -> DecoderExport:
+    """Export a (LoRA-merged) LlamaForCausalLM to out_dir/decoder.onnx (+ embed_tokens.npy, cross_kv.onnx).
+
+    llm: f32 LlamaForCausalLM, possibly with EMRRG hybrid layers; a peft model must be merged first
+    (EMRRG.merge_adapters) -- exporting the unmerged LoRA branch would ship 2x the matmuls.
+    Returns a DecoderExport (paths, spec, byte counts, validation figures). Raises DecoderValidationError
+    when ORT and PyTorch disagree beyond (atol + rtol * max|logit|).
+    """
+    import tempfile
+
+    import torch
+
+    if hasattr(llm, "merge_and_unload") or hasattr(llm, "peft_config"):
+        raise DecoderExportError("the decoder still carries peft LoRA; merge it first (EMRRG.merge_adapters() "
+                                 "or llm.merge_and_unload())")
+    if not hasattr(llm, "model") or not hasattr(llm, "lm_head"):
+        raise DecoderExportError(f"expected a LlamaForCausalLM-style model with .model and .lm_head, got {type(llm).__name__}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = decoder_spec(llm, tokenizer)
+    was_training = llm.training
+    llm.eval()
+    t0 = time.time()
+    B, T, P = (torch.export.Dim(n) for n in ("batch", "seq", "past"))
+    total, Lv = torch.export.Dim("total"), torch.export.Dim("visual_len")
+    try:
+        with torch.no_grad(), untied_lm_head(llm), tempfile.TemporaryDirectory() as tmpd:
+            tmpd = Path(tmpd)
+            names = _weight_names(llm)
+            wrapper = DecoderWithCache(llm)
+            example = _example_inputs(spec)
+            dyn = ({0: B, 1: T}, {0: B, 1: total}, {0: B, 1: T},
+                   tuple({0: B, 2: P} for _ in range(2 * spec.num_layers)),
+                   tuple({0: B, 2: Lv} for _ in range(len(spec.visual_kv_names))))
+            if not spec.hybrid_layers:  # torch.export rejects an empty tuple input paired with its shapes
+                example, dyn = example[:4], dyn[:4]
+            _onnx_export(wrapper, example, spec.input_names, spec.output_names, dyn, tmpd / "decoder.onnx")
+            _finish_onnx(tmpd / "decoder.onnx", out_dir / DECODER_ONNX, names, "llm.", spec.to_dict())
+            cross = None
+            if spec.hybrid_layers:
+                vis = torch.randn(2, 5, spec.hidden)
+                _onnx_export(CrossKV(llm), (vis,), ["visual_tokens"], spec.visual_kv_names,
+                             ({0: B, 1: Lv},), tmpd / "cross_kv.onnx")
+                cross = out_dir / CROSS_KV_ONNX
+                _finish_onnx(tmpd / "cross_kv.onnx", cross, names, "xattn.",
+                             {"format": DECODER_FORMAT + "-cross-kv", "format_version": DECODER_FORMAT_VERSION,
+                              "hybrid_layers": spec.hybrid_layers})
+        embed = save_embed_tokens(llm, out_dir)
+    finally:
+        llm.train(was_training)
+    export_s = time.time() - t0
+    _check_io(out_dir / DECODER_ONNX, spec)
+    result = DecoderExport(decoder=out_dir / DECODER_ONNX, embed_tokens=embed, cross_kv=cross, spec=spec,
+                           bytes={}, validation={}, export_s=export_s)
+    result.bytes = {k: p.stat().st_size for k, p in result.files().items()}
+    if validate:
+        result.validation = validate_decoder(result, llm, atol=atol, rtol=rtol, verbose=verbose)
+    return result
+
+
+def _check_io(path: Path, spec: DecoderSpec) -> None:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    got_in = [i.name for i in m.graph.input]
+    got_out = [o.name for o in m.graph.output]
+    if got_in != spec.input_names or got_out != spec.output_names:
+        raise DecoderExportError(f"exported I/O does not match the contract:\n inputs  {got_in}\n expected {spec.input_names}"
+                                 f"\n outputs {got_out}\n expected {spec.output_names}")
+
+
+# ---- validation -----------------------------------------------------------------------------------------
+
+def ort_session(path: str | Path, threads: int = 2, optimization: str = "all"):
+    """An ORT CPU session with a fixed thread count (benchmarks and validation use the same settings)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def validate_decoder(export: DecoderExport, llm, *, batch: int = 2, prompt_len: int = 7, steps: int = 2,
+                     visual_len: int = 5, atol: float = LOGITS_ATOL, rtol: float = LOGITS_RTOL,
+                     seed: int = 0, verbose: bool = True) -> dict:
+    """ORT vs PyTorch f32: a prefill (P = 0) and `steps` single-token decode steps through the cache.
+
+    Hybrid decoders get their visual K/V from cross_kv.onnx on the ORT side and from
+    ``set_visual``-style compute_kv on the PyTorch side, so the two files are checked together.
+    Prints ✓/✗ and max |diff| per check; raises DecoderValidationError on any ✗.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    spec = export.spec
+    sess = ort_session(export.decoder)
+    embed = np.load(export.embed_tokens)
+    g = np.random.default_rng(seed)
+    ids = g.integers(4, spec.vocab, size=(batch, prompt_len + steps))
+    hybrid = _hybrid_modules(llm)
+    feeds_vis: dict[str, np.ndarray] = {}
+    saved = [x.visual_kv for _, x in hybrid]
+    report: dict[str, float] = {}
+    failures = []
+
+    def check(name, got, ref, tol):
+        d = float(np.abs(got - ref).max()) if got.size else 0.0
+        ok = np.isfinite(got).all() and d <= tol
+        report[name] = d
+        if verbose:
+            print(f"  {'✓' if ok else '✗'} {name:<28} max|diff| {d:.2e} (tol {tol:.1e})")
+        if not ok:
+            failures.append(f"{name}: max|diff| {d:.3e} > {tol:.1e}")
+
+    try:
+        with torch.no_grad():
+            if hybrid:
+                vis = torch.from_numpy(g.standard_normal((batch, visual_len, spec.hidden)).astype(np.float32))
+                cross = ort_session(export.cross_kv)
+                kv_ort = cross.run(spec.visual_kv_names, {"visual_tokens": vis.numpy()})
+                for n, (_, x) in enumerate(hybrid):
+                    x.visual_kv = x.compute_kv(vis)
+                    check(f"cross_kv {spec.visual_kv_names[2 * n]}", kv_ort[2 * n], x.visual_kv[0].numpy(), KV_ATOL)
+                    check(f"cross_kv {spec.visual_kv_names[2 * n + 1]}", kv_ort[2 * n + 1], x.visual_kv[1].numpy(), KV_ATOL)
+                feeds_vis = dict(zip(spec.visual_kv_names, kv_ort))
+            cache = DynamicCache()
+            past = spec.empty_past(batch)
+            P = 0
+            for step in range(steps + 1):
+                T = prompt_len if step == 0 else 1
+                tok = ids[:, P:P + T]
+                emb = embed[tok]                                              # (B, T, H)
+                mask = np.ones((batch, P + T), np.int64)
+                pos = np.broadcast_to(np.arange(P, P + T), (batch, T)).astype(np.int64)
+                out = sess.run(None, {"inputs_embeds": emb, "attention_mask": mask, "position_ids": pos,
+                                      **past, **feeds_vis})
+                ref = llm(inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask),
+                          position_ids=torch.from_numpy(pos), use_cache=True, **cache_kwarg(llm, cache))
+                ref_logits = ref.logits.float().numpy()
+                label = "prefill" if step == 0 else f"decode {step}"
+                check(f"{label} logits", out[0], ref_logits, atol + rtol * float(np.abs(ref_logits).max()))
+                k_last = cache.layers[-1].keys.numpy()
+                check(f"{label} present.{spec.num_layers - 1}.key", out[-2], k_last, KV_ATOL * max(1.0, float(np.abs(k_last).max())))
+                past = dict(zip(spec.past_names, out[1:]))
+                P += T
+    finally:
+        for (_, x), s in zip(hybrid, saved):
+            x.visual_kv = s
+    if failures:
+        raise DecoderValidationError("ORT decoder does not match PyTorch f32:\n  " + "\n  ".join(failures))
+    return {"max_abs_diff": report, "atol": atol, "rtol": rtol, "batch": batch, "prompt_len": prompt_len, "steps": steps}
