@@ -1,0 +1,337 @@
+"""INT8 encoder: explicit Q/DQ ONNX, calibrated on chest X-rays, SelectiveScan left in float.
+
+The result runs in ONNX Runtime (CPU, CUDA) and parses in TensorRT: standard `QuantizeLinear` /
+`DequantizeLinear` only (no QLinear* ops, no com.microsoft ops), int8 with zero point 0 (symmetric
+activations, symmetric per-channel weights, as TensorRT's explicit quantization wants), biases in float.
+Only MatMul / Gemm / Conv inputs are quantized; the scan, the LayerNorms, softplus / exp and the gates
+stay float, and so (by default) do x_proj / dt_proj, which compute the scan's delta, B and C, and the
+mixer's depthwise conv1d, which computes its u.
+
+Calibration around a custom op (the pitfall in ARCHITECTURE.md): ORT's `quantize_static` runs the
+calibration in its own InferenceSession built from a bare SessionOptions, which cannot load
+libemrrg_ops.so, so a graph holding com.emrrg::SelectiveScan cannot be calibrated as it is. We quantize
+the pure_onnx twin instead and then put the custom op back:
+
+    f32 custom_op ──expand_scan_nodes──> f32 pure_onnx      (same graph; each scan is a call of a
+                                                               standard-ONNX function, every other tensor
+                                                               keeps its name)
+    f32 pure_onnx ──quantize_static(QDQ, calibrated on X-rays)──> int8 pure_onnx   (runs with no library)
+    int8 pure_onnx ──collapse_scan_functions──> int8 custom_op   (the function calls become SelectiveScan
+                                                                  nodes again, reading the same tensors)
+
+So the ranges are measured on exactly the graph that ships (the scan functions compute what the op
+computes), with ORT's public API only, and without the op library on the export machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from . import onnx_ops
+from .encoder_onnx import METADATA_VARIANT, get_metadata, op_counts, save_model, set_metadata
+
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# Ops ORT may emit that TensorRT (and any non-ORT runtime) cannot take.
+_FORBIDDEN_PREFIX = ("QLinear",)
+_FORBIDDEN_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat")
+# Walking up from the scan's delta / B / C inputs passes only through these (layout and split ops).
+_LAYOUT_OPS = {"Transpose", "Concat", "Split", "Reshape", "Unsqueeze", "Squeeze", "Slice", "Gather",
+               "Identity", "Cast", "Flatten", "Expand"}
+
+
+class CalibrationError(ValueError):
+    """No usable calibration images (an empty folder, only unreadable files, a path that is not a folder)."""
+
+
+class QuantizationError(RuntimeError):
+    """The quantized graph breaks a rule of the INT8 artifact (ORT-only ops, a quantized scan, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration images
+# ---------------------------------------------------------------------------------------------------
+
+def _looks_like_image(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:  # DICOM archives often have files without a suffix: check the 'DICM' magic at 128
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def list_calibration_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Candidate images (DICOM / PNG / JPEG by suffix or DICOM magic) under `folder`, sorted.
+
+    Raises CalibrationError when `folder` is not a directory or holds no candidate at all.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise CalibrationError(f"calibration folder {root} does not exist")
+    if not root.is_dir():
+        raise CalibrationError(f"--calib expects a folder of DICOM/PNG/JPEG images; {root} is a file")
+    files = sorted(p for p in (root.rglob("*") if recursive else root.iterdir())
+                   if p.is_file() and not p.name.startswith(".") and _looks_like_image(p))
+    if not files:
+        raise CalibrationError(f"no DICOM/PNG/JPEG images in {root} (looked for {', '.join(IMAGE_SUFFIXES)} "
+                               "and DICOM files without a suffix)")
+    return files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_calibration_set(images: Iterable | str | os.PathLike | None, size: int) -> tuple[np.ndarray, dict]:
+    """Images (a folder, paths, or None for the 18 offline real X-rays) -> ((n, 3, S, S) f32, facts).
+
+    Unreadable files are skipped with their reason (in facts['skipped']); none readable -> CalibrationError.
+    """
+    from emrrg.runtime.preprocess import ImageError, preprocess
+
+    if images is None:
+        from emrrg.assets import real_xrays
+
+        source, paths = "emrrg.assets.real_xrays()", list(real_xrays())
+    elif isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
+        source, paths = str(images), list_calibration_images(images)
+    elif isinstance(images, (str, os.PathLike)):
+        raise CalibrationError(f"calibration images must be a folder or a list of files; {images} is not a folder")
+    else:
+        source, paths = "list", [Path(p) for p in images]
+    arrays, used, skipped = [], [], []
+    for p in paths:
+        try:
+            arrays.append(preprocess(p, size))                               # (3, S, S)
+            used.append({"name": p.name, "sha256": _sha256(p)})
+        except ImageError as e:
+            skipped.append({"name": p.name, "reason": str(e)})
+    if not arrays:
+        detail = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:5]) or "no files"
+        raise CalibrationError(f"no usable calibration images in {source} ({len(paths)} candidates; {detail})")
+    facts = {"source": source, "count": len(used), "images": used, "skipped": skipped,
+             "preprocess": f"emrrg.runtime.preprocess.preprocess(size={size})", "views_per_sample": 1}
+    return np.stack(arrays).astype(np.float32), facts
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over (n, 3, S, S) pixels, one study of one view per batch."""
+
+    def __init__(self, pixels: np.ndarray, batch_size: int = 1):
+        self._batches = [{"pixel_values": pixels[i:i + batch_size, None]} for i in range(0, len(pixels), batch_size)]
+        self._it = iter(self._batches)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._batches)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which nodes stay float
+# ---------------------------------------------------------------------------------------------------
+
+def scan_projection_nodes(model: onnx.ModelProto) -> list[str]:
+    """MatMul/Gemm nodes that compute the scan's delta, B and C (x_proj and dt_proj of every direction).
+
+    Found by walking up from inputs 1 (delta), 3 (B) and 4 (C) of every scan node through layout ops;
+    a MatMul reached is recorded and the walk continues through its activation input (dt_proj -> x_proj),
+    stopping at Conv, LayerNormalization and anything else that computes.
+    """
+    producer = {o: nd for nd in model.graph.node for o in nd.output}
+    consts = {i.name for i in model.graph.initializer}
+    found, seen = [], set()
+    scans = [nd for nd in model.graph.node if nd.domain in (onnx_ops.DOMAIN, onnx_ops.PURE_DOMAIN)]
+    stack = [nd.input[i] for nd in scans for i in (1, 3, 4) if len(nd.input) > i and nd.input[i]]
+    while stack:
+        name = stack.pop()
+        nd = producer.get(name)
+        if nd is None or nd.name in seen:
+            continue
+        seen.add(nd.name)
+        if nd.op_type in ("MatMul", "Gemm"):
+            found.append(nd.name)
+            stack.extend(i for i in nd.input if i and i not in consts)
+        elif nd.op_type in _LAYOUT_OPS:
+            stack.extend(i for i in nd.input if i and i not in consts)
+    return sorted(found)
+
+
+def depthwise_conv_nodes(model: onnx.ModelProto) -> list[str]:
+    """Conv nodes with group > 1 (the mixer's causal depthwise conv1d). They stay float: a width-4
+    depthwise conv is memory-bound (int8 saves nothing; ORT CPU would even dequantize around it), and its
+    output, after silu, is the scan's u."""
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute):
+            out.append(n.name)
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks on the result
+# ---------------------------------------------------------------------------------------------------
+
+def check_int8_graph(model: onnx.ModelProto) -> dict:
+    """The INT8 artifact's rules; raises QuantizationError. Returns Q/DQ and scan counts."""
+    bad = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                  if n.domain == "com.microsoft" or n.op_type.startswith(_FORBIDDEN_PREFIX) or n.op_type in _FORBIDDEN_OPS})
+    if bad:
+        raise QuantizationError(f"ORT-only ops in the INT8 graph (TensorRT cannot take them): {', '.join(bad)}")
+    inits = {i.name: i for i in model.graph.initializer}
+    nonzero_zp = []
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            if np.any(zp != 0) or zp.dtype != np.int8:
+                nonzero_zp.append(n.name)
+    if nonzero_zp:
+        raise QuantizationError(f"{len(nonzero_zp)} Q/DQ nodes are not symmetric int8 (TensorRT needs zero point 0), "
+                                f"e.g. {nonzero_zp[:3]}")
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    q_in = {i for n in model.graph.node if n.op_type == "QuantizeLinear" for i in n.input[:1]}
+    scans = [n for n in model.graph.node if n.domain in (onnx_ops.DOMAIN, onnx_ops.PURE_DOMAIN)]
+    for n in scans:
+        # A scan input that is a DQ output is float (int8 only lives between Q and DQ); what must not happen
+        # is the scan's own output being re-quantized as if the scan were an int8 op.
+        if any(o in q_in for o in n.output):
+            raise QuantizationError(f"the output of scan node {n.name} is quantized; SelectiveScan must stay float")
+    return {"quantize_linear": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
+            "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in model.graph.node),
+            "scan_nodes": len(scans), "scan_inputs_from_dq": sum(i in dq_out for n in scans for i in n.input)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization
+# ---------------------------------------------------------------------------------------------------
+
+def _same_graph_outside_scans(custom: onnx.ModelProto, pure: onnx.ModelProto) -> bool:
+    def sig(m):
+        return [(n.name, n.op_type if n.domain not in (onnx_ops.DOMAIN, onnx_ops.PURE_DOMAIN) else "scan",
+                 tuple(n.input), tuple(n.output)) for n in m.graph.node]
+    return sig(custom) == sig(pure)
+
+
+def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os.PathLike | None = None,
+                  calib_images: Iterable | str | os.PathLike | None = None,
+                  out_path: str | os.PathLike = "encoder.int8.onnx", *,
+                  pure_out_path: str | os.PathLike | None = None, method: str = "minmax",
+                  per_channel: bool = True, keep_scan_projections_float: bool = True,
+                  nodes_to_exclude: Sequence[str] = (), op_types: Sequence[str] = QUANTIZED_OP_TYPES,
+                  percentile: float = 99.999, batch_size: int = 1) -> dict:
+    """Explicit Q/DQ INT8 of an exported f32 encoder (custom-op form), calibrated on X-rays.
+
+    f32_custom_op_onnx: the export_encoder(variant="custom_op") file.
+    f32_pure_onnx: its pure_onnx twin; None derives it (expand_scan_nodes). When given, it must be the same
+        export (identical nodes and tensor names outside the scans), else QuantizationError.
+    calib_images: a folder of DICOM/PNG/JPEG, a list of files, or None for emrrg.assets.real_xrays().
+    out_path: the INT8 custom-op model; pure_out_path: also keep the INT8 pure_onnx model (runs without
+        the op library).
+    keep_scan_projections_float: leave x_proj / dt_proj (they feed softplus / exp in the recurrence) float.
+    Returns {'path', 'pure_path', 'bytes', 'op_counts', 'checks', 'excluded_nodes', 'calibration': facts}.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    t0 = time.perf_counter()
+    custom = onnx.load(str(f32_custom_op_onnx))
+    if get_metadata(custom).get(METADATA_VARIANT) != "custom_op" or not onnx_ops.count_scan_nodes(custom)["custom_op"]:
+        raise QuantizationError(f"{f32_custom_op_onnx} is not a custom_op encoder export "
+                                f"({METADATA_VARIANT}={get_metadata(custom).get(METADATA_VARIANT)!r})")
+    if f32_pure_onnx is None:
+        pure = onnx_ops.expand_scan_nodes(custom)
+    else:
+        pure = onnx.load(str(f32_pure_onnx))
+        if not _same_graph_outside_scans(custom, pure):
+            raise QuantizationError(f"{f32_pure_onnx} is not the pure_onnx twin of {f32_custom_op_onnx} "
+                                    "(nodes or tensor names differ outside the scans); re-export both, or pass "
+                                    "f32_pure_onnx=None to derive it")
+    size = json.loads(get_metadata(custom)["emrrg.encoder_config"])["img_size"]
+    pixels, facts = load_calibration_set(calib_images, size)
+
+    excluded = list(nodes_to_exclude)
+    if keep_scan_projections_float:
+        excluded += [n for n in scan_projection_nodes(pure) if n not in excluded]
+    excluded += [n for n in depthwise_conv_nodes(pure) if n not in excluded]
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    extra = {
+        "ActivationSymmetric": True,   # zero point 0: TensorRT's explicit INT8 takes symmetric activations only
+        "WeightSymmetric": True,
+        "QuantizeBias": False,         # biases stay float (TensorRT fuses them; no int32 DQ to parse)
+        "AddQDQPairToWeight": False,   # int8 weight initializers + DequantizeLinear (a quarter of the bytes)
+        # Q/DQ only on the inputs of MatMul/Gemm/Conv: their outputs feed float ops (residual adds, splits, the
+        # scan), so re-quantizing them would only add rounding; TensorRT places Q/DQ at layer inputs too.
+        "OpTypesToExcludeOutputQuantization": list(op_types),
+    }
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    with tempfile.TemporaryDirectory(prefix="emrrg-int8-") as tmp:
+        pure_f32 = Path(tmp) / "pure_f32.onnx"
+        pure_q = Path(tmp) / "pure_int8.onnx"
+        onnx.save_model(pure, pure_f32, save_as_external_data=pure.ByteSize() > 2**30, location="pure_f32.onnx.data")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import logging
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)  # ORT logs "consider pre-processing" through the root logger
+            try:
+                quantize_static(str(pure_f32), str(pure_q), _Reader(pixels, batch_size),
+                                quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+                                per_channel=per_channel, reduce_range=False,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                nodes_to_exclude=excluded, calibrate_method=methods[method],
+                                use_external_data_format=pure.ByteSize() > 2**30, extra_options=extra)
+            finally:
+                root.setLevel(level)
+        q_pure = onnx.load(str(pure_q))
+    q_custom = onnx_ops.collapse_scan_functions(q_pure)
+
+    facts.update({"method": method, "percentile": percentile if method == "percentile" else None,
+                  "per_channel_weights": per_channel, "activations": "int8 symmetric, per tensor",
+                  "weights": "int8 symmetric" + (", per output channel" if per_channel else ", per tensor"),
+                  "op_types": list(op_types), "float_nodes": len(excluded),
+                  "keep_scan_projections_float": keep_scan_projections_float,
+                  "calibrated_graph": "pure_onnx twin (ORT's calibrator cannot load the op library)",
+                  "onnxruntime": __import__("onnxruntime").__version__})
+    meta = {METADATA_VARIANT: "custom_op", "emrrg.precision": "int8-qdq",
+            "emrrg.calibration": json.dumps({k: v for k, v in facts.items() if k != "images"}, sort_keys=True)}
+    info = {"calibration": facts, "excluded_nodes": excluded}
+    for model, path, variant in ((q_custom, out_path, "custom_op"), (q_pure, pure_out_path, "pure_onnx")):
+        checks = check_int8_graph(model)
+        if path is None:
+            continue
+        set_metadata(model, {**meta, METADATA_VARIANT: variant})
+        saved = save_model(model, path)
+        key = "" if variant == "custom_op" else "pure_"
+        info.update({f"{key}path": str(path), f"{key}bytes": saved["bytes"], f"{key}checks": checks,
+                     f"{key}op_counts": op_counts(model)})
+    info.setdefault("pure_path", None)
+    info["quantize_s"] = round(time.perf_counter() - t0, 2)
+    return info
+
+
+__all__ = [
+    "CalibrationError", "QuantizationError", "IMAGE_SUFFIXES", "QUANTIZED_OP_TYPES", "CALIBRATION_METHODS",
+    "list_calibration_images", "load_calibration_set", "scan_projection_nodes", "depthwise_conv_nodes",
+    "check_int8_graph", "quantize_int8",
+]
