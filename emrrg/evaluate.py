@@ -1,0 +1,415 @@
+"""`emrrg-eval`: report-generation metrics on a split of an R2Gen-style annotation.json.
+
+    emrrg-eval CKPT_OR_BUNDLE --data annotation.json --split test -o scores.json
+    emrrg-eval --iu -o iu.json
+
+What it computes, as R2Gen / EMRRG (arXiv 2510.16776) report it:
+- NLG: BLEU-1..4, METEOR, ROUGE-L, CIDEr over the split (`emrrg.metrics.nlg.nlg_scores`, the COCO
+  caption scorers with the PTB tokenizer);
+- clinical efficacy (CE): precision / recall / F1 over the 14 CheXpert classes, micro and macro, from
+  the rule-based labeler run on the generated and the reference reports (`emrrg.metrics.labeler`);
+- the upstream model-selection score 0.8·BLEU-4 + 0.2·CIDEr;
+- the "most common report" baseline: the single most frequent training report predicted for every
+  example of the split (ties: the first in annotation order), scored the same way.
+
+The source is either an emrrg checkpoint directory (the f32 PyTorch model, batched generation) or a
+bundle written by emrrg-export (through `emrrg.runtime.Runtime`, torch-free); both read the same
+pixels through `emrrg.runtime.preprocess`. Decoding defaults to the source's own settings; the
+`--beams`, `--min-new-tokens`, `--max-new-tokens` and `--repetition-penalty` flags override them.
+
+`--iu` needs no model: it scores the metrics themselves on the real IU X-Ray reports read at run time
+from the installed torchxrayvision package (CC BY-NC-ND; never copied into this repository):
+- the labeler against the reports' own MeSH major terms (coded by NLM indexers), per CheXpert class;
+- reference points for trivial predictors on IU: the most common IU report for every study, and a
+  shuffled report (each study gets another study's report).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+BLEU_CIDER_WEIGHTS = (0.8, 0.2)  # upstream EMRRG / R2GenGPT checkpoint selection: 0.8·BLEU-4 + 0.2·CIDEr
+
+
+class EvalError(ValueError):
+    """A source, split or annotation the evaluator cannot use."""
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    annotation: Path
+    name: str
+    examples: list[dict]
+
+    @property
+    def root(self) -> Path:
+        return self.annotation.parent
+
+    def images(self, ex: dict) -> list[Path]:
+        return [self.root / p for p in ex["image_path"]]
+
+
+def load_split(annotation: str | Path, split: str, limit: int | None = None) -> Split:
+    from .data.annotation import SPLITS, load_annotation
+
+    annotation = Path(annotation)
+    if not annotation.is_file():
+        raise EvalError(f"{annotation}: no such annotation file")
+    if split not in SPLITS:
+        raise EvalError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    try:
+        ann = load_annotation(annotation)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise EvalError(f"{annotation}: {e}") from None
+    ex = ann[split][:limit] if limit else ann[split]
+    if not ex:
+        raise EvalError(f"{annotation}: split {split!r} is empty")
+    return Split(annotation, split, ex)
+
+
+def most_common_report(examples: Sequence[dict]) -> str:
+    """The most frequent report text (ties: the first in order)."""
+    counts = collections.Counter(e["report"] for e in examples)
+    best = max(counts.values())
+    return next(e["report"] for e in examples if counts[e["report"]] == best)
+
+
+def selection_score(nlg: dict) -> float:
+    wb, wc = BLEU_CIDER_WEIGHTS
+    return wb * float(nlg["BLEU_4"]) + wc * float(nlg["CIDEr"])
+
+
+def score_reports(preds: Sequence[str], refs: Sequence[str], meteor: bool = True, tokenizer: str = "auto") -> dict:
+    """NLG + CE + the selection score of predictions against references (one reference each)."""
+    from .metrics.labeler import ce_scores
+    from .metrics.nlg import nlg_scores
+
+    nlg = nlg_scores(list(preds), list(refs), meteor=meteor, tokenizer=tokenizer)
+    ce = ce_scores(list(preds), list(refs))
+    return {"nlg": nlg, "ce": ce, "score": selection_score(nlg)}
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+def decode_overrides(beams: int | None = None, min_new_tokens: int | None = None, max_new_tokens: int | None = None,
+                     repetition_penalty: float | None = None, length_penalty: float | None = None) -> dict:
+    over = {"num_beams": beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens,
+            "repetition_penalty": repetition_penalty, "length_penalty": length_penalty}
+    over = {k: v for k, v in over.items() if v is not None}
+    if "max_new_tokens" in over and "min_new_tokens" not in over:
+        over["min_new_tokens"] = -1  # resolved against the source's own min below
+    return over
+
+
+def _resolve(base: dict, over: dict) -> dict:
+    g = {**base, **over}
+    if g.get("min_new_tokens", 0) < 0:
+        g["min_new_tokens"] = min(base["min_new_tokens"], g["max_new_tokens"])
+    g["min_new_tokens"] = min(g["min_new_tokens"], g["max_new_tokens"])
+    return g
+
+
+class TorchGenerator:
+    """Batched generation with the f32 PyTorch model (studies grouped by view count)."""
+
+    kind = "pytorch"
+
+    def __init__(self, model, batch_size: int = 8):
+        self.model, self.batch_size = model, batch_size
+        self.image_size = model.cfg.encoder.img_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, batch_size: int = 8) -> "TorchGenerator":
+        from .checkpoint import load_checkpoint
+        return cls(load_checkpoint(path), batch_size)
+
+    def settings(self, over: dict) -> dict:
+        from dataclasses import asdict
+        return _resolve(asdict(self.model.cfg.generation), over)
+
+    def pixels(self, images: Sequence[Path]) -> np.ndarray:
+        from .runtime.preprocess import preprocess_study
+        return preprocess_study(list(images), size=self.image_size)          # (V, 3, S, S)
+
+    def generate(self, studies: Sequence[Sequence[Path]], over: dict,
+                 on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+        import torch
+
+        g = self.settings(over)
+        keys = ["num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty"]
+        kwargs = {k: g[k] for k in keys}
+        # greedy has no length penalty (None: not passed on, so transformers does not warn about it)
+        kwargs["length_penalty"] = g["length_penalty"] if g["num_beams"] > 1 else None
+        px = [self.pixels(s) for s in studies]
+        out: list[list[int] | None] = [None] * len(studies)
+        by_views: dict[int, list[int]] = collections.defaultdict(list)
+        for i, p in enumerate(px):
+            by_views[p.shape[0]].append(i)
+        self.model.eval()
+        for idx in by_views.values():
+            for k in range(0, len(idx), self.batch_size):
+                chunk = idx[k:k + self.batch_size]
+                batch = torch.from_numpy(np.stack([px[i] for i in chunk]))    # (b, V, 3, S, S)
+                ids = self.model.generate_ids(batch, **kwargs)
+                for i, row in zip(chunk, ids.tolist()):
+                    out[i] = row
+                if on_done:
+                    on_done(len(chunk))
+        return out  # type: ignore[return-value]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.decode(ids)
+
+
+class BundleGenerator:
+    """One study at a time through the torch-free runtime."""
+
+    kind = "bundle"
+
+    def __init__(self, runtime):
+        self.rt = runtime
+        self.image_size = runtime.image_size
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "BundleGenerator":
+        from .runtime.engine import Runtime
+        return cls(Runtime.from_pretrained(path, backend=backend, threads=threads))
+
+    def settings(self, over: dict) -> dict:
+        base = {k: self.rt.gen[k] for k in ("num_beams", "repetition_penalty", "length_penalty", "min_new_tokens",
+                                            "max_new_tokens")}
+        return _resolve(base, over)
+
+    def generate(self, studies: Sequence[Sequence[Path]], over: dict,
+                 on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+        g = self.settings(over)
+        saved = dict(self.rt.gen)
+        self.rt.gen.update(g)
+        try:
+            out = []
+            for s in studies:
+                out.append(list(self.rt.generate(list(s))["token_ids"]))
+                if on_done:
+                    on_done(1)
+            return out
+        finally:
+            self.rt.gen.clear()
+            self.rt.gen.update(saved)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.rt.decode_text(ids)
+
+
+def open_source(path: str | Path, batch_size: int = 8, backend: str = "auto", threads: int | None = None):
+    """A checkpoint directory (config.json) or a bundle (manifest.json) -> a generator."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return BundleGenerator.from_bundle(path, backend=backend, threads=threads)
+    if (path / "config.json").is_file():
+        return TorchGenerator.from_checkpoint(path, batch_size)
+    raise EvalError(f"{path} is neither an emrrg checkpoint (config.json) nor a bundle (manifest.json)")
+
+
+def predict_split(gen, split: Split, over: dict, progress: bool = False) -> list[dict]:
+    """Generate a report for every example: [{id, reference, prediction, token_ids}]."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(split.examples), desc=f"generate {split.name}", unit="study", file=sys.stderr)
+    try:
+        ids = gen.generate([split.images(e) for e in split.examples], over, on_done=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    return [{"id": e["id"], "reference": e["report"], "prediction": gen.decode(t), "token_ids": list(t)}
+            for e, t in zip(split.examples, ids)]
+
+
+def evaluate_source(gen, split: Split, over: dict, train_examples: Sequence[dict] | None = None,
+                    meteor: bool = True, tokenizer: str = "auto", progress: bool = False) -> dict:
+    t0 = time.perf_counter()
+    rows = predict_split(gen, split, over, progress)
+    t1 = time.perf_counter()
+    refs = [r["reference"] for r in rows]
+    res: dict[str, Any] = {
+        "source_kind": gen.kind,
+        "split": split.name,
+        "n": len(rows),
+        "decoding": gen.settings(over),
+        "model": score_reports([r["prediction"] for r in rows], refs, meteor, tokenizer),
+        "generate_s": round(t1 - t0, 2),
+    }
+    if train_examples:
+        base = most_common_report(train_examples)
+        res["baseline_most_common"] = {"report": base, **score_reports([base] * len(refs), refs, meteor, tokenizer)}
+    res["predictions"] = rows
+    return res
+
+
+# ---- IU X-Ray: the metrics on real reports --------------------------------------------------------
+
+# MeSH major headings (IU X-Ray "major" terms, the part before "/") -> CheXpert class. Only headings
+# that name the class itself; the labeler is scored per class on the studies where MeSH is explicit.
+IU_MESH_TO_CHEXPERT: dict[str, str] = {
+    "normal": "No Finding",
+    "Cardiomegaly": "Cardiomegaly",
+    "Opacity": "Lung Opacity",
+    "Airspace Disease": "Lung Opacity",
+    "Infiltrate": "Lung Opacity",
+    "Density": "Lung Opacity",
+    "Nodule": "Lung Lesion",
+    "Mass": "Lung Lesion",
+    "Pulmonary Edema": "Edema",
+    "Pulmonary Congestion": "Edema",
+    "Consolidation": "Consolidation",
+    "Pneumonia": "Pneumonia",
+    "Pulmonary Atelectasis": "Atelectasis",
+    "Pneumothorax": "Pneumothorax",
+    "Pleural Effusion": "Pleural Effusion",
+    "Fractures, Bone": "Fracture",
+    "Catheters, Indwelling": "Support Devices",
+    "Implanted Medical Device": "Support Devices",
+    "Tube, Inserted": "Support Devices",
+    "Medical Device": "Support Devices",
+    "Surgical Instruments": "Support Devices",
+    "Stents": "Support Devices",
+}
+
+
+def iu_mesh_labels(mesh: Sequence[str]) -> dict[str, int]:
+    from .metrics.labeler import CHEXPERT_CLASSES
+
+    out = {c: 0 for c in CHEXPERT_CLASSES}
+    for term in mesh:
+        c = IU_MESH_TO_CHEXPERT.get(term.split("/")[0].strip())
+        if c:
+            out[c] = 1
+    return out
+
+
+def iu_evaluation(limit: int | None = None, meteor: bool = True, tokenizer: str = "auto", seed: int = 0) -> dict:
+    """The labeler against MeSH, and trivial-predictor reference points, on the real IU reports."""
+    from .metrics.labeler import ce_from_labels, iu_records, label_reports
+
+    recs = [r for r in iu_records() if r.mesh and r.mesh != ("No Indexing",)]
+    if limit:
+        recs = recs[:limit]
+    if len(recs) < 2:
+        raise EvalError("need at least two IU reports")
+    texts = [r.text for r in recs]
+    labeler = ce_from_labels(label_reports(texts), [iu_mesh_labels(r.mesh) for r in recs])
+    common = most_common_report([{"report": t} for t in texts])
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(texts))
+    perm = np.where(perm == np.arange(len(texts)), np.roll(perm, 1), perm)  # nobody gets their own report
+    shuffled = [texts[i] for i in perm]
+    return {
+        "source": "torchxrayvision/data/NLMCXR_reports.tgz (IU X-Ray, CC BY-NC-ND, read at run time)",
+        "n": len(recs),
+        "labeler_vs_mesh": {"note": "rule-based labeler on FINDINGS+IMPRESSION vs NLM MeSH major headings mapped to "
+                                    "CheXpert classes (IU_MESH_TO_CHEXPERT); uncertain -> positive",
+                            **labeler},
+        "baseline_most_common": {"report": common, **score_reports([common] * len(texts), texts, meteor, tokenizer)},
+        "baseline_shuffled": score_reports(shuffled, texts, meteor, tokenizer),
+    }
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+
+def _summary_line(name: str, s: dict) -> str:
+    n, ce = s["nlg"], s["ce"]
+    met = f"{n['METEOR']:.4f}" if n.get("METEOR") is not None else "-"
+    return (f"{name:<22} B1 {n['BLEU_1']:.4f} B4 {n['BLEU_4']:.4f} METEOR {met} ROUGE-L {n['ROUGE_L']:.4f} "
+            f"CIDEr {n['CIDEr']:.4f} | CE P {ce['precision_micro']:.4f} R {ce['recall_micro']:.4f} "
+            f"F1 {ce['f1_micro']:.4f} (macro F1 {ce['f1_macro']:.4f})")
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="emrrg-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="BLEU-1..4, METEOR, ROUGE-L, CIDEr and CheXpert CE P/R/F1 of a checkpoint or a bundle on a split "
+                    "of an R2Gen annotation.json; --iu scores the metrics on the real IU X-Ray reports.")
+    p.add_argument("source", nargs="?", help="emrrg checkpoint directory or emrrg-export bundle")
+    p.add_argument("--data", help="R2Gen-style annotation.json (image paths relative to it)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--limit", type=int, default=None, help="first N studies of the split (default: all)")
+    p.add_argument("-o", "--output", default=None, help="write the JSON here (default: print a summary only)")
+    p.add_argument("--iu", action="store_true", help="score the labeler and metrics on the real IU X-Ray reports "
+                                                     "(no model; torchxrayvision must be installed)")
+    p.add_argument("--beams", type=int, default=None, help="beam count (default: the source's own setting)")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="(default: the source's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the source's)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="(default: the source's)")
+    p.add_argument("--batch-size", type=int, default=8, help="studies per batch (PyTorch source)")
+    p.add_argument("--backend", default="auto", help="runtime backend for a bundle source")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the most-common-training-report baseline")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
+    p.add_argument("--tokenizer", default="auto", choices=("auto", "ptb", "simple"), help="NLG tokenizer")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if not a.iu and (not a.source or not a.data):
+        p.error("give a SOURCE and --data (or --iu)")
+    from .cli import _cli_errors
+
+    with _cli_errors(p.prog):
+        try:
+            _run_eval(a)
+        except EvalError as e:
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+def _run_eval(a) -> None:
+    if a.threads:
+        try:
+            import torch
+            torch.set_num_threads(a.threads)
+        except ImportError:
+            pass
+    meteor = not a.no_meteor
+    if a.iu:
+        res = iu_evaluation(a.limit, meteor=meteor, tokenizer=a.tokenizer)
+        lab = res["labeler_vs_mesh"]
+        print(f"IU X-Ray: {res['n']} reports; labeler vs MeSH: P {lab['precision_micro']:.4f} R {lab['recall_micro']:.4f} "
+              f"F1 {lab['f1_micro']:.4f} (macro F1 {lab['f1_macro']:.4f})")
+        print(_summary_line("most common report", res["baseline_most_common"]))
+        print(_summary_line("shuffled report", res["baseline_shuffled"]))
+    else:
+        from .data.annotation import load_annotation
+
+        src = Path(a.source)
+        if not src.exists():
+            raise EvalError(f"{src}: no such checkpoint or bundle")
+        split = load_split(a.data, a.split, a.limit)
+        gen = open_source(src, a.batch_size, a.backend, a.threads)
+        train = None if a.no_baseline else load_annotation(a.data)["train"]
+        over = decode_overrides(a.beams, a.min_new_tokens, a.max_new_tokens, a.repetition_penalty)
+        res = evaluate_source(gen, split, over, train, meteor=meteor, tokenizer=a.tokenizer,
+                              progress=not a.no_progress)
+        res = {"source": str(src), "data": str(a.data), **res}
+        print(f"{src} on {a.split} ({res['n']} studies, {gen.kind}, decoding {res['decoding']}, {res['generate_s']} s):")
+        print(_summary_line("model", res["model"]))
+        if "baseline_most_common" in res:
+            print(_summary_line("most common report", res["baseline_most_common"]))
+    if a.output:
+        out = Path(a.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=1, default=float) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    eval_main()

@@ -1,0 +1,651 @@
+"""`emrrg-train`: Partial LoRA fine-tuning of EMRRG (arXiv 2510.16776) on an R2Gen-style annotation.json.
+
+    emrrg-train --data annotation.json -o runs/x --encoder small --decoder smollm2-135m --steps 1000
+    emrrg-train --data annotation.json -o runs/x --init ckpt/          # from emrrg-init / emrrg-import
+    emrrg-train -o runs/x --resume                                     # continue where it stopped
+
+The objective is upstream's: teacher-forced language-model loss on the report tokens only.
+
+    BOS "Human: <Img>" [visual tokens] "</Img> Generate ... \\nAssistant:" report EOS
+    └──────────────── prompt: no loss (labels -100) ─────────────────────┘ └─ loss ──┘
+
+What trains (everything else is frozen):
+- the encoder's Partial LoRA (the x half of each mixer's in_proj) and, if present, lora_X;
+  `--train-encoder full` trains the whole encoder instead, for an encoder with no pre-trained
+  weights (upstream starts from a pre-trained MambaXray-VL; offline there is none);
+- the projector: llama_proj and layer_norm;
+- peft LoRA on the LLM's q_proj and v_proj, and the hybrid layers' cross-attention when present.
+
+AdamW with linear warm-up then cosine decay; gradient clipping. `--qlora` holds the base LLM's
+linear weights in bitsandbytes NF4 (4-bit) and trains the LoRA over them (QLoRA), which runs on CPU.
+`--scan fast` (the default) runs the encoder's SelectiveScan through `emrrg.ops.scan_fast` (same
+numbers as the reference, a fast backward); inference paths are not touched.
+
+Images go through `emrrg.runtime.preprocess`, the function the runtime uses, so training and inference
+see identical pixels; each study's pixels are computed once and cached in memory.
+
+The run directory:
+
+    RUN/run.json        the arguments (a resume reads them back)
+    RUN/log.jsonl       one line per logged step ({"step", "loss", "lr", ...}) and per validation
+    RUN/last/           checkpoint (emrrg format) + train_state.pt: optimizer, scheduler, step, RNG;
+                        replaced atomically (written aside, then renamed) every --save-every steps
+    RUN/best/           the checkpoint with the best 0.8·BLEU-4 + 0.2·CIDEr on val (greedy), + val.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+TRAIN_STATE = "train_state.pt"
+STATE_VERSION = 1
+IGNORE = -100
+
+
+class TrainError(ValueError):
+    """A training setup that cannot run (bad data, missing run directory, ...)."""
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+def quantize_llm_4bit(llm) -> int:
+    """Replace the LLM's frozen nn.Linear layers by bitsandbytes NF4 Linear4bit (QLoRA). Returns the count.
+
+    LoRA matrices, hybrid cross-attention and lm_head stay in f32. Works before or after peft wrapping
+    (a peft LoRA layer's `base_layer` is quantized in place).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise TrainError("--qlora needs bitsandbytes (>= 0.50 runs NF4 on CPU): pip install bitsandbytes") from None
+    import torch
+    import torch.nn as nn
+
+    count = 0
+    for name, module in list(llm.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear or "lora_" in full or ".cross_attn." in full or child_name == "lm_head":
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, child_name, q.to("cpu"))  # .to() quantizes
+            count += 1
+    return count
+
+
+def _add_missing_adapters(model, enc_rank: int, enc_alpha: float, llm_rank: int, llm_alpha: float) -> None:
+    """Give a checkpoint without adapters the requested ones (an existing adapter must match)."""
+    from .decoder import add_llm_lora
+    from .lora import PartialLoRA
+
+    cfg = model.cfg
+    if enc_rank:
+        if cfg.encoder.lora_rank and cfg.encoder.lora_rank != enc_rank:
+            raise TrainError(f"--init has encoder Partial LoRA rank {cfg.encoder.lora_rank}, not {enc_rank}")
+        if not cfg.encoder.lora_rank:
+            cfg.encoder.lora_rank, cfg.encoder.lora_alpha = enc_rank, enc_alpha
+            for layer in model.visual_encoder.layers:
+                m = layer.mixer
+                m.in_proj_lora = PartialLoRA(m.cfg.d_model, m.cfg.d_inner, enc_rank, enc_alpha)
+    if llm_rank:
+        if cfg.decoder.lora_rank and cfg.decoder.lora_rank != llm_rank:
+            raise TrainError(f"--init has LLM LoRA rank {cfg.decoder.lora_rank}, not {llm_rank}")
+        if not cfg.decoder.lora_rank:
+            cfg.decoder.lora_rank, cfg.decoder.lora_alpha = llm_rank, llm_alpha
+            model.llama_model = add_llm_lora(model.llama_model, cfg.decoder)
+
+
+def build_model(a):
+    """The model to train, from --init or from presets, with the generation settings of the run."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .config import make_config
+    from .decoder import default_hybrid_layers, load_base_decoder
+    from .model import EMRRG
+
+    torch.manual_seed(a.seed)
+    if a.init:
+        model = load_checkpoint(a.init)
+        _add_missing_adapters(model, a.lora_rank, a.lora_alpha, a.llm_lora_rank, a.llm_lora_alpha)
+    else:
+        dec = {"lora_rank": a.llm_lora_rank, "lora_alpha": a.llm_lora_alpha}
+        if a.decoder_path:
+            dec["path"] = a.decoder_path
+        enc = {"lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha}
+        if a.img_size:
+            enc["img_size"] = a.img_size
+        cfg = make_config(a.encoder, a.decoder, a.dataset, encoder_overrides=enc, decoder_overrides=dec)
+        llm, tok = load_base_decoder(cfg.decoder)
+        if a.hybrid_layers == "every8":
+            cfg.decoder.hybrid_layers = default_hybrid_layers(llm.config.num_hidden_layers)
+        elif a.hybrid_layers:
+            cfg.decoder.hybrid_layers = tuple(int(x) for x in a.hybrid_layers.split(","))
+        model = EMRRG(cfg, llm, tok)
+    gen = model.cfg.generation
+    for k in ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "length_penalty"):
+        v = getattr(a, f"gen_{k}", None)
+        if v is not None:
+            setattr(gen, k, v)
+    gen.min_new_tokens = min(gen.min_new_tokens, gen.max_new_tokens)
+    return model
+
+
+def mark_trainable(model, train_encoder: str = "lora") -> list[str]:
+    """Freeze everything, then unfreeze what EMRRG trains. Returns the trainable names (sorted)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for n, p in model.named_parameters():
+        if n.startswith("visual_encoder."):
+            on = train_encoder == "full" or ".in_proj_lora." in n or ".lora_X." in n
+        elif n.startswith(("llama_proj.", "layer_norm.")):
+            on = True
+        else:  # the LLM: its LoRA matrices and hybrid cross-attention only
+            on = "lora_A" in n or "lora_B" in n or ".cross_attn." in n
+        if on:
+            if not p.is_floating_point():
+                continue
+            p.requires_grad_(True)
+            names.append(n)
+    return sorted(names)
+
+
+def _no_decay(name: str, p) -> bool:
+    """Biases, norms, the mixers' D (1-d), A_log, cls_token and pos_embed get no weight decay."""
+    return p.dim() < 2 or name.endswith("_log") or name.endswith(("cls_token", "pos_embed"))
+
+
+def param_groups(model, lr: float, encoder_lr: float, weight_decay: float) -> list[dict]:
+    """Four AdamW groups (encoder / rest x decay / no decay), parameters sorted by name (stable resume)."""
+    named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    groups = []
+    for enc in (True, False):
+        for nd in (False, True):
+            ps = [(n, p) for n, p in named if n.startswith("visual_encoder.") == enc and _no_decay(n, p) == nd]
+            if ps:
+                groups.append({"params": [p for _, p in ps], "names": [n for n, _ in ps],
+                               "lr": encoder_lr if enc else lr, "weight_decay": 0.0 if nd else weight_decay})
+    return groups
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    prog = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+class StudyData:
+    """One split: tokenized reports (+EOS, truncated) and lazily cached pixels from the shared preprocess."""
+
+    def __init__(self, split, tokenizer, image_size: int, max_report_tokens: int):
+        from .runtime.preprocess import preprocess_study
+
+        self.split, self.size = split, image_size
+        self._pre = preprocess_study
+        self._px: dict[int, np.ndarray] = {}
+        eos = tokenizer.eos_token_id
+        self.ids = []
+        for e in split.examples:
+            ids = tokenizer(e["report"], add_special_tokens=False)["input_ids"] + [eos]
+            self.ids.append(ids[:max_report_tokens])  # as upstream: report + EOS, then truncation
+        self.lengths = np.array([len(i) for i in self.ids])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def pixels(self, i: int) -> np.ndarray:
+        if i not in self._px:
+            self._px[i] = self._pre(self.split.images(self.split.examples[i]), size=self.size)  # (V, 3, S, S)
+        return self._px[i]
+
+    def plan(self, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
+        """Batches of one epoch: shuffled, grouped by length inside blocks of 16 batches (less padding)."""
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self))
+        block = 16 * batch_size
+        batches = []
+        for k in range(0, len(order), block):
+            chunk = sorted(order[k:k + block].tolist(), key=lambda i: (-self.lengths[i], i))
+            batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(data: StudyData, idx: Sequence[int]):
+    """(pixels (b, V, 3, S, S), report ids (b, R), labels (b, R)); right-padded with label -100."""
+    import torch
+
+    px = [data.pixels(i) for i in idx]
+    views = max(p.shape[0] for p in px)
+    if any(p.shape[0] != views for p in px):  # studies with fewer views repeat their last one
+        px = [np.concatenate([p] + [p[-1:]] * (views - p.shape[0])) for p in px]
+    R = max(len(data.ids[i]) for i in idx)
+    ids = torch.zeros(len(idx), R, dtype=torch.long)
+    labels = torch.full((len(idx), R), IGNORE, dtype=torch.long)
+    for r, i in enumerate(idx):
+        t = torch.tensor(data.ids[i])
+        ids[r, :len(t)] = t
+        labels[r, :len(t)] = t
+    return torch.from_numpy(np.stack(px)), ids, labels
+
+
+def lm_loss(model, px, ids, labels, bf16: bool = False):
+    """Mean cross-entropy over the report tokens (teacher forcing), prompt and padding excluded.
+
+    Padding sits after the report, so causal attention never lets a real position see it: no
+    attention mask is needed (and SDPA keeps its is_causal fast path).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    visual = model.encode_images(px)                                          # (b, Lv, H)
+    model.set_visual(visual)
+    try:
+        prompt = model.prompt_embeds(visual)                                  # (b, T0, H)
+        rep = model.llama_model.get_input_embeddings()(ids)                   # (b, R, H)
+        embeds = torch.cat([prompt, rep], dim=1)                              # (b, T0 + R, H)
+        R = ids.shape[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model.llama_model(inputs_embeds=embeds, logits_to_keep=R + 1, use_cache=False)
+        logits = out.logits[:, :R].float()                                    # position T0-1+j predicts report token j
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+    finally:
+        model.set_visual(None)
+
+
+def use_scan(model, which: str) -> None:
+    """Select the encoder's SelectiveScan implementation for training ('fast' or 'ref')."""
+    from .ops.scan_fast import selective_scan_fast
+    from .ops.selective_scan import selective_scan
+
+    fn = selective_scan_fast if which == "fast" else selective_scan
+    for layer in model.visual_encoder.layers:
+        layer.mixer.scan_fn = fn
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    import torch
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    import torch
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def write_checkpoint(model, run_dir: Path, name: str, extra: dict[str, Any] | None = None, state: dict | None = None) -> Path:
+    """Write RUN/name atomically: everything goes to a hidden staging folder, then two renames.
+
+    A crash at any point leaves either the previous RUN/name or (between the renames) RUN/.name.old,
+    which `find_last` picks up.
+    """
+    import torch
+
+    from .checkpoint import save_checkpoint
+
+    final, stage, old = run_dir / name, run_dir / f".{name}.staging", run_dir / f".{name}.old"
+    shutil.rmtree(stage, ignore_errors=True)
+    save_checkpoint(model, stage)
+    for fname, obj in (extra or {}).items():
+        (stage / fname).write_text(json.dumps(obj, indent=1, default=float) + "\n")
+    if state is not None:
+        torch.save(state, stage / TRAIN_STATE)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    stage.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_last(run_dir: Path) -> Path | None:
+    for cand in (run_dir / "last", run_dir / ".last.old"):
+        if (cand / TRAIN_STATE).is_file():
+            return cand
+    return None
+
+
+class _Saver:
+    """What save_checkpoint sees. Under QLoRA with a decoder whose base is saved (source 'random'), an
+    f32 twin gets the trained parameters copied in first, so the checkpoint never holds 4-bit weights."""
+
+    def __init__(self, model, qlora: bool):
+        self.model = model
+        self.twin = copy.deepcopy(model) if qlora and model.cfg.decoder.source == "random" else None
+
+    def target(self):
+        if self.twin is None:
+            return self.model
+        import torch
+        src = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, p in self.twin.named_parameters():
+                if n in src and src[n].requires_grad:
+                    p.copy_(src[n])
+        return self.twin
+
+
+# ---- validation ---------------------------------------------------------------------------------------
+
+def validate(model, split, batch_size: int, max_new_tokens: int | None, min_new_tokens: int | None) -> dict:
+    """Greedy decoding on `split` with the run's repetition penalty; NLG (no METEOR) + CE + the score."""
+    from .evaluate import TorchGenerator, predict_split, score_reports
+
+    was_training = model.training
+    model.eval()
+    try:
+        gen = TorchGenerator(model, batch_size)
+        over = {"num_beams": 1}
+        if max_new_tokens is not None:
+            over["max_new_tokens"] = max_new_tokens
+        if min_new_tokens is not None:
+            over["min_new_tokens"] = min_new_tokens
+        over = {**over, "min_new_tokens": min(over.get("min_new_tokens", model.cfg.generation.min_new_tokens),
+                                              over.get("max_new_tokens", model.cfg.generation.max_new_tokens))}
+        rows = predict_split(gen, split, over)
+        res = score_reports([r["prediction"] for r in rows], [r["reference"] for r in rows], meteor=False)
+        res["samples"] = [{"id": r["id"], "prediction": r["prediction"]} for r in rows[:3]]
+        return res
+    finally:
+        model.train(was_training)
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+class _Progress:
+    """tqdm bar (loss, lr, ETA) on a terminal; plain log lines every `every` steps otherwise."""
+
+    def __init__(self, total: int, start: int, mode: str, every: int):
+        self.total, self.every = total, every
+        self.bar = None
+        tty = sys.stderr.isatty()
+        if mode == "bar" or (mode == "auto" and tty):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, desc="emrrg-train", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+        self.t0, self.s0 = time.perf_counter(), start
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.update(1)
+        elif step % self.every == 0 or step == self.total:
+            el = time.perf_counter() - self.t0
+            rate = el / max(1, step - self.s0)
+            eta = rate * (self.total - step)
+            print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {rate:.2f} s/step "
+                  f"elapsed {el / 60:.1f} min ETA {eta / 60:.1f} min", flush=True)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+RESUME_KEEP = ("resume", "output", "threads", "progress", "log_every", "stop_after")
+
+
+def _args_from_run(run_dir: Path, cli) -> argparse.Namespace:
+    f = run_dir / "run.json"
+    if not f.is_file():
+        raise TrainError(f"--resume: {run_dir} has no run.json (not an emrrg-train run directory)")
+    saved = json.loads(f.read_text())["args"]
+    for k in RESUME_KEEP:
+        saved[k] = getattr(cli, k)
+    return argparse.Namespace(**saved)
+
+
+def train(a, log=print) -> dict:
+    """Run (or resume) a training job described by the parsed arguments `a`. Returns a summary."""
+    import torch
+
+    from .evaluate import load_split
+    from .model import count_parameters
+
+    run_dir = Path(a.output)
+    if a.resume:
+        a = _args_from_run(run_dir, a)
+        last = find_last(run_dir)
+        if last is None:
+            raise TrainError(f"--resume: no checkpoint with {TRAIN_STATE} under {run_dir}")
+    else:
+        if (run_dir / "run.json").exists():
+            raise TrainError(f"{run_dir} already holds a run; continue it with --resume or choose another -o")
+        if not a.data:
+            raise TrainError("--data is required")
+        if not a.init and not (a.encoder and a.decoder):
+            raise TrainError("give --init CKPT, or --encoder and --decoder presets")
+        last = None
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    # data + model -------------------------------------------------------------------------------------
+    if last is not None:
+        from .checkpoint import load_checkpoint
+        model = load_checkpoint(last)
+    else:
+        model = build_model(a)
+    train_split = load_split(a.data, "train")
+    val_split = None
+    if a.val_limit != 0:
+        try:
+            val_split = load_split(a.data, "val", a.val_limit if a.val_limit and a.val_limit > 0 else None)
+        except Exception:  # noqa: BLE001 - an annotation without val examples trains without validation
+            val_split = None
+    data = StudyData(train_split, model.tokenizer, model.cfg.encoder.img_size, a.max_report_tokens)
+    saver = _Saver(model, a.qlora)  # before quantization: a twin (if any) keeps the f32 base
+    if a.qlora:
+        n4 = quantize_llm_4bit(model.llama_model)
+        log(f"QLoRA: {n4} LLM linear layers held in NF4 (bitsandbytes), LoRA in f32")
+    use_scan(model, a.scan)
+    trainable = mark_trainable(model, a.train_encoder)
+    if not trainable:
+        raise TrainError("nothing to train: give --lora-rank / --llm-lora-rank, or --train-encoder full")
+
+    steps_per_epoch = math.ceil(len(data) / a.batch_size)
+    total = a.steps if a.steps else a.epochs * steps_per_epoch
+    warmup = int(a.warmup * total) if a.warmup < 1 else int(a.warmup)
+    opt = torch.optim.AdamW(param_groups(model, a.lr, a.encoder_lr or a.lr, a.weight_decay), betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, a.min_lr_ratio))
+    step, best, history = 0, None, []
+    if last is not None:
+        st = torch.load(last / TRAIN_STATE, map_location="cpu", weights_only=False)
+        if st.get("version") != STATE_VERSION:
+            raise TrainError(f"{last / TRAIN_STATE}: state version {st.get('version')} is not {STATE_VERSION}")
+        if st["trainable"] != trainable:
+            raise TrainError(f"{last}: the trainable parameters differ from the saved optimizer's")
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, best = st["step"], st.get("best")
+        _set_rng_state(st["rng"])
+        log(f"resumed {run_dir} at step {step}/{total} (best val score {best})")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps({"args": vars(a), "trainable": trainable}, indent=1) + "\n")
+        torch.manual_seed(a.seed)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: encoder {count_parameters(model.visual_encoder) / 1e6:.2f}M ({model.cfg.encoder.img_size}px, "
+        f"{model.cfg.encoder.num_tokens} tokens), LLM {count_parameters(model.llama_model) / 1e6:.1f}M; "
+        f"trainable {n_train / 1e6:.3f}M in {len(trainable)} tensors ({a.train_encoder} encoder); "
+        f"{len(data)} train studies, {steps_per_epoch} steps/epoch, {total} steps, warm-up {warmup}")
+
+    logf = open(run_dir / "log.jsonl", "a", encoding="utf-8")
+
+    def save_last() -> None:
+        state = {"version": STATE_VERSION, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "step": step, "best": best, "rng": _rng_state(), "trainable": trainable}
+        write_checkpoint(saver.target(), run_dir, "last", state=state)
+
+    def run_val() -> None:
+        nonlocal best
+        if val_split is None:
+            return
+        t = time.perf_counter()
+        res = validate(model, val_split, a.val_batch_size, a.val_max_new_tokens, a.val_min_new_tokens)
+        n, ce = res["nlg"], res["ce"]
+        rec = {"step": step, "val": {"score": res["score"], "BLEU_4": n["BLEU_4"], "CIDEr": n["CIDEr"],
+                                     "ROUGE_L": n["ROUGE_L"], "ce_f1": ce["f1_micro"], "n": n["n"]},
+               "val_s": round(time.perf_counter() - t, 1)}
+        improved = best is None or res["score"] > best["score"]
+        if improved:
+            best = {"step": step, **rec["val"]}
+            write_checkpoint(saver.target(), run_dir, "best", extra={"val.json": {**rec, "samples": res["samples"]}})
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        bar.write(f"val @ {step}: score {res['score']:.4f} (BLEU-4 {n['BLEU_4']:.4f} CIDEr {n['CIDEr']:.4f} "
+                  f"CE-F1 {ce['f1_micro']:.4f}) in {rec['val_s']} s{' *best*' if improved else ''} | "
+                  f"{res['samples'][0]['prediction'][:100]!r}")
+
+    model.train()
+    bar = _Progress(total, step, a.progress, a.log_every)
+    t_start, ema = time.perf_counter(), None
+    try:
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            idx = data.plan(epoch, a.batch_size, a.seed)[k]
+            px, ids, labels = collate(data, idx)
+            t = time.perf_counter()
+            loss = lm_loss(model, px, ids, labels, a.bf16)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.clip)
+            lr = opt.param_groups[-1]["lr"]
+            opt.step()
+            sched.step()
+            step += 1
+            lv = float(loss.detach())
+            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+            rec = {"step": step, "loss": lv, "lr": lr, "grad_norm": float(gnorm), "tokens": int((labels != IGNORE).sum()),
+                   "s": round(time.perf_counter() - t, 3)}
+            history.append(lv)
+            logf.write(json.dumps(rec) + "\n")
+            bar.update(step, ema, lr)
+            if not math.isfinite(lv):
+                raise TrainError(f"loss is {lv} at step {step}; lower --lr or check the data")
+            if a.val_every and step % a.val_every == 0 and step < total:
+                run_val()
+            if a.save_every and step % a.save_every == 0 and step < total:
+                save_last()
+            if a.stop_after and step >= a.stop_after:  # for tests and time-boxed runs: save and stop early
+                save_last()
+                break
+        else:
+            run_val()
+            save_last()
+            if best is None:  # no validation split: the final weights are the result
+                write_checkpoint(saver.target(), run_dir, "best", extra={"val.json": {"step": step, "val": None}})
+    finally:
+        bar.close()
+        logf.close()
+    wall = time.perf_counter() - t_start
+    summary = {"run": str(run_dir), "step": step, "total": total, "wall_s": round(wall, 1), "losses": history,
+               "best": best}
+    log(f"done: step {step}/{total} in {wall / 60:.1f} min; best {best}")
+    return summary
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
+
+    p = argparse.ArgumentParser(prog="emrrg-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Partial LoRA fine-tuning of EMRRG on an R2Gen annotation.json "
+                                            "(teacher-forced LM loss on the report tokens).")
+    p.add_argument("--data", help="R2Gen-style annotation.json (train / val / test; image paths relative to it)")
+    p.add_argument("-o", "--output", required=True, help="run directory (run.json, log.jsonl, last/, best/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in -o from last/ with its saved arguments")
+    m = p.add_argument_group("model")
+    m.add_argument("--init", default=None, help="start from this emrrg checkpoint (emrrg-init / emrrg-import / a run)")
+    m.add_argument("--encoder", default=None, choices=list(ENCODER_PRESETS), help="encoder preset (without --init)")
+    m.add_argument("--img-size", type=int, default=None, help="override the encoder preset's image size")
+    m.add_argument("--decoder", default=None, choices=list(DECODER_PRESETS), help="decoder preset (without --init)")
+    m.add_argument("--decoder-path", default=None, help="local HF Llama folder (for --decoder llama2-7b)")
+    m.add_argument("--hybrid-layers", default="", help="decoder layers with gated cross-attention ('every8', '7,15')")
+    m.add_argument("--dataset", default="mimic", choices=list(GENERATION_PRESETS), help="generation preset")
+    m.add_argument("--lora-rank", type=int, default=8, help="encoder Partial LoRA rank (0: none)")
+    m.add_argument("--lora-alpha", type=float, default=16.0)
+    m.add_argument("--llm-lora-rank", type=int, default=8, help="peft LoRA rank on q_proj/v_proj (0: none)")
+    m.add_argument("--llm-lora-alpha", type=float, default=16.0)
+    m.add_argument("--train-encoder", default="lora", choices=("lora", "full"),
+                   help="lora: Partial LoRA only (upstream); full: the whole encoder (no pre-trained encoder)")
+    m.add_argument("--qlora", action="store_true", help="base LLM in bitsandbytes NF4 (QLoRA)")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--steps", type=int, default=0, help="optimizer steps (0: --epochs)")
+    o.add_argument("--epochs", type=int, default=1)
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (projector, LLM LoRA)")
+    o.add_argument("--encoder-lr", type=float, default=None, help="peak learning rate of the encoder (default: --lr)")
+    o.add_argument("--weight-decay", type=float, default=0.05)
+    o.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (a fraction of the steps if < 1)")
+    o.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of the peak")
+    o.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    o.add_argument("--max-report-tokens", type=int, default=128, help="report + EOS truncated to this many tokens")
+    o.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the LLM (f32 master weights)")
+    o.add_argument("--scan", default="fast", choices=("fast", "ref"), help="SelectiveScan for training")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is often faster on a busy machine)")
+    v = p.add_argument_group("validation and checkpoints")
+    v.add_argument("--val-every", type=int, default=0, help="validate every N steps (and always at the end)")
+    v.add_argument("--val-limit", type=int, default=-1, help="first N val studies (-1: all, 0: no validation)")
+    v.add_argument("--val-batch-size", type=int, default=16)
+    v.add_argument("--val-max-new-tokens", type=int, default=None, help="(default: the generation preset's)")
+    v.add_argument("--val-min-new-tokens", type=int, default=None, help="(default: the generation preset's)")
+    v.add_argument("--save-every", type=int, default=100, help="write last/ every N steps (and at the end)")
+    v.add_argument("--stop-after", type=int, default=0, help="save and stop after this step (the schedule keeps --steps)")
+    g = p.add_argument_group("generation settings stored in the checkpoint (default: the --dataset preset)")
+    g.add_argument("--gen-num-beams", type=int, default=None)
+    g.add_argument("--gen-min-new-tokens", type=int, default=None)
+    g.add_argument("--gen-max-new-tokens", type=int, default=None)
+    g.add_argument("--gen-repetition-penalty", type=float, default=None)
+    g.add_argument("--gen-length-penalty", type=float, default=None)
+    p.add_argument("--progress", default="auto", choices=("auto", "bar", "log"),
+                   help="tqdm bar on a terminal, log lines otherwise")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines (--progress log)")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    p = _parser()
+    a = p.parse_args(argv)
+    from .cli import _cli_errors
+
+    with _cli_errors(p.prog):
+        try:
+            train(a)
+        except TrainError as e:
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    train_main()
