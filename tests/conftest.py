@@ -30,3 +30,32 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     export_bundle(tiny_checkpoint, out, ExportOptions(llm_bits=32, max_calib=5), progress=False)
     return out
+
+
+# ---- markers `gpu` and `tensorrt` (pyproject.toml): skipped, never faked, with the reason ------------------
+_MARKER_SKIP: dict[str, str | None] = {}
+
+
+def _gpu_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return (f"needs a CUDA GPU: torch {torch.__version__} sees none (torch.cuda.is_available() is False); "
+                "run scripts/gpu-check.sh on a GPU machine")
+    return None
+
+
+def _tensorrt_skip_reason() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install (missing libnvinfer)
+        return f"needs TensorRT (`import tensorrt` failed: {e}); pip install tensorrt, or JetPack 6/7 on a Jetson"
+    return _gpu_skip_reason()
+
+
+def pytest_runtest_setup(item):
+    for name, reason_fn in (("tensorrt", _tensorrt_skip_reason), ("gpu", _gpu_skip_reason)):
+        if item.get_closest_marker(name) is None:
+            continue
+        if name not in _MARKER_SKIP:
+            _MARKER_SKIP[name] = reason_fn()
+        if _MARKER_SKIP[name]:
+            pytest.skip(_MARKER_SKIP[name])
