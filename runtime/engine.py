@@ -5,7 +5,7 @@
     out["report"], out["timings_ms"]
 
 Backend choice for `auto`, first that can run:
-  1. TensorRT (an engine built for this GPU plus the plugin; emrrg.runtime.tensorrt, when present)
+  1. TensorRT (an engine built and cached for this GPU, with the SelectiveScan plugin; emrrg.runtime.tensorrt)
   2. ORT CUDA (CUDAExecutionProvider available)
   3. ORT CPU with the SelectiveScan op library (encoder.onnx)
   4. ORT CPU with the pure-ONNX encoder (encoder.scan.onnx), with a warning: slower, same numbers
@@ -97,14 +97,24 @@ class Runtime:
                 register(so)
             return so
 
-        chosen, providers = None, ["CPUExecutionProvider"]
+        chosen, providers, trt_encoder = None, ["CPUExecutionProvider"], None
         if backend in ("auto", "tensorrt"):
-            reason = "the TensorRT backend is not part of this runtime build (see plugins/ and the GPU issue)"
-            if backend == "tensorrt":
-                raise BackendUnavailableError(f"TensorRT backend unavailable: {reason}")
-            log.info("skipping TensorRT: %s", reason)
-        if backend in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-            chosen, providers = "ort-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            from . import tensorrt as trt_backend
+
+            ok, reason = trt_backend.available()
+            if ok:
+                try:
+                    trt_encoder = trt_backend.TensorRTEncoder(bundle, bundle / arts["encoder"]["path"], precision="auto",
+                                                              onnx_sha256=arts["encoder"].get("sha256"))
+                    chosen = "tensorrt"
+                except trt_backend.TensorRTBackendError as e:
+                    reason = str(e)
+            if trt_encoder is None:
+                if backend == "tensorrt":
+                    raise BackendUnavailableError(f"TensorRT backend unavailable: {reason}")
+                log.info("skipping TensorRT: %s", reason)
+        if backend in ("auto", "cuda", "tensorrt") and "CUDAExecutionProvider" in available:
+            chosen, providers = chosen or "ort-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
         elif backend == "cuda":
             raise BackendUnavailableError("ORT CUDA backend unavailable: this onnxruntime has no CUDAExecutionProvider "
                                           "(install onnxruntime-gpu instead of onnxruntime, never both)")
@@ -115,6 +125,8 @@ class Runtime:
             if not fallback:
                 raise BackendUnavailableError("this bundle has no pure-ONNX encoder (encoder_fallback); re-export it")
             enc_art, needs_ops, chosen = fallback, False, "ort-cpu-pure"
+        elif trt_encoder is not None:
+            needs_ops = False
         elif needs_ops and find_op_library() is None:
             if fallback and backend == "auto":
                 warnings.warn("SelectiveScan op library not found: using the pure-ONNX encoder (slower, same "
@@ -124,7 +136,7 @@ class Runtime:
             else:
                 register(ort.SessionOptions())  # raises OpLibraryMissingError naming the build command
         chosen = chosen or "ort-cpu"
-        encoder = ort.InferenceSession(str(bundle / enc_art["path"]), options(needs_ops), providers=providers)
+        encoder = trt_encoder or ort.InferenceSession(str(bundle / enc_art["path"]), options(needs_ops), providers=providers)
         dec = manifest["decoder"]
         decoder_sess = ort.InferenceSession(str(bundle / arts["decoder"]["path"]), options(False), providers=providers)
         embed = np.load(bundle / arts["embed_tokens"]["path"], mmap_mode="r")
