@@ -189,14 +189,15 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             dec_dir, dec_precision, dec_choice = work / "decoder_f32", "fp32", None
             if opts.llm_bits == 4:
                 bar.start("4-bit decoder")
-                dec_dir, dec_choice = _quantize_decoder(model, visual_probe=ref_tokens["calibration"][:1], dec=dec,
-                                                        work=work, opts=opts)
+                dec_dir, dec_choice = _quantize_decoder(model, ref_tokens["calibration"][:1], dec, work, opts)
                 dec_precision = "int4"
                 val["decoder_4bit"] = dec_choice
                 bar.done()
             for f in dec_dir.iterdir():
-                if f.name.startswith("decoder.onnx") or f.name == "cross_kv.onnx":
+                if f.name.startswith("decoder.onnx"):
                     shutil.move(str(f), tmp / f.name)
+            if dec.cross_kv is not None:  # hybrid layers: visual K/V stay f32, from the f32 export
+                shutil.move(str(dec.cross_kv), tmp / "cross_kv.onnx")
             shutil.move(str(dec.embed_tokens), tmp / "embed_tokens.npy")
             # 6. tokenizer + manifest --------------------------------------------------------------------
             bar.start(steps[-1])
@@ -217,11 +218,57 @@ def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
     return np.concatenate([model.encode_images(torch.from_numpy(px[i:i + 4])).numpy() for i in range(0, len(px), 4)])
 
 
-def _quantize_decoder(model, visual_probe, dec, work: Path, opts: ExportOptions):
-    """4-bit decoder through the accuracy-aware chooser (export/quantize_decoder.py)."""
-    from .quantize_decoder import choose_decoder_config
-    return choose_decoder_config(dec, model=model, visual=visual_probe, out_dir=work / "decoder_4bit",
-                                 strict=opts.strict, extra=opts.extra)
+def _ladder(extra: dict[str, str]):
+    """--extra-options pin one configuration (block_size, symmetric, lm_head_bits, accuracy_level, method,
+    refine); without them the accuracy-aware ladder of export/quantize_decoder.py is walked."""
+    from .quantize_decoder import DEFAULT_LADDER, QuantConfig
+
+    keys = {"block_size", "symmetric", "lm_head_bits", "accuracy_level", "method", "refine"}
+    pinned = {k: v for k, v in extra.items() if k in keys}
+    if not pinned:
+        return DEFAULT_LADDER
+    kw: dict = {}
+    if "method" in pinned:
+        kw["method"] = pinned["method"]
+    elif "symmetric" in pinned:
+        kw["method"] = "sym" if pinned["symmetric"].lower() in ("1", "true", "yes") else "affine"
+    for k in ("block_size", "lm_head_bits", "accuracy_level", "refine"):
+        if k in pinned:
+            kw[k] = int(pinned[k])
+    name = "user-" + "-".join(f"{k}{v}" for k, v in sorted(pinned.items()))
+    return (QuantConfig(name, **kw),)
+
+
+def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOptions) -> tuple[Path, dict]:
+    """4-bit decoder through the accuracy-aware chooser, scored teacher-forced against the f32 PyTorch LLM
+    on real report text after the EMRRG prompt (export/decoder_eval.py)."""
+    import torch
+
+    from .decoder_eval import DecoderEvaluator, TorchDecoder, build_reference, eval_prompts, prefill_feeds
+    from .decoder_onnx import ort_session
+    from .quantize_decoder import choose_decoder_config, collect_activation_stats
+
+    x = opts.extra
+    n_prompts, n_new = int(x.get("eval_prompts", 4)), int(x.get("eval_tokens", 60))
+    prompt_tokens = int(x.get("prompt_tokens", 220))
+    tok = model.tokenizer
+    visual_kv = {}
+    if dec.cross_kv is not None:  # hybrid layers: score with one calibration image's visual K/V on both sides
+        sess = ort_session(dec.cross_kv)
+        visual_kv = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"visual_tokens": visual})))
+        model.set_visual(torch.from_numpy(visual))
+    try:
+        prompts = eval_prompts(tok, n=n_prompts, prompt_tokens=prompt_tokens)
+        reference = build_reference(TorchDecoder(model.llama_model), prompts, n_new)
+    finally:
+        model.set_visual(None)
+    embed = np.load(dec.embed_tokens)
+    calib = [dict(f, **visual_kv) for f in prefill_feeds(dec.spec, embed, eval_prompts(tok, n=2, prompt_tokens=prompt_tokens,
+                                                                                          first_report=300))]
+    stats = collect_activation_stats(dec.decoder, calib)
+    choice = choose_decoder_config(dec.decoder, work / "decoder_4bit", DecoderEvaluator(reference, embed, visual_kv=visual_kv or None),
+                                   ladder=_ladder(x), act_stats=stats, strict=opts.strict, verbose=False)
+    return work / "decoder_4bit", choice.manifest()
 
 
 def _manifest(model, dec, opts, src_sha, checkpoint, enc_info, enc_precision, dec_precision, calibration, val,

@@ -147,6 +147,9 @@ class Runtime:
                              max_len=max_len, max_rows=max(8, int(g["num_beams"])),
                              hybrid_layers=tuple(dec.get("hybrid_layers", ())))
         cross = None
+        if dec.get("hybrid_layers") and "cross_kv" not in arts:
+            raise BundleError(f"{bundle}: the decoder has hybrid layers {dec['hybrid_layers']} but the bundle has no "
+                              "cross_kv artifact; re-export it")
         if "cross_kv" in arts:
             cross = ort.InferenceSession(str(bundle / arts["cross_kv"]["path"]), options(False), providers=providers)
         tok = Tokenizer.from_file(str(bundle / arts["tokenizer"]["path"]))

@@ -143,3 +143,28 @@ def test_stale_staging_dir_from_a_killed_export_is_removed(tiny_checkpoint, tmp_
         (tmp / "x").write_text("ok")
     assert leftovers(tmp_path) == ["b"]
     assert os.path.exists(tmp_path / "b" / "x")
+
+
+def test_int8_and_4bit_bundle_runs(tiny_checkpoint, tmp_path, capsys):
+    """--int8 --llm-bits 4 on the tiny checkpoint: Q/DQ encoder, MatMulNBits decoder, the chooser's attempts in the
+    manifest, the hybrid layer's cross_kv, and the runtime writes a report from it."""
+    import onnx
+
+    from emrrg.assets import chest_dicom
+    from emrrg.runtime.cli import run_main
+
+    out = tmp_path / "b"
+    export_main([str(tiny_checkpoint), "-o", str(out), "--int8", "--llm-bits", "4", "--no-progress"])
+    m = verify_bundle(out)
+    assert m["artifacts"]["encoder"]["precision"] == "int8" and m["artifacts"]["decoder"]["precision"] == "int4"
+    assert "cross_kv" in m["artifacts"]
+    ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    enc_ops = {n.op_type for n in onnx.load(str(out / "encoder.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "SelectiveScan"} <= enc_ops
+    attempts = m["validation"]["decoder_4bit"]["attempts"]
+    assert attempts and all({"name", "top1", "kl_mean", "bytes", "passed"} <= set(a) for a in attempts)
+    assert m["validation"]["encoder_int8_pure"]["passed"]
+    capsys.readouterr()
+    run_main([str(out), str(chest_dicom()), "--beams", "2", "--max-new-tokens", "6", "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] == 6
