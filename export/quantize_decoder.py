@@ -5,8 +5,10 @@ MatMulNBits stores B (K x N) in blocks of `block_size` along K, one scale per bl
     w[k, n] = (q[k, n] - zp[b, n]) * scale[b, n],   b = k // block_size,  q in [0, 2^bits)
 
 zp is uint8 (packed like q) or absent (then 2^(bits-1)), or -- on ORT's unpacked path -- a float.
-ORT CPU runs it with int8 activations per block when ``accuracy_level=4`` (MLAS CompInt8) and
-ORT CUDA with its own kernels; both need nothing beyond onnxruntime.
+ORT CPU runs it with int8 activations quantized per block when ``accuracy_level=4`` (MLAS
+CompInt8); ORT CUDA has MatMulNBits kernels too (not run here: no GPU). On SmolLM2-135M the int8
+activations are what separates an exact weight re-encoding (100% top-1 at accuracy_level 0) from
+the ~98% / KL 0.003 it measures at level 4 -- the same regime as llama.cpp's Q4_1 x Q8_1 dot products.
 
 Methods (`QuantConfig.method`), all our own numpy code:
 
@@ -35,11 +37,15 @@ How the float offset gets into ONNX (``offset``):
                |                                                                  ^
                +--> Reshape (..., K/bs, bs) --> ReduceSum(-1) --> MatMul(C) -------+
 
-* ``"float_zp"``: MatMulNBits with a float zero_points input zp = -m/s. ORT 1.32's CPU kernel
-  honours it (tests/export checks the weights read back to 1e-6), but only on its unpacked path:
-  it de-quantizes the whole B to f32 on every call and runs an f32 GEMM (accuracy_level is
-  ignored), which is several times slower than the packed kernels. Kept for comparison and
-  for EPs whose MatMulNBits lacks the block-sum trick's extra ops... none known.
+* ``"float_zp"``: MatMulNBits with a float zero_points input zp = -m/s (same dtype as scales).
+  ORT 1.32's CPU kernel honours it -- tests/export reads grid weights back to 1e-6 -- but only on
+  its unpacked path: with a non-uint8 zero point it skips pre-packing, de-quantizes the whole B to
+  f32 on every call and runs an f32 GEMM (accuracy_level is ignored). On SmolLM2-135M that decodes
+  ~7x slower than "blocksum" with the same numbers. Other EPs' support for float zero points is not
+  checked here; "blocksum" needs only MatMulNBits without zero points plus standard ops.
+
+8-bit weights always use llama.cpp's Q8_0 form (symmetric, s = absmax / 127, no zero point), which
+re-encodes SmolLM2's Q8_0 embedding exactly when it is used as the tied lm_head.
 
 The lm_head goes through the same path with `lm_head_bits` (4, 8 or 32 = keep f32); ``keep_fp``
 and ``keep_8bit`` take fnmatch patterns over node names (decoder_onnx names every weight MatMul

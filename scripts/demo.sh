@@ -31,7 +31,7 @@ print(chest_dicom("RG1_UNCR.dcm"))
 PY
 )
 echo
-echo "[demo] phantom test image (left effusion + cardiomegaly drawn): $PHANTOM"
+echo "[demo] phantom test image (pleural effusion + cardiomegaly drawn): $PHANTOM"
 .venv/bin/emrrg-run "$BUNDLE" "$PHANTOM" --max-new-tokens "${EMRRG_DEMO_TOKENS:-80}"
 echo
 echo "[demo] real adult PA chest X-ray (pydicom-data RG1_UNCR.dcm, MONOCHROME1, 15-bit): $XRAY"
