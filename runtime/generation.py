@@ -22,16 +22,15 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
+from ..config import GenerationConfig
+
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for masked beams
 
 
 @dataclass
-class DecodeSettings:
-    num_beams: int = 3
-    repetition_penalty: float = 2.0
-    length_penalty: float = 2.0
-    min_new_tokens: int = 80
-    max_new_tokens: int = 120
+class DecodeSettings(GenerationConfig):
+    """The upstream decoding settings (emrrg.config.GenerationConfig, torch-free) plus the EOS id."""
+
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
