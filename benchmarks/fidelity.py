@@ -21,7 +21,8 @@ Per variant:
 Target: INT8 + 4-bit within TARGET_REL (1%) relative of f32 PyTorch on BLEU-4, CIDEr and CE-F1.
 
 Every phase's result is cached under --workdir (bundles, predictions), so a rerun only redoes what is
-missing. Writes benchmarks/results/fidelity.json and fidelity.md.
+missing; `--seed-reference EVAL.json` takes the f32 PyTorch predictions from an `emrrg-eval --batch-size 1`
+run of the same checkpoint and split instead of generating them again. Writes benchmarks/results/fidelity.json and fidelity.md.
 """
 from __future__ import annotations
 
@@ -176,6 +177,8 @@ def main(argv=None) -> None:
                         "batched GEMMs round differently and can flip near-tied tokens)")
     p.add_argument("--max-report-tokens", type=int, default=96, help="teacher-forced report length")
     p.add_argument("--calib-train", type=int, default=32, help="INT8 calibration images, from the train split")
+    p.add_argument("--seed-reference", default=None, help="emrrg-eval JSON (same checkpoint, split, batch size 1) "
+                                                          "whose predictions stand in for the f32 PyTorch ones")
     a = p.parse_args(argv)
 
     import torch
@@ -197,6 +200,11 @@ def main(argv=None) -> None:
     calib = calibration_folder(train, Path(a.data).parent, work, a.calib_train)
     bundles = build_bundles(ckpt, work, calib)
 
+    if a.seed_reference and not (work / "pred_f32_PyTorch.json").is_file():
+        ev = json.loads(Path(a.seed_reference).read_text())
+        if [r["id"] for r in ev["predictions"]] != [e["id"] for e in split.examples]:
+            raise SystemExit(f"{a.seed_reference} does not cover the same studies")
+        (work / "pred_f32_PyTorch.json").write_text(json.dumps(ev["predictions"]))
     ref = TorchGenerator.from_checkpoint(ckpt, a.batch_size)
     gens = {"f32 PyTorch": ref}
     for name, b in bundles.items():
@@ -205,7 +213,7 @@ def main(argv=None) -> None:
     greedy_over = {"num_beams": 1}
 
     rows, preds, greedy = {}, {}, {}
-    for name, g in gens.items():
+    for name, g in reversed(list(gens.items())):  # the reference last: its cache may be seeded from emrrg-eval
         key = name.replace(" ", "_").replace("+", "").replace("__", "_")
         t = time.perf_counter()
         preds[name] = _cached(work / f"pred_{key}.json", lambda g=g: predict_split(g, split, {}))

@@ -16,6 +16,10 @@ What trains (everything else is frozen):
 - the projector: llama_proj and layer_norm;
 - peft LoRA on the LLM's q_proj and v_proj, and the hybrid layers' cross-attention when present.
 
+`--encoder-pretrain-steps N` first pre-trains a fresh encoder for N steps on the training reports'
+CheXpert labels (rule-based labeler, linear head on the mean token, BCE), standing in for upstream's
+pre-trained MambaXray-VL, which does not exist offline.
+
 AdamW with linear warm-up then cosine decay; gradient clipping. `--qlora` holds the base LLM's
 linear weights in bitsandbytes NF4 (4-bit) and trains the LoRA over them (QLoRA), which runs on CPU.
 `--scan fast` (the default) runs the encoder's SelectiveScan through `emrrg.ops.scan_fast` (same
@@ -283,6 +287,62 @@ def use_scan(model, which: str) -> None:
         layer.mixer.scan_fn = fn
 
 
+# ---- encoder label pre-training -----------------------------------------------------------------------
+
+def report_labels(reports: Sequence[str]) -> np.ndarray:
+    """(n, 14) 0/1 CheXpert labels of the training reports from the rule-based labeler (uncertain -> 1)."""
+    from .metrics.labeler import CHEXPERT_CLASSES, label_reports
+
+    return np.array([[lab[c] for c in CHEXPERT_CLASSES] for lab in label_reports(list(reports))], dtype=np.float32)
+
+
+def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: float, seed: int,
+                     log=print) -> list[float]:
+    """Multi-label pre-training of the encoder on the training reports' CheXpert labels.
+
+    Upstream starts from a MambaXray-VL encoder pre-trained on X-ray image-report pairs; without one (a
+    fresh encoder, `--train-encoder full`), this gives the encoder visual features worth projecting
+    before the LLM sees them. A linear head on the mean of the encoder's tokens, binary cross-entropy,
+    AdamW with a cosine schedule; the head is dropped afterwards. Only the encoder's trainable
+    parameters move. Labels come from the reports alone, so any annotation.json works.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    y_all = torch.from_numpy(report_labels([e["report"] for e in data.split.examples]))     # (n, 14)
+    enc = model.visual_encoder
+    params = [p for p in enc.parameters() if p.requires_grad]
+    if not params:
+        raise TrainError("--encoder-pretrain-steps needs trainable encoder parameters")
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(enc.cfg.d_model, y_all.shape[1])
+    pos = y_all.mean(0).clamp(1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=gen)
+        head.bias.copy_(torch.log(pos / (1 - pos)))                         # start at the label prior
+    opt = torch.optim.AdamW([{"params": params}, {"params": head.parameters()}], lr=lr, weight_decay=0.05)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, steps, 0.0))
+    rng = np.random.default_rng([seed, 1234])
+    losses, t0 = [], time.perf_counter()
+    enc.train()
+    for step in range(1, steps + 1):
+        idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False).tolist()
+        px = torch.from_numpy(np.stack([data.pixels(i)[0] for i in idx]))   # (b, 3, S, S), first view
+        logits = head(enc(px).mean(1))                                       # (b, 14)
+        loss = F.binary_cross_entropy_with_logits(logits, y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % max(1, steps // 10) == 0 or step == steps:
+            log(f"encoder pre-training {step}/{steps}: BCE {np.mean(losses[-max(1, steps // 10):]):.4f} "
+                f"({(time.perf_counter() - t0) / step:.2f} s/step)")
+    return losses
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------
 
 def _rng_state() -> dict:
@@ -491,6 +551,13 @@ def train(a, log=print) -> dict:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"args": vars(a), "trainable": trainable}, indent=1) + "\n")
+        if a.encoder_pretrain_steps:
+            bce = pretrain_encoder(model, data, a.encoder_pretrain_steps, a.encoder_pretrain_batch_size,
+                                   a.encoder_pretrain_lr or a.encoder_lr or a.lr, a.seed, log=log)
+            with open(run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"encoder_pretrain": {"steps": len(bce), "bce_first": bce[0], "bce_last": bce[-1],
+                                                         "bce_last10pct_mean": float(np.mean(bce[-max(1, len(bce) // 10):]))}})
+                        + "\n")
         torch.manual_seed(a.seed)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: encoder {count_parameters(model.visual_encoder) / 1e6:.2f}M ({model.cfg.encoder.img_size}px, "
@@ -599,6 +666,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--train-encoder", default="lora", choices=("lora", "full"),
                    help="lora: Partial LoRA only (upstream); full: the whole encoder (no pre-trained encoder)")
     m.add_argument("--qlora", action="store_true", help="base LLM in bitsandbytes NF4 (QLoRA)")
+    m.add_argument("--encoder-pretrain-steps", type=int, default=0,
+                   help="before the LM loss: pre-train the encoder on the train reports' CheXpert labels (for an "
+                        "encoder without pre-trained weights; 0: off)")
+    m.add_argument("--encoder-pretrain-batch-size", type=int, default=32)
+    m.add_argument("--encoder-pretrain-lr", type=float, default=None, help="(default: --encoder-lr)")
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=0, help="optimizer steps (0: --epochs)")
     o.add_argument("--epochs", type=int, default=1)

@@ -278,6 +278,24 @@ def test_int8_graph_is_explicit_qdq_with_a_float_scan(int8, exported, tiny):
     assert cal["count"] == 18 and cal["method"] == "minmax" and len(cal["images"][0]["sha256"]) == 64
 
 
+def test_smoothquant_is_exact_in_f32(exported):
+    """smooth_activations only rescales (activation / s, weight row * s): the f32 function is unchanged.
+
+    The random tiny model shares one LayerNorm weight initializer between its norms (all ones), so this
+    also checks that a shared initializer is copied before it is rescaled."""
+    from emrrg.export.quantize_encoder import smooth_activations
+
+    pure = onnx.load(str(exported["pure"]))
+    pixels = load_calibration_set(real_xrays()[:3], 64)[0]
+    smoothed, info = smooth_activations(pure, pixels, alpha=0.5)
+    assert info["layernorm"] > 0 and info["div"] > 0 and info["mul_inserted"] > 0
+    assert info["max_outlier_ratio_after"] < info["max_outlier_ratio_before"]
+    px = np.concatenate([pixels[:, None], _pixels(2, 2, seed=11)[:, :1]])
+    a = run_onnx(ort.InferenceSession(pure.SerializeToString(), providers=["CPUExecutionProvider"]), px)
+    b = run_onnx(ort.InferenceSession(smoothed.SerializeToString(), providers=["CPUExecutionProvider"]), px)
+    _check("smoothed vs plain f32", b, a)
+
+
 def test_int8_pure_runs_without_library_and_is_close(int8, exported, tiny):
     px = np.concatenate([_pixels(2, 1, seed=5), load_calibration_set(real_xrays()[:4], 64)[0][:, None]])
     ref = run_reference(tiny, px)

@@ -31,6 +31,8 @@ RESUME_RTOL = 1e-5
 # frozen, so the drop is slow): the last 4 steps' mean loss must sit this far below the first 4 steps'
 # (observed: ~0.16 nats, ln(512) = 6.24 at the start).
 LOSS_DROP_NATS = 0.05
+# Encoder pre-training on 8 studies' labels, 80 steps: the BCE must fall by this much (observed ~0.10).
+PRETRAIN_BCE_DROP = 0.04
 # The loss equals transformers' own LM loss with the prompt masked, up to f32 reduction order.
 LOSS_MATCH_ATOL = 1e-5
 
@@ -207,6 +209,25 @@ def test_lr_schedule():
     assert lr_factor(10, 10, 100, 0.0) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100, 0.0) == pytest.approx(0.5)
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_encoder_pretraining_fits_report_labels(tiny_phantom):
+    """The optional encoder pre-training (CheXpert labels of the reports) lowers its BCE and moves only the encoder."""
+    from emrrg.evaluate import load_split
+    from emrrg.train import StudyData, mark_trainable, pretrain_encoder, report_labels, use_scan
+
+    model = _tiny_model(hybrid=())
+    use_scan(model, "fast")
+    mark_trainable(model, "full")
+    data = StudyData(load_split(tiny_phantom, "train"), model.tokenizer, 64, max_report_tokens=16)
+    y = report_labels([e["report"] for e in data.split.examples])
+    assert y.shape == (8, 14) and set(np.unique(y)) <= {0.0, 1.0}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bce = pretrain_encoder(model, data, steps=80, batch_size=4, lr=1e-2, seed=0, log=lambda m: None)
+    print(f"BCE first 5 {np.mean(bce[:5]):.4f} last 5 {np.mean(bce[-5:]):.4f}")
+    assert np.mean(bce[-5:]) < np.mean(bce[:5]) - PRETRAIN_BCE_DROP
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("visual_encoder.") for n in moved)
 
 
 # ---- the CLI: loss goes down, resume, atomic checkpoints ------------------------------------------------------
