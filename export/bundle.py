@@ -126,3 +126,52 @@ def _jsonable(x):
     if isinstance(x, (set, tuple)):
         return list(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def share_external_data(root: Path, models: list[str], data_name: str, threshold: int = 1024,
+                        align: int = 4096) -> dict[str, Any]:
+    """Store the large initializers of several ONNX files in `root` once, in one external-data file.
+
+    The custom-op encoder and its pure-ONNX twin carry the same weights (f32, or the same INT8 Q/DQ
+    initializers): shipped inline, every bundle would hold them twice. Each distinct tensor (by dtype,
+    shape and bytes) of at least `threshold` bytes is written once to `root/data_name`, at an `align`ed
+    offset (ORT maps it), and every file that holds it points there. Tensors the files do not share are
+    written there too. ONNX Runtime and TensorRT's parser resolve the location next to the model file.
+    Returns {'data': data_name, 'bytes', 'tensors', 'shared'}.
+    """
+    import hashlib
+
+    import onnx
+    from onnx import external_data_helper, numpy_helper
+
+    seen: dict[str, tuple[int, int]] = {}
+    refs = 0
+    with open(root / data_name, "wb") as f:
+        for name in models:
+            m = onnx.load(str(root / name))
+            for t in m.graph.initializer:
+                if not t.HasField("raw_data"):
+                    if t.data_type == onnx.TensorProto.STRING:
+                        continue
+                    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+                if len(t.raw_data) < threshold:
+                    continue
+                key = hashlib.sha256(f"{t.data_type}:{list(t.dims)}:".encode() + t.raw_data).hexdigest()
+                if key not in seen:
+                    off = -f.tell() % align
+                    f.write(b"\0" * off)
+                    seen[key] = (f.tell(), len(t.raw_data))
+                    f.write(t.raw_data)
+                offset, length = seen[key]
+                external_data_helper.set_external_data(t, location=data_name, offset=offset, length=length)
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                refs += 1
+            tmp = root / f"{name}.partial"
+            tmp.write_bytes(m.SerializeToString())
+            os.replace(tmp, root / name)
+            del m
+    for name in models:
+        onnx.checker.check_model(str(root / name))
+    return {"data": data_name, "bytes": (root / data_name).stat().st_size, "tensors": len(seen),
+            "shared": refs - len(seen)}

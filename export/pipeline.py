@@ -19,7 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import ExportError, staged_bundle, write_manifest
+from .bundle import ExportError, share_external_data, staged_bundle, write_manifest
+
+ENCODER_DATA = "encoder.weights"  # the weights both encoder files share (external data)
 
 TARGETS = ("cpu", "cuda", "tensorrt", "jetson")
 # Merging replaces W x + s·B(A x) by (W + s·BA) x: f32 rounding of one extra matmul per layer, amplified by
@@ -180,6 +182,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
                 bar.done()
             shutil.move(str(enc_files["custom"]), tmp / "encoder.onnx")
             shutil.move(str(enc_files["pure"]), tmp / "encoder.scan.onnx")
+            # both encoder files hold the same weights: store them once
+            enc_data = share_external_data(tmp, ["encoder.onnx", "encoder.scan.onnx"], ENCODER_DATA)
             # 5. decoder ---------------------------------------------------------------------------------
             bar.start("export decoder")
             from .decoder_onnx import export_decoder
@@ -198,19 +202,37 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
                     shutil.move(str(f), tmp / f.name)
             if dec.cross_kv is not None:  # hybrid layers: visual K/V stay f32, from the f32 export
                 shutil.move(str(dec.cross_kv), tmp / "cross_kv.onnx")
-            shutil.move(str(dec.embed_tokens), tmp / "embed_tokens.npy")
+            embed_info = _write_embedding(dec.embed_tokens, tmp, quantized=opts.llm_bits == 4)
             # 6. tokenizer + manifest --------------------------------------------------------------------
             bar.start(steps[-1])
             model.tokenizer.save_pretrained(tmp / "tokenizer")
             shutil.rmtree(work)
             manifest = _manifest(model, dec, opts, src_sha, checkpoint, enc_custom, enc_precision, dec_precision,
                                  calibration, val, merged, merge_diff, images, calib, held, tmp)
+            manifest["artifacts"]["embed_tokens"].update(embed_info)
+            manifest["encoder"]["external_data"] = enc_data
             manifest["export_s"] = round(time.perf_counter() - t_start, 1)
             full = write_manifest(tmp, manifest)
             bar.done()
     finally:
         bar.close()
     return full
+
+
+def _write_embedding(src: Path, root: Path, quantized: bool) -> dict:
+    """embed_tokens.npy: f32, or (4-bit bundles) int8 blocks + f16 scales (emrrg.runtime.embedding)."""
+    if not quantized:
+        shutil.move(str(src), root / "embed_tokens.npy")
+        return {"precision": "fp32"}
+    from ..runtime.embedding import Q8_BLOCK, Q8BlockEmbedding, quantize_q8_blocks
+
+    w = np.load(src)
+    q, scales = quantize_q8_blocks(w)
+    np.save(root / "embed_tokens.npy", q)
+    np.save(root / "embed_scales.npy", scales)
+    err = float(np.abs(Q8BlockEmbedding(q, scales).dequantize() - w).max())
+    return {"precision": "int8-block", "scales": "embed_scales.npy", "block_size": Q8_BLOCK,
+            "data": ["embed_scales.npy"], "max_abs_error_vs_fp32": err}
 
 
 def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
@@ -279,9 +301,9 @@ def _manifest(model, dec, opts, src_sha, checkpoint, enc_info, enc_precision, de
     spec = dec.spec.to_dict()
     arts = {
         "encoder": {"path": "encoder.onnx", "precision": enc_precision, "target": opts.target,
-                    "scan_variant": "custom_op", "requires_op_library": True},
+                    "scan_variant": "custom_op", "requires_op_library": True, "data": [ENCODER_DATA]},
         "encoder_fallback": {"path": "encoder.scan.onnx", "precision": enc_precision, "target": "cpu",
-                             "scan_variant": "pure_onnx", "requires_op_library": False},
+                             "scan_variant": "pure_onnx", "requires_op_library": False, "data": [ENCODER_DATA]},
         "decoder": {"path": "decoder.onnx", "precision": dec_precision, "target": opts.target,
                     "data": ["decoder.onnx.data"] if (root / "decoder.onnx.data").exists() else []},
         "embed_tokens": {"path": "embed_tokens.npy", "precision": "fp32", "target": "any"},

@@ -25,6 +25,7 @@ import numpy as np
 
 from .bundle import BundleError, bundle_digest, verify_bundle
 from .decoder import OrtDecoder
+from .embedding import load_embedding
 from .generation import DecodeSettings, generate
 from .oplib import OpLibraryMissingError, find_op_library, register
 from .preprocess import preprocess_study
@@ -139,7 +140,7 @@ class Runtime:
         encoder = trt_encoder or ort.InferenceSession(str(bundle / enc_art["path"]), options(needs_ops), providers=providers)
         dec = manifest["decoder"]
         decoder_sess = ort.InferenceSession(str(bundle / arts["decoder"]["path"]), options(False), providers=providers)
-        embed = np.load(bundle / arts["embed_tokens"]["path"], mmap_mode="r")
+        embed = load_embedding(bundle, arts["embed_tokens"])
         g = manifest["generation"]
         max_len = len(manifest["prompt"]["before_ids"]) + int(manifest["encoder"]["num_tokens"]) + \
             len(manifest["prompt"]["after_ids"]) + int(g.get("max_positions_new", 512))

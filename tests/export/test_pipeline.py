@@ -10,10 +10,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from emrrg.export.cli import export_main
 from emrrg.runtime.bundle import verify_bundle
+
+
+# int8 blocks with an f16 scale = amax/127: half a step, plus the clip a scale rounded down by f16 causes
+# (at most 127 * amax/127 * 2^-11), relative to the block's amax.
+Q8_REL_BOUND = 0.5 / 127 + 2 ** -11
 
 
 def leftovers(parent):
@@ -40,6 +46,37 @@ def test_bundle_manifest(tiny_bundle, tiny_checkpoint):
     for name, art in m["artifacts"].items():
         assert len(art["sha256"]) == 64 and art["bytes"] > 0, name
     assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_encoder_files_share_one_copy_of_the_weights(tiny_bundle):
+    """encoder.onnx and encoder.scan.onnx point into the same encoder.weights, which holds each tensor once,
+    and both still compute the same tokens as when they held their weights inline (validated at export)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from emrrg.runtime.oplib import register
+
+    m = verify_bundle(tiny_bundle)
+    info = m["encoder"]["external_data"]
+    assert info["data"] == "encoder.weights" and info["shared"] >= info["tensors"] > 0
+    refs = {}
+    for f in ("encoder.onnx", "encoder.scan.onnx"):
+        g = onnx.load(str(tiny_bundle / f), load_external_data=False).graph
+        ext = {t.name: {e.key: e.value for e in t.external_data} for t in g.initializer if t.external_data}
+        assert ext and all(e["location"] == "encoder.weights" for e in ext.values())
+        refs[f] = ext
+    common = set(refs["encoder.onnx"]) & set(refs["encoder.scan.onnx"])
+    assert common and all(refs["encoder.onnx"][k] == refs["encoder.scan.onnx"][k] for k in common)
+    offsets = {(e["offset"], e["length"]) for r in refs.values() for e in r.values()}
+    assert sum(int(n) for _, n in offsets) <= info["bytes"] == (tiny_bundle / "encoder.weights").stat().st_size
+    assert m["artifacts"]["encoder"]["data"] == ["encoder.weights"]
+    px = np.random.default_rng(0).standard_normal((1, 1, 3, 64, 64)).astype(np.float32)
+    so = ort.SessionOptions()
+    register(so)
+    a = ort.InferenceSession(str(tiny_bundle / "encoder.onnx"), so).run(None, {"pixel_values": px})[0]
+    b = ort.InferenceSession(str(tiny_bundle / "encoder.scan.onnx")).run(None, {"pixel_values": px})[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # the op vs the Scan: f32 reduction order only
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
@@ -145,7 +182,7 @@ def test_stale_staging_dir_from_a_killed_export_is_removed(tiny_checkpoint, tmp_
     assert os.path.exists(tmp_path / "b" / "x")
 
 
-def test_int8_and_4bit_bundle_runs(tiny_checkpoint, tmp_path, capsys):
+def test_int8_and_4bit_bundle_runs(tiny_checkpoint, tiny_bundle, tmp_path, capsys):
     """--int8 --llm-bits 4 on the tiny checkpoint: Q/DQ encoder, MatMulNBits decoder, the chooser's attempts in the
     manifest, the hybrid layer's cross_kv, and the runtime writes a report from it."""
     import onnx
@@ -165,6 +202,15 @@ def test_int8_and_4bit_bundle_runs(tiny_checkpoint, tmp_path, capsys):
     attempts = m["validation"]["decoder_4bit"]["attempts"]
     assert attempts and all({"name", "top1", "kl_mean", "bytes", "passed"} <= set(a) for a in attempts)
     assert m["validation"]["encoder_int8_pure"]["passed"]
+    emb = m["artifacts"]["embed_tokens"]
+    assert emb["precision"] == "int8-block" and emb["block_size"] == 32 and emb["data"] == ["embed_scales.npy"]
+    from emrrg.runtime.embedding import load_embedding
+
+    f32_rows = np.load(tiny_bundle / "embed_tokens.npy")                 # the same checkpoint, f32 bundle
+    table = load_embedding(out, emb)
+    assert np.load(out / "embed_tokens.npy").dtype == np.int8 and table.shape == f32_rows.shape
+    err = np.abs(table[np.arange(len(table))] - f32_rows).max()
+    assert err == pytest.approx(emb["max_abs_error_vs_fp32"]) and err <= np.abs(f32_rows).max() * Q8_REL_BOUND
     capsys.readouterr()
     run_main([str(out), str(chest_dicom()), "--beams", "2", "--max-new-tokens", "6", "--json"])
     assert json.loads(capsys.readouterr().out)["tokens"] == 6
