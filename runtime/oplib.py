@@ -11,9 +11,10 @@ contract"); ONNX Runtime runs them only after the op library is registered on th
     sess = ort.InferenceSession("encoder.onnx", so)
 
 Search order (first existing file wins):
-  1. $EMRRG_OPS_LIB (a file, or a folder holding libemrrg_ops.so). When set it is the only place looked.
-  2. build/plugins/libemrrg_ops.so under the repository root (what `bash scripts/build_plugins.sh` makes).
-  3. libemrrg_ops.so next to this package (for installs that ship the library inside the wheel).
+  1. $EMRRG_OPS_LIB (a file, or a folder holding the library). When set it is the only place looked.
+  2. build/plugins/ under the repository root (what `bash scripts/build_plugins.sh` makes).
+  3. next to this package (for installs that ship the library inside the wheel).
+In each folder, under onnxruntime-gpu, libemrrg_ops_cuda.so first, then libemrrg_ops.so.
 
 Torch-free: numpy / onnxruntime only (tests/runtime/test_torch_free.py).
 """
@@ -23,6 +24,7 @@ import os
 from pathlib import Path
 
 LIBRARY_NAME = "libemrrg_ops.so"
+CUDA_LIBRARY_NAME = "libemrrg_ops_cuda.so"  # CPU-EP + CUDA-EP kernels (built with nvcc and the ORT headers)
 ENV_VAR = "EMRRG_OPS_LIB"
 BUILD_COMMAND = "bash scripts/build_plugins.sh"
 
@@ -39,18 +41,30 @@ class OpLibraryMissingError(RuntimeError):
     """The SelectiveScan op library is not built, not found, or cannot be loaded."""
 
 
-def candidate_paths() -> list[Path]:
-    """Where find_op_library() looks, in order."""
+def ort_has_cuda() -> bool:
+    """True when the installed onnxruntime is onnxruntime-gpu (it has the CUDA execution provider)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def candidate_paths(cuda: bool | None = None) -> list[Path]:
+    """Where find_op_library() looks, in order. With onnxruntime-gpu (`cuda`, detected when None) the
+    library with the CUDA-EP kernel, libemrrg_ops_cuda.so, comes first in each place: it also holds the
+    CPU-EP kernels, and with libemrrg_ops.so a CUDA session would copy every scan's tensors to the host."""
+    names = ([CUDA_LIBRARY_NAME] if (ort_has_cuda() if cuda is None else cuda) else []) + [LIBRARY_NAME]
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         p = Path(env).expanduser()
-        return [p / LIBRARY_NAME if p.is_dir() else p]
-    return [_REPO_ROOT / "build" / "plugins" / LIBRARY_NAME, _PACKAGE_DIR / LIBRARY_NAME]
+        return [p / n for n in names] if p.is_dir() else [p]
+    return [d / n for d in (_REPO_ROOT / "build" / "plugins", _PACKAGE_DIR) for n in names]
 
 
-def find_op_library() -> Path | None:
-    """Path of libemrrg_ops.so, or None when it is in none of candidate_paths()."""
-    for p in candidate_paths():
+def find_op_library(cuda: bool | None = None) -> Path | None:
+    """Path of the op library, or None when it is in none of candidate_paths()."""
+    for p in candidate_paths(cuda):
         if p.is_file():
             return p
     return None

@@ -37,8 +37,12 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifndef __CUDACC__
+// Plain C++ TUs see the qualifiers as nothing. A host TU that included the CUDA headers first (the TensorRT
+// plugin, the ORT CUDA op) already has them as macros (host_defines.h): keep those, do not redefine them.
+#if !defined(__CUDACC__) && !defined(__host__)
 #define __host__
+#endif
+#if !defined(__CUDACC__) && !defined(__device__)
 #define __device__
 #endif
 

@@ -17,6 +17,7 @@ tests check. Warnings fail the test: nvcc's own (-Werror all-warnings) and the h
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -62,6 +63,26 @@ def test_core_header_compiles_as_plain_cpp(tmp_path):
                    "  return emrrg::scan::softplusF(y[0]) + emrrg::scan::siluF(y[1]);\n}\n")
     proc = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-c", "-I", str(PLUGIN_DIR),
                            "-o", str(tmp_path / "core_only.o"), str(src)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_nvcc
+def test_core_header_after_cuda_headers_in_a_host_tu(tmp_path):
+    """The plugin and the ORT CUDA op are g++ TUs that include cuda_runtime.h before the core header: its
+    __host__/__device__ fallbacks must leave CUDA's macros alone (no redefinition, warnings as errors)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    roots = [os.environ.get("CUDA_HOME", ""), str(Path(NVCC).resolve().parents[1]), "/usr/local/cuda"]
+    cuda_inc = next((Path(r) / "include" for r in roots if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None)
+    if cuda_inc is None:
+        pytest.skip(f"no cuda_runtime.h under {roots}")
+    src = tmp_path / "host_tu.cpp"
+    src.write_text('#include <cuda_runtime.h>\n#include "selectiveScanCore.h"\n'
+                   "float g(float x) { return emrrg::scan::expF(x); }\n")
+    proc = subprocess.run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-c", "-I", str(cuda_inc), "-I",
+                           str(PLUGIN_DIR), "-o", str(tmp_path / "host_tu.o"), str(src)],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 

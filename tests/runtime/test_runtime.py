@@ -193,3 +193,21 @@ def test_runtime_runs_without_torch(tiny_bundle):
     assert json.loads(r.stdout)["tokens"] == 5
 
 
+
+
+def test_op_library_search_prefers_the_cuda_build_under_onnxruntime_gpu(tmp_path, monkeypatch):
+    """With the CUDA EP present, libemrrg_ops_cuda.so (CPU + CUDA kernels) wins over libemrrg_ops.so in the
+    same folder; without it, only libemrrg_ops.so is looked for."""
+    from emrrg.runtime import oplib
+
+    (tmp_path / oplib.LIBRARY_NAME).write_bytes(b"")
+    monkeypatch.setenv(oplib.ENV_VAR, str(tmp_path))
+    assert oplib.find_op_library(cuda=True) == tmp_path / oplib.LIBRARY_NAME
+    (tmp_path / oplib.CUDA_LIBRARY_NAME).write_bytes(b"")
+    assert oplib.find_op_library(cuda=True) == tmp_path / oplib.CUDA_LIBRARY_NAME
+    assert oplib.find_op_library(cuda=False) == tmp_path / oplib.LIBRARY_NAME
+    monkeypatch.setattr(oplib, "ort_has_cuda", lambda: True)
+    assert oplib.find_op_library() == tmp_path / oplib.CUDA_LIBRARY_NAME
+    monkeypatch.delenv(oplib.ENV_VAR)
+    paths = oplib.candidate_paths(cuda=True)
+    assert [p.name for p in paths[:2]] == [oplib.CUDA_LIBRARY_NAME, oplib.LIBRARY_NAME]
