@@ -3,9 +3,11 @@
     BUNDLE/manifest.json
     BUNDLE/encoder.onnx           pixel_values (B, V, 3, S, S) -> visual_tokens (B, L, H); com.emrrg::SelectiveScan
     BUNDLE/encoder.scan.onnx      the same with a standard ONNX Scan (runs without the op library)
+    BUNDLE/encoder.weights        the weights of both encoder files, each tensor once (ONNX external data)
     BUNDLE/decoder.onnx[.data]    inputs_embeds + KV cache -> logits + present (4-bit MatMulNBits or f32)
     BUNDLE/cross_kv.onnx          visual_tokens -> visual K/V of the hybrid layers (hybrid decoders only)
-    BUNDLE/embed_tokens.npy       (V, H) token embeddings, so visual tokens splice into inputs_embeds
+    BUNDLE/embed_tokens.npy       (V, H) token embeddings, so visual tokens splice into inputs_embeds: f32, or
+                                  int8 blocks with BUNDLE/embed_scales.npy in 4-bit bundles (runtime/embedding.py)
     BUNDLE/tokenizer/tokenizer.json
 
 manifest.json (format "emrrg-bundle", format_version 1) holds the emrrg version, the source checkpoint's
