@@ -305,6 +305,59 @@ def smooth_activations(model: onnx.ModelProto, pixels: np.ndarray, alpha: float 
                    "max_outlier_ratio_after": round(max(ratios_after), 2)}
 
 
+def weight_only_int8(model: onnx.ModelProto, node_names: Iterable[str]) -> dict:
+    """Store the constant weights of these MatMuls as int8 (symmetric, per output channel) + DequantizeLinear.
+
+    Weight-only: the activations stay float (no Q before the MatMul), so the only error is the weight
+    rounding, at most half a step (amax / 254 of each output channel). Used for the scan projections
+    (x_proj, dt_proj): they feed softplus / exp, where an activation rounding would be amplified, but
+    their weights need not take f32 bytes. A standard per-axis DequantizeLinear(int8, scale): ORT runs it,
+    and TensorRT reads it as weight-only quantization. Edits `model` in place; returns counts.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    wanted = set(node_names)
+    done: dict[str, str] = {}
+    before = {}
+    saved = 0
+    for n in model.graph.node:
+        if n.name not in wanted or n.op_type != "MatMul":
+            continue
+        # W on the right (X @ W, W (.., K, N): a column per output) or on the left (W @ X, W (.., M, K): a row)
+        slot = 1 if n.input[1] in inits else 0 if n.input[0] in inits else None
+        if slot is None:
+            continue
+        w_name = n.input[slot]
+        if w_name not in done:
+            w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+            if w.ndim < 2:
+                continue
+            # batched weights (G, M, K) share one scale per output channel across the batch: DequantizeLinear
+            # takes one axis, and TensorRT wants per-axis (not blocked) scales
+            axis = w.ndim - 1 if slot == 1 else w.ndim - 2
+            others = tuple(i for i in range(w.ndim) if i != axis)
+            scale = np.maximum(np.abs(w).max(others), 1e-12) / 127.0                # one per output channel
+            q = np.clip(np.rint(w / np.expand_dims(scale, others)), -127, 127).astype(np.int8)
+            model.graph.initializer.extend([numpy_helper.from_array(q, f"{w_name}_woq"),
+                                            numpy_helper.from_array(scale.astype(np.float32), f"{w_name}_woq_scale"),
+                                            numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{w_name}_woq_zp")])
+            dq = helper.make_node("DequantizeLinear", [f"{w_name}_woq", f"{w_name}_woq_scale", f"{w_name}_woq_zp"],
+                                  [f"{w_name}_woq_dq"], name=f"{w_name}_woq_DequantizeLinear", axis=axis)
+            done[w_name] = dq.output[0]
+            before[w_name] = (n.name, dq)
+            saved += w.size * 3
+        n.input[slot] = done[w_name]
+    for w_name, (first, dq) in before.items():                                    # DQ ahead of its first reader
+        idx = next(i for i, x in enumerate(model.graph.node) if x.name == first)
+        model.graph.node.insert(idx, dq)
+    used = {i for x in model.graph.node for i in x.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return {"weights": len(done), "bytes_saved": int(saved)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checks on the result
 # ---------------------------------------------------------------------------------------------------
@@ -355,7 +408,8 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
                   pure_out_path: str | os.PathLike | None = None, method: str = "minmax",
                   per_channel: bool = True, keep_scan_projections_float: bool = True,
                   nodes_to_exclude: Sequence[str] = (), op_types: Sequence[str] = QUANTIZED_OP_TYPES,
-                  smooth_alpha: float | None = 0.75, percentile: float = 99.999, batch_size: int = 1) -> dict:
+                  smooth_alpha: float | None = 0.75, weight_only_scan_projections: bool = True,
+                  percentile: float = 99.999, batch_size: int = 1) -> dict:
     """Explicit Q/DQ INT8 of an exported f32 encoder (custom-op form), calibrated on X-rays.
 
     f32_custom_op_onnx: the export_encoder(variant="custom_op") file.
@@ -365,6 +419,7 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
     out_path: the INT8 custom-op model; pure_out_path: also keep the INT8 pure_onnx model (runs without
         the op library).
     keep_scan_projections_float: leave x_proj / dt_proj (they feed softplus / exp in the recurrence) float.
+    weight_only_scan_projections: ... but store their weights int8 (weight_only_int8: float activations).
     smooth_alpha: SmoothQuant strength for the quantized MatMul inputs (smooth_activations); None: off.
         0.75 measured best of {0.5, 0.75, 0.9} on the base encoder, random and outlier-heavy inits alike.
     Returns {'path', 'pure_path', 'bytes', 'op_counts', 'checks', 'excluded_nodes', 'calibration': facts}.
@@ -429,6 +484,9 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
             finally:
                 root.setLevel(level)
         q_pure = onnx.load(str(pure_q))
+    woq = None
+    if keep_scan_projections_float and weight_only_scan_projections:
+        woq = weight_only_int8(q_pure, scan_projection_nodes(q_pure))
     q_custom = onnx_ops.collapse_scan_functions(q_pure)
 
     facts.update({"method": method, "percentile": percentile if method == "percentile" else None,
@@ -436,6 +494,7 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
                   "weights": "int8 symmetric" + (", per output channel" if per_channel else ", per tensor"),
                   "op_types": list(op_types), "float_nodes": len(excluded),
                   "keep_scan_projections_float": keep_scan_projections_float, "smoothquant": smooth_info,
+                  "scan_projections_weight_only_int8": woq,
                   "calibrated_graph": "pure_onnx twin (ORT's calibrator cannot load the op library)",
                   "onnxruntime": __import__("onnxruntime").__version__})
     meta = {METADATA_VARIANT: "custom_op", "emrrg.precision": "int8-qdq",
@@ -458,6 +517,6 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
 __all__ = [
     "CalibrationError", "QuantizationError", "IMAGE_SUFFIXES", "QUANTIZED_OP_TYPES", "CALIBRATION_METHODS",
     "list_calibration_images", "load_calibration_set", "scan_projection_nodes", "depthwise_conv_nodes",
-    "smooth_activations",
+    "smooth_activations", "weight_only_int8",
     "check_int8_graph", "quantize_int8",
 ]

@@ -30,7 +30,7 @@ from emrrg.export.encoder_onnx import (F32_THRESHOLDS, METADATA_VARIANT, Validat
                                        compare, export_encoder, get_metadata, make_session, run_onnx,
                                        run_reference, validate_encoder)
 from emrrg.export.quantize_encoder import (CalibrationError, check_int8_graph, list_calibration_images,  # noqa: E402
-                                           load_calibration_set, quantize_int8)
+                                           load_calibration_set, quantize_int8, scan_projection_nodes)
 from emrrg.ops.selective_scan import selective_scan_ref  # noqa: E402
 from emrrg.runtime import oplib  # noqa: E402
 
@@ -276,6 +276,17 @@ def test_int8_graph_is_explicit_qdq_with_a_float_scan(int8, exported, tiny):
     assert get_metadata(model)["emrrg.precision"] == "int8-qdq"
     cal = int8["calibration"]
     assert cal["count"] == 18 and cal["method"] == "minmax" and len(cal["images"][0]["sha256"]) == 64
+    # x_proj / dt_proj: weight-only int8 (a DQ on the weight, no Q on the activation), nothing left in f32
+    proj = set(scan_projection_nodes(model))
+    assert proj and cal["scan_projections_weight_only_int8"]["weights"] == len(proj)
+    inits = {i.name: i for i in model.graph.initializer}
+    q_out = {o for n in model.graph.node if n.op_type == "QuantizeLinear" for o in n.output}
+    for n in model.graph.node:
+        if n.name in proj:
+            ops = [producer[i].op_type if i in producer else None for i in n.input]
+            assert ops.count("DequantizeLinear") == 1 and not q_out & set(n.input)      # DQ'd weight, float activation
+            dq = producer[n.input[ops.index("DequantizeLinear")]]
+            assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8
 
 
 def test_smoothquant_is_exact_in_f32(exported):
