@@ -65,6 +65,21 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publishable_modes(root: Path) -> None:
+    """Files 0644 and folders 0755 (less the umask): some writers (torch's external data) create 0600 files,
+    and a bundle is read by other accounts (the console's service user) than the one that exported it."""
+    mask = _current_umask()
+    os.chmod(root, 0o755 & ~mask)
+    for p in root.rglob("*"):
+        os.chmod(p, (0o755 if p.is_dir() else 0o644) & ~mask)
+
+
 @contextmanager
 def staged_bundle(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes `out` (atomically), on any failure it vanishes."""
@@ -79,6 +94,7 @@ def staged_bundle(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     try:
         with _sigterm_as_interrupt():
             yield tmp
+            _publishable_modes(tmp)
             if out.exists():  # --overwrite: swap the old bundle out only once the new one is complete
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 out.rename(old)

@@ -46,6 +46,10 @@ def test_bundle_manifest(tiny_bundle, tiny_checkpoint):
     for name, art in m["artifacts"].items():
         assert len(art["sha256"]) == 64 and art["bytes"] > 0, name
     assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(".")]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tiny_bundle.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o644 & ~mask}, modes                # readable by the service account too
 
 
 def test_encoder_files_share_one_copy_of_the_weights(tiny_bundle):
