@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 
 from .config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
+from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -42,7 +43,7 @@ def _cli_errors(prog: str):
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

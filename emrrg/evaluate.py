@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 BLEU_CIDER_WEIGHTS = (0.8, 0.2)  # upstream EMRRG / R2GenGPT checkpoint selection: 0.8·BLEU-4 + 0.2·CIDEr
 
@@ -336,7 +337,7 @@ def _summary_line(name: str, s: dict) -> str:
 
 def eval_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="emrrg-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="emrrg-eval", formatter_class=DefaultsHelpFormatter,
         description="BLEU-1..4, METEOR, ROUGE-L, CIDEr and CheXpert CE P/R/F1 of a checkpoint or a bundle on a split "
                     "of an R2Gen annotation.json; --iu scores the metrics on the real IU X-Ray reports.")
     p.add_argument("source", nargs="?", help="emrrg checkpoint directory or emrrg-export bundle")

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 TRAIN_STATE = "train_state.pt"
 STATE_VERSION = 1
@@ -645,7 +646,7 @@ def train(a, log=print) -> dict:
 def _parser() -> argparse.ArgumentParser:
     from .config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
 
-    p = argparse.ArgumentParser(prog="emrrg-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="emrrg-train", formatter_class=DefaultsHelpFormatter,
                                 description="Partial LoRA fine-tuning of EMRRG on an R2Gen annotation.json "
                                             "(teacher-forced LM loss on the report tokens).")
     p.add_argument("--data", help="R2Gen-style annotation.json (train / val / test; image paths relative to it)")

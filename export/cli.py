@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from .pipeline import TARGETS
+from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 EXTRA_HELP = ("decoder quantization knobs as KEY=VALUE, e.g. block_size=32 symmetric=false lm_head_bits=8 "
               "accuracy_level=4 (see export/quantize_decoder.py)")
@@ -32,7 +33,7 @@ def _parse_extra(items: list[str]) -> dict[str, str]:
 
 def export_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="emrrg-export", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("checkpoint", help="emrrg checkpoint directory (emrrg-init / emrrg-import / emrrg-train)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
     p.add_argument("--int8", action="store_true", help="INT8 encoder (explicit Q/DQ, calibrated on X-rays)")

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..runtime import tensorrt as trt_backend
 from ..runtime.tensorrt import TensorRTBackendError
+from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 MAX_CHECK_IMAGES = 8  # calibration images run through both ONNX Runtime (CPU, slow) and the engine
 
@@ -92,7 +93,7 @@ def build_bundle_engine(bundle: str | Path, precision: str = "auto", *, images: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m emrrg.export.tensorrt_engine", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("bundle", help="bundle directory (emrrg-export output)")
     ap.add_argument("-p", "--precision", default="auto", choices=trt_backend.PRECISIONS,
                     help="auto: int8 for an INT8 bundle, else fp16 (TensorRT 10) / fp32 (TensorRT 11)")

@@ -12,13 +12,14 @@ import argparse
 import json
 import sys
 import warnings
+from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 
 def run_main(argv: list[str] | None = None) -> None:
     from .engine import BACKENDS
 
     p = argparse.ArgumentParser(prog="emrrg-run", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("bundle", help="bundle directory written by emrrg-export")
     p.add_argument("images", nargs="+", help="DICOM / PNG / JPEG views of ONE study (averaged as upstream)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend")

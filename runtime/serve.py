@@ -90,6 +90,7 @@ from starlette.requests import ClientDisconnect
 from .bundle import BundleError, load_manifest
 from .engine import BACKENDS
 from .preprocess import ImageError, load_image
+from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 log = logging.getLogger("emrrg.serve")
 
@@ -850,7 +851,7 @@ def _port(s: str) -> int:
 
 
 def serve_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="emrrg-serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="emrrg-serve", formatter_class=DefaultsHelpFormatter,
                                 description="HTTP report service for an X-ray console: POST /v1/reports (DICOM/PNG/"
                                             "JPEG, or multipart 'views'), GET /healthz, GET /v1/model, /openapi.json.")
     p.add_argument("bundle", help="bundle directory written by emrrg-export")
