@@ -102,6 +102,47 @@ class RuntimeRun:
         return {"ids": out["token_ids"], "timings_ms": out["timings_ms"], "backend": out["backend"]}
 
 
+def profile_runtime(bundle: Path, images, tokens: int, threads: int, top: int = 10) -> dict:
+    """Where the runtime's time goes: one report with ONNX Runtime's profiler on the encoder and the
+    decoder sessions; kernel time per op type (share of the session's kernel time), and the per-run
+    overhead outside kernels (ORT's own bookkeeping between nodes)."""
+    import collections
+
+    import onnxruntime as ort
+
+    from emrrg.runtime.oplib import register
+
+    rt = RuntimeRun(bundle, threads).rt
+    out = {}
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        sessions = {}
+        for name, art, ops in (("encoder", "encoder", True), ("decoder", "decoder", False)):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.enable_profiling = True
+            so.profile_file_prefix = f"{tmp}/{name}"
+            if ops:
+                register(so)
+            sessions[name] = ort.InferenceSession(str(bundle / rt.manifest["artifacts"][art]["path"]), so)
+        rt.encoder, rt.decoder.sess = sessions["encoder"], sessions["decoder"]
+        rt.gen.update(repetition_penalty=1.0)
+        rt.generate(images, num_beams=1, min_new_tokens=tokens, max_new_tokens=tokens)
+        for name, sess in sessions.items():
+            events = json.loads(Path(sess.end_profiling()).read_text())
+            kern, count = collections.Counter(), collections.Counter()
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    kern[e["args"]["op_name"]] += e["dur"]
+                    count[e["args"]["op_name"]] += 1
+            runs = [e["dur"] for e in events if e.get("name") == "model_run"]
+            total = sum(kern.values())
+            out[name] = {"runs": len(runs), "run_ms_total": sum(runs) / 1e3, "kernel_ms_total": total / 1e3,
+                         "nodes_per_run": round(sum(count.values()) / max(1, len(runs)), 1),
+                         "top_ops": [{"op": k, "ms": v / 1e3, "share": v / total, "calls_per_run": count[k] / max(1, len(runs))}
+                                     for k, v in kern.most_common(top)]}
+    return out
+
+
 def bundle_bytes(b: Path) -> int:
     return sum(p.stat().st_size for p in b.rglob("*") if p.is_file())
 
@@ -141,7 +182,9 @@ def write_results(res: dict) -> None:
     cfgs = res["configs"]
     lines = ["# End to end: PyTorch f32 vs runtime bundles", "",
              f"{res['machine']}; {res['tokens']} new tokens greedy; {res['repeats']} alternating repeats; "
-             f"threads {res['threads']}; images: {', '.join(res['images'])}", "",
+             f"threads {res['threads']}; images: {', '.join(res['images'])}; load average "
+             f"{res.get('load_average', {}).get('before')} before, {res.get('load_average', {}).get('after')} after "
+             "(a shared machine: the ratios, measured in the same run, are the figures to read)", "",
              "| config | " + " | ".join(f"{s} ms (median, min–max)" for s in STAGES) + " | decode tok/s | peak RSS MB | bundle MB |",
              "|---|" + "---|" * (len(STAGES) + 3)]
     for name, c in cfgs.items():
@@ -157,6 +200,12 @@ def write_results(res: dict) -> None:
                      f"{r['decode_tok_s_ratio']:.2f}× | {r['peak_rss_ratio']:.2f} | {r.get('bundle_size_ratio', float('nan')):.2f} |")
     lines += ["", f"Token agreement with the PyTorch reference (first {res['tokens']} greedy tokens): " +
               ", ".join(f"{k} {v:.2f}" for k, v in res["token_agreement"].items())]
+    for name, prof in res.get("profile_c", {}).items():
+        lines += ["", f"Profile of c_runtime_int8_4bit, {name} (ONNX Runtime profiler, one report: {prof['runs']} runs, "
+                      f"{prof['nodes_per_run']:.0f} nodes per run; {prof['run_ms_total']:.0f} ms in runs, of which "
+                      f"{prof['kernel_ms_total']:.0f} ms in kernels):", "",
+                  "| op type | kernel ms | share | calls per run |", "|---|---:|---:|---:|"]
+        lines += [f"| {o['op']} | {o['ms']:.1f} | {100 * o['share']:.1f}% | {o['calls_per_run']:.0f} |" for o in prof["top_ops"]]
     (RESULTS / "e2e.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -191,6 +240,7 @@ def main(argv=None) -> None:
     from emrrg.assets import chest_dicom, pneumonia_images
 
     paths = prepare(a.threads)
+    load_before = round(os.getloadavg()[0], 2)
     images = [str(chest_dicom("RG1_UNCR.dcm")), *map(str, pneumonia_images())][: a.images]
     runners = {"a_pytorch_f32": TorchRef(paths["ckpt"]), "b_runtime_f32": RuntimeRun(paths["bundle-f32"], a.threads),
                "c_runtime_int8_4bit": RuntimeRun(paths["bundle-int8-4bit"], a.threads)}
@@ -198,6 +248,7 @@ def main(argv=None) -> None:
     for i in range(a.warmup + a.repeats):
         for k, r in runners.items():
             out = r.run(images, a.tokens)
+            time.sleep(0.2)  # let the previous engine's idle ORT / OpenMP workers stop spinning
             if i >= a.warmup:
                 runs[k].append(out)
         print(f"[e2e] round {i + 1}/{a.warmup + a.repeats}: " +
@@ -230,7 +281,9 @@ def main(argv=None) -> None:
            "images": [Path(i).name for i in images], "configs": configs,
            "ratios": {"c/a": ratio("c_runtime_int8_4bit", "a_pytorch_f32"), "c/b": ratio("c_runtime_int8_4bit", "b_runtime_f32"),
                       "b/a": ratio("b_runtime_f32", "a_pytorch_f32")},
-           "token_agreement": agreement}
+           "token_agreement": agreement, "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)}}
+    print("[e2e] profiling one report of c_runtime_int8_4bit ...", flush=True)
+    res["profile_c"] = profile_runtime(paths["bundle-int8-4bit"], images, a.tokens, a.threads)
     write_results(res)
     print((RESULTS / "e2e.md").read_text())
 

@@ -213,6 +213,53 @@ def untied_lm_head(llm) -> Iterator[None]:
             head.weight = original
 
 
+GQA_ATTENTION = "emrrg_gqa_export"
+
+
+def grouped_query_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for the exported graph: each KV head serves its group of query heads through a reshape of
+    the queries, instead of transformers' repeat_kv, which the exporter turns into an Expand + Reshape
+    that copies the whole K/V cache num_heads / kv_heads times on every decode step (plus a transpose of
+    the copy). Same arithmetic: scores = q k^T * scaling + mask, softmax, @ v, per (batch, head).
+
+    query (B, H, T, D), key / value (B, KVH, S, D), attention_mask additive (B, 1, T, S) or None.
+    Returns (B, T, H, D) and no weights, as transformers' attention functions do.
+    """
+    import torch
+
+    b, h, t, d = query.shape
+    kvh, s = key.shape[1], key.shape[2]
+    g = h // kvh
+    scale = d ** -0.5 if scaling is None else scaling
+    q = query.reshape(b, kvh, g * t, d)                               # head h = kv * g + r (repeat_kv's order)
+    scores = torch.matmul(q, key.transpose(2, 3)) * scale              # (B, KVH, G*T, S)
+    if attention_mask is not None:
+        scores = (scores.view(b, kvh, g, t, s) + attention_mask[:, :, None, :, :s]).view(b, kvh, g * t, s)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value)                                   # (B, KVH, G*T, D)
+    return out.view(b, h, t, d).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def export_attention(llm) -> Iterator[None]:
+    """Run the LLM's self-attention through grouped_query_attention (additive float mask) while exporting."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GQA_ATTENTION, grouped_query_attention)
+    if GQA_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(GQA_ATTENTION, eager_mask)
+    configs = {id(c): c for c in (llm.config, getattr(llm.config, "text_config", None)) if c is not None}
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = GQA_ATTENTION
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+
+
 @contextlib.contextmanager
 def visual_kv_from_inputs(hybrid: Sequence[tuple[int, object]], kv: Sequence) -> Iterator[None]:
     """Point each hybrid layer's cached visual K/V at graph inputs while tracing.
@@ -461,7 +508,7 @@ def export_decoder(llm, out_dir: str | Path, *, tokenizer=None, validate: bool =
     B, T, P = (torch.export.Dim(n) for n in ("batch", "seq", "past"))
     total, Lv = torch.export.Dim("total"), torch.export.Dim("visual_len")
     try:
-        with torch.no_grad(), untied_lm_head(llm), tempfile.TemporaryDirectory() as tmpd:
+        with torch.no_grad(), untied_lm_head(llm), export_attention(llm), tempfile.TemporaryDirectory() as tmpd:
             tmpd = Path(tmpd)
             names = _weight_names(llm)
             wrapper = DecoderWithCache(llm)

@@ -183,6 +183,54 @@ def test_hybrid_decoder_and_cross_kv_match_torch(hybrid):
     assert np.abs(ort_steps(other, ids, [5])[0][0] - got[0]).max() > 1e-3
 
 
+# grouped_query_attention vs transformers' own sdpa path (repeat_kv + SDPA) on the same tensors: f32,
+# same reductions in a different grouping, so rounding only (observed ~1e-7).
+ATOL_GQA = 1e-5
+
+
+@pytest.mark.parametrize("heads,kv_heads,t,s", [(9, 3, 1, 7), (6, 2, 5, 5), (4, 4, 3, 8)])
+def test_export_attention_equals_transformers_sdpa(heads, kv_heads, t, s):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from emrrg.export.decoder_onnx import grouped_query_attention
+
+    g = torch.Generator().manual_seed(heads + t)
+    q = torch.randn(2, heads, t, 16, generator=g)
+    k, v = (torch.randn(2, kv_heads, s, 16, generator=g) for _ in range(2))
+    keep = torch.ones(2, 1, t, s, dtype=torch.bool).tril(diagonal=s - t)
+    keep[1, :, -1, 0] = False   # a masked past position in row 1 (no row fully masked: the runtime never pads,
+                                # and there transformers' sdpa gives 0 where eager and this give a uniform mean)
+    mask = torch.zeros(2, 1, t, s).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+    class M(torch.nn.Module):
+        num_key_value_groups = heads // kv_heads
+        is_causal = False
+        training = False
+
+    ref, _ = sdpa_attention_forward(M(), q, k, v, keep, scaling=0.25)
+    got, _ = grouped_query_attention(M(), q, k, v, mask, scaling=0.25)
+    assert got.shape == ref.shape == (2, t, heads, 16)
+    report("gqa vs sdpa", got.numpy(), ref.numpy())
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=ATOL_GQA, rtol=0)
+
+
+def test_exported_graph_does_not_repeat_the_kv_cache(plain):
+    """No Expand of the KV cache in the decoder graph: the KV heads are not copied per query head each step
+    (the only Expands left build the attention mask)."""
+    llm, _, exp = plain
+    assert llm.config.num_key_value_heads < llm.config.num_attention_heads        # GQA, or the check is vacuous
+    m = onnx.load(str(exp.decoder), load_external_data=False)
+    producer = {o: n for n in m.graph.node for o in n.output}
+
+    def source(name):                                                  # walk up through reshapes
+        while name in producer and producer[name].op_type in ("Unsqueeze", "Reshape", "Transpose"):
+            name = producer[name].input[0]
+        return name
+
+    expanded = [source(n.input[0]) for n in m.graph.node if n.op_type == "Expand"]
+    assert not [x for x in expanded if x.startswith(("present.", "past_key_values."))], expanded
+
+
 def test_unmerged_peft_is_refused(tmp_path):
     llm, _ = tiny_llm()
     peft_llm = add_llm_lora(llm, decoder_config("tiny-llama", lora_rank=2))
