@@ -115,6 +115,8 @@ def generate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the dataset preset)")
     p.add_argument("--min-new-tokens", type=int, default=None, help="(default: the dataset preset)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--llm-4bit", choices=("none", "nf4"), default="none",
+                   help="nf4: merge the LoRA, then hold the LLM's linears in bitsandbytes NF4 (lm_head f32)")
     a = p.parse_args(argv)
     with _cli_errors(p.prog):
         import torch
@@ -125,6 +127,12 @@ def generate_main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(a.threads)
         t0 = time.perf_counter()
         model = load_checkpoint(a.checkpoint)
+        if a.llm_4bit == "nf4":
+            from .decoder import quantize_llm_nf4
+
+            model.merge_adapters()
+            n = quantize_llm_nf4(model.llama_model)
+            print(f"[LLM: {n} linear layers in NF4]", file=sys.stderr)
         t1 = time.perf_counter()
         px = model.pixel_values(a.images)
         over = {k: v for k, v in (("num_beams", a.beams), ("max_new_tokens", a.max_new_tokens),

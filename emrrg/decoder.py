@@ -201,6 +201,34 @@ def add_llm_lora(llm: nn.Module, cfg: DecoderConfig):
     return get_peft_model(llm, lcfg)
 
 
+def quantize_llm_nf4(llm: nn.Module) -> int:
+    """Replace the LLM's plain nn.Linear layers by bitsandbytes NF4 Linear4bit (block 64, f32 compute).
+
+    Used for QLoRA training and for 4-bit PyTorch inference (`emrrg-generate --llm-4bit nf4`). LoRA
+    matrices, hybrid cross-attention and lm_head stay f32. Works before or after peft wrapping (a peft
+    LoRA layer's `base_layer` is quantized in place). Returns the number of layers replaced.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise DecoderLoadError("NF4 needs bitsandbytes (>= 0.50 runs NF4 on CPU): pip install bitsandbytes") from None
+
+    count = 0
+    for name, module in list(llm.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear or "lora_" in full or ".cross_attn." in full or child_name == "lm_head":
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, child_name, q.to("cpu"))  # .to() quantizes
+            count += 1
+    return count
+
+
 def save_tokenizer_json(tokenizer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)

@@ -66,32 +66,13 @@ class TrainError(ValueError):
 # ---- the model ------------------------------------------------------------------------------------
 
 def quantize_llm_4bit(llm) -> int:
-    """Replace the LLM's frozen nn.Linear layers by bitsandbytes NF4 Linear4bit (QLoRA). Returns the count.
+    """QLoRA's base: the LLM's frozen linears in bitsandbytes NF4 (emrrg.decoder.quantize_llm_nf4)."""
+    from .decoder import DecoderLoadError, quantize_llm_nf4
 
-    LoRA matrices, hybrid cross-attention and lm_head stay in f32. Works before or after peft wrapping
-    (a peft LoRA layer's `base_layer` is quantized in place).
-    """
     try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise TrainError("--qlora needs bitsandbytes (>= 0.50 runs NF4 on CPU): pip install bitsandbytes") from None
-    import torch
-    import torch.nn as nn
-
-    count = 0
-    for name, module in list(llm.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear or "lora_" in full or ".cross_attn." in full or child_name == "lm_head":
-                continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            setattr(module, child_name, q.to("cpu"))  # .to() quantizes
-            count += 1
-    return count
+        return quantize_llm_nf4(llm)
+    except DecoderLoadError as e:
+        raise TrainError(f"--qlora: {e}") from None
 
 
 def _add_missing_adapters(model, enc_rank: int, enc_alpha: float, llm_rank: int, llm_alpha: float) -> None:
