@@ -105,8 +105,10 @@ class Runtime:
             ok, reason = trt_backend.available()
             if ok:
                 try:
+                    enc_files = (arts["encoder"]["path"], *arts["encoder"].get("data", []))
+                    digest = trt_backend.model_digest([manifest["files"][r]["sha256"] for r in enc_files])
                     trt_encoder = trt_backend.TensorRTEncoder(bundle, bundle / arts["encoder"]["path"], precision="auto",
-                                                              onnx_sha256=arts["encoder"].get("sha256"))
+                                                              onnx_sha256=digest)
                     chosen = "tensorrt"
                 except trt_backend.TensorRTBackendError as e:
                     reason = str(e)

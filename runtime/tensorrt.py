@@ -402,6 +402,31 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def external_data_files(onnx_path: str | os.PathLike) -> list[Path]:
+    """The external-data files an ONNX file points at (relative to it), sorted."""
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - the TensorRT path installs onnx
+        return []
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    graphs, locs = [m.graph], set()
+    while graphs:
+        g = graphs.pop()
+        for t in g.initializer:
+            locs.update(e.value for e in t.external_data if e.key == "location")
+        graphs.extend(a.g for n in g.node for a in n.attribute if a.HasField("g"))
+    return sorted(Path(onnx_path).parent / loc for loc in locs)
+
+
+def model_digest(file_sha256: Sequence[str]) -> str:
+    """One id for an ONNX graph and its weights: sha256 over the graph file's and its data files' sha256s.
+    The graph file alone is not enough: it holds only offsets into the data, so two exports of the same
+    architecture can share it byte for byte while their weights differ."""
+    if len(file_sha256) == 1:
+        return file_sha256[0]
+    return hashlib.sha256("\n".join(file_sha256).encode()).hexdigest()
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "gpu"
 
@@ -722,7 +747,9 @@ class TensorRTEncoder:
         onnx_precision = onnx_precision or _artifact_precision(manifest, self.onnx_path)
         self.precision = resolve_precision(precision, onnx_precision, trt_major(self.trt_version))
         self.profile = encoder_profile(self.image_size, max_batch, max_views)
-        self.key = EngineKey(onnx_sha256=onnx_sha256 or sha256_file(self.onnx_path), gpu_name=self.gpu.name,
+        if onnx_sha256 is None:
+            onnx_sha256 = model_digest([sha256_file(p) for p in (self.onnx_path, *external_data_files(self.onnx_path))])
+        self.key = EngineKey(onnx_sha256=onnx_sha256, gpu_name=self.gpu.name,
                              compute_capability=self.gpu.compute_capability, trt_version=self.trt_version,
                              precision=self.precision, profile=_profile_text(self.profile))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else engine_cache_dir(self.bundle_dir)
@@ -803,7 +830,9 @@ class TensorRTEncoder:
         manifest = manifest or _read_manifest(bundle_dir) or {}
         art = manifest.get("artifacts", {}).get("encoder", {"path": "encoder.onnx"})
         rel = art["path"]
-        sha = manifest.get("files", {}).get(rel, {}).get("sha256")
+        files = manifest.get("files", {})
+        shas = [files.get(r, {}).get("sha256") for r in (rel, *art.get("data", []))]
+        sha = model_digest(shas) if all(shas) else None
         return cls(bundle_dir, bundle_dir / rel, precision, onnx_sha256=sha, onnx_precision=art.get("precision"),
                    image_size=manifest.get("encoder", {}).get("image_size"), **kw)
 

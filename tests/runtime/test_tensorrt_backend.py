@@ -348,3 +348,17 @@ def test_compare_outputs():
     bad = ref.copy()
     bad[0, 0, 0] = np.nan
     assert not trtb.compare_outputs(bad, ref)["finite"]
+
+
+def test_engine_key_covers_the_external_weights(tiny_bundle):
+    """The encoder graph file holds only offsets into encoder.weights: the engine cache key must change when
+    the weights do, or a cached engine could serve another export's weights."""
+    from emrrg.runtime.bundle import load_manifest
+
+    m = load_manifest(tiny_bundle)
+    art = m["artifacts"]["encoder"]
+    assert trtb.external_data_files(tiny_bundle / art["path"]) == [tiny_bundle / "encoder.weights"]
+    graph, weights = m["files"][art["path"]]["sha256"], m["files"]["encoder.weights"]["sha256"]
+    key = trtb.model_digest([graph, weights])
+    assert key != graph and key != trtb.model_digest([graph, "0" * 64])
+    assert trtb.model_digest([graph]) == graph
