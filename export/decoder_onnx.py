@@ -77,11 +77,13 @@ EXTERNAL_DATA_ABOVE_BYTES = 512 * 2**20  # inline protobufs stay well under the 
 # ORT f32 vs PyTorch f32 logits. Both run the same f32 graph; they differ only in summation order
 # (MLAS vs oneDNN GEMM blocking, a fused vs decomposed softmax). The per-op relative error is ~1e-7;
 # over 30 layers with RMSNorms and logits of magnitude ~30 it grows to ~1e-5 relative: SmolLM2-135M
-# measures 4e-4 max |diff| on a 7-token prefill of random ids (1.1e-3 with a merged LoRA) and ~1e-4
-# on decode steps. A real export bug (wrong mask, rope offset, cache order) shows up at >= 1e-1. So:
-# 1e-3 absolute plus 1e-4 relative to the largest |logit| (~4e-3 for SmolLM2, 4-10x above what it measures).
+# measures 2-4e-4 max |diff| on a 7-token prefill of random ids and ~1e-4 on decode steps; a trained,
+# LoRA-merged SmolLM2 (the demo checkpoint, max |logit| 35) amplifies the prefill rounding to 3.7e-3
+# (repeat_kv attention graph) and 5.6e-3 (the grouped attention graph), decode steps still ~7e-5.
+# A real export bug (wrong mask, rope offset, cache order) shows up at >= 1e-1. So: 1e-3 absolute plus
+# 2.5e-4 relative to the largest |logit| (~1e-2 for SmolLM2: 1.7x the worst rounding measured, 10x below a bug).
 LOGITS_ATOL = 1e-3
-LOGITS_RTOL = 1e-4
+LOGITS_RTOL = 2.5e-4
 KV_ATOL = 1e-4  # K/V: same argument, one projection deep; scaled by max|K| when that exceeds 1
 
 
