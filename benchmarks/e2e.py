@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -163,7 +162,9 @@ def _child(kind: str, path: str, images: list[str], tokens: int, threads: int) -
         TorchRef(Path(path)).run(images, tokens)
     else:
         RuntimeRun(Path(path), threads).run(images, tokens)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    from emrrg.runtime.engine import peak_rss_mb
+
+    print(peak_rss_mb())  # VmHWM: ru_maxrss would also count this benchmark process it was forked from
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -38,7 +38,16 @@ class BackendUnavailableError(RuntimeError):
     pass
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB. Linux: VmHWM of the current address space, because
+    getrusage's ru_maxrss survives execve and so also counts a large parent this process was forked from."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0                        # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
@@ -219,7 +228,7 @@ class Runtime:
                 "preprocess": 1e3 * (t1 - t0), "encoder": 1e3 * (t2 - t1), "prefill": 1e3 * step.prefill_s,
                 "decode": 1e3 * step.decode_s, "total": 1e3 * (t3 - t0),
             },
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
         }
 
     def summary(self) -> dict:

@@ -211,3 +211,21 @@ def test_op_library_search_prefers_the_cuda_build_under_onnxruntime_gpu(tmp_path
     monkeypatch.delenv(oplib.ENV_VAR)
     paths = oplib.candidate_paths(cuda=True)
     assert [p.name for p in paths[:2]] == [oplib.CUDA_LIBRARY_NAME, oplib.LIBRARY_NAME]
+
+
+def test_peak_rss_is_this_process_not_a_forked_parent():
+    """peak_rss_mb (in emrrg-run --json and the service) reads VmHWM: getrusage's ru_maxrss survives execve,
+    so a runtime started from a large process would report that process's peak as its own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ballast = np.ones(400 * 2**20 // 8)                                  # 400 MB, touched
+    code = ("import resource; from emrrg.runtime.engine import peak_rss_mb; "
+            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    ours, maxrss = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    del ballast
+    assert 10 < ours < 300, ours
+    print(f"child: VmHWM {ours:.0f} MB, ru_maxrss {maxrss:.0f} MB")
