@@ -6,8 +6,10 @@ decoder.onnx contract (written by emrrg.export.decoder_onnx):
              [visual_kv.{j}.key / .value (B, heads, Lv, head_dim) f32 for hybrid layer j]
     outputs  logits (B, T, V) f32, present.{i}.key / .value (B, kv_heads, P+T, head_dim) f32
 
-KV cache without a reallocation per token: two flat f32 buffers per cache tensor, sized for
-(max rows, kv_heads, max length, head_dim). A (B, kv, P, hd) tensor is the contiguous prefix of
+KV cache without a reallocation per token: two flat f32 buffers per cache tensor, sized before a
+report for (rows, kv_heads, prompt + new tokens, head_dim) by `reserve` (the engine calls it with the
+beam count and max_new_tokens; a buffer only ever grows, and only between reports unless a caller
+skips `reserve`). A (B, kv, P, hd) tensor is the contiguous prefix of
 a buffer, so ORT reads `past` from one buffer and writes `present` straight into the other
 through IOBinding; the next step swaps them. A beam reorder is one np.take into the idle buffer.
 
@@ -28,9 +30,9 @@ class OrtDecoder:
         self.max_len, self.max_rows = max_len, max_rows
         self.hybrid = tuple(hybrid_layers)
         self.vocab = embed_tokens.shape[0]
-        size = max_rows * kv_heads * max_len * head_dim
         names = [f"{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-        self._buf = {n: (np.empty(size, np.float32), np.empty(size, np.float32)) for n in names}
+        self._cap = 0        # floats per buffer
+        self._buf = {n: [np.empty(0, np.float32), np.empty(0, np.float32)] for n in names}
         self._cur = 0        # which of the two buffers holds the live cache
         self._rows = 0
         self._len = 0
@@ -48,6 +50,21 @@ class OrtDecoder:
                 for k, v in self._visual.items()}
 
     # ---- cache views ---------------------------------------------------------------------------
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for `rows` sequences of `length` positions (capped at max_len); keeps the live cache."""
+        n = rows * self.kvh * min(length, self.max_len) * self.hd
+        if n <= self._cap:
+            return
+        for pair in self._buf.values():
+            for k in (0, 1):
+                grown = np.empty(n, np.float32)
+                grown[:self._cap] = pair[k][:self._cap]
+                pair[k] = grown
+        self._cap = n
+
+    def cache_bytes(self) -> int:
+        return 2 * len(self._buf) * self._cap * 4
+
     def _view(self, name: str, which: int, rows: int, length: int) -> np.ndarray:
         n = rows * self.kvh * length * self.hd
         return self._buf[name][which][:n].reshape(rows, self.kvh, length, self.hd)
@@ -56,6 +73,8 @@ class OrtDecoder:
         t = embeds.shape[1]
         if past_len + t > self.max_len:
             raise ValueError(f"sequence of {past_len + t} tokens exceeds the cache of {self.max_len}")
+        if rows * self.kvh * (past_len + t) * self.hd > self._cap:   # no reserve() for this length: grow 2x
+            self.reserve(rows, max(past_len + t, 2 * self._cap // max(1, rows * self.kvh * self.hd)))
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
             "attention_mask": np.ones((rows, past_len + t), dtype=np.int64),
@@ -99,6 +118,7 @@ class OrtDecoder:
         if num_rows > self.max_rows:
             raise ValueError(f"{num_rows} rows exceed the preallocated {self.max_rows}")
         t = embeds.shape[1]
+        self.reserve(num_rows, t + 1)
         a, b = self._cur, 1 - self._cur
         logits = self._run(embeds, 1, 0, a, b).copy()                 # present (1, kv, T, hd) in buffer b
         for name in self._buf:
@@ -110,6 +130,7 @@ class OrtDecoder:
     def step(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
         n = len(tokens)
         live, idle = self._cur, 1 - self._cur
+        self.reserve(n, self._len + 1)
         if n != self._rows or not np.array_equal(rows, np.arange(n)):
             for name in self._buf:                                     # beam reorder into the idle buffer
                 np.take(self._view(name, live, self._rows, self._len), rows, axis=0,

@@ -215,7 +215,9 @@ class Runtime:
         t2 = time.perf_counter()
         s = self.settings(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         step = _TimedStep(self.decoder)
-        ids = generate(step, self.prompt_embeds(visual), s, on_token=on_token)
+        prompt = self.prompt_embeds(visual)
+        self.decoder.reserve(s.num_beams, prompt.shape[1] + s.max_new_tokens)   # the whole report's KV cache, once
+        ids = generate(step, prompt, s, on_token=on_token)
         t3 = time.perf_counter()
         self.decoder.set_visual_kv(None)
         return {

@@ -59,6 +59,33 @@ def test_beam_equals_transformers_first_40(runtime, reference):
     assert out["token_ids"][:40] == ref_ids[: len(out["token_ids"][:40])]
 
 
+def test_kv_cache_is_sized_per_report_and_not_reallocated_per_token(runtime):
+    """reserve() sizes the cache for (beams, prompt + max_new_tokens) once: a greedy report holds one row,
+    not max_rows x max_len, and its decode steps never reallocate the buffers."""
+    d = runtime.decoder
+    out = runtime.generate(study()[:1], num_beams=1, min_new_tokens=6, max_new_tokens=6)
+    assert out["tokens"] == 6
+    t0 = runtime.prompt_embeds(runtime.encode(np.zeros((1, 1, 3, runtime.image_size, runtime.image_size),
+                                                       np.float32))).shape[1]
+    per_row = d.kvh * d.hd
+    assert d._cap >= (t0 + 6) * per_row and d.cache_bytes() <= 2 * 2 * d.nl * 3 * (t0 + 40) * per_row * 4
+    seen = {id(b) for pair in d._buf.values() for b in pair}
+    real_step = d.step
+    allocations = []
+
+    def watched(tokens, rows):
+        out = real_step(tokens, rows)
+        allocations.append({id(b) for pair in d._buf.values() for b in pair} != seen)
+        return out
+
+    d.step = watched
+    try:
+        runtime.generate(study()[:1], num_beams=1, min_new_tokens=6, max_new_tokens=6)
+    finally:
+        del d.step
+    assert len(allocations) == 5 and not any(allocations)
+
+
 def test_result_fields(runtime):
     out = runtime.generate(study()[:1], num_beams=1, max_new_tokens=5)
     assert set(out) >= {"report", "tokens", "backend", "bundle_sha256", "timings_ms", "peak_rss_mb"}
