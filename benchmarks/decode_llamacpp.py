@@ -74,17 +74,22 @@ class LlamaCpp:
         self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
                          n_batch=n_ctx, verbose=False)
 
+    def _last_logits(self) -> np.ndarray:
+        # Without logits_all (which would compute the lm_head for every prompt position, work our decoder
+        # is not asked to do either), Llama.eval no longer copies logits into .scores: read the context's.
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+
     def run(self, ids: list[int], tokens: int) -> dict:
         llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(self._last_logits()))
         t1 = time.perf_counter()
         out = [tok]
         for _ in range(tokens - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(self._last_logits()))
             out.append(tok)
         t2 = time.perf_counter()
         return {"ids": out, "prefill_ms": 1e3 * (t1 - t0), "decode_ms": 1e3 * (t2 - t1)}
