@@ -412,3 +412,24 @@ def test_jpeg_ls_decodes_or_names_libjpeg() -> None:
     else:
         with pytest.raises(ImageError, match="pip install pylibjpeg pylibjpeg-libjpeg"):
             load_image(path)
+
+
+# RG1_UNCR.dcm is 1841 x 1955, 16-bit: the decoded frame is 7 MB and one float32 copy 14 MB. Strip-wise
+# LUT / windowing into one float32 output measures a 43 MB traced peak; whole-image float64 windowing measured
+# 111 MB. 64 MB leaves room for pydicom / Pillow versions and fails the float64 path.
+PREPROCESS_PEAK_MB = 64
+
+
+def test_preprocessing_a_large_radiograph_stays_lean():
+    import tracemalloc
+
+    path = str(chest_dicom("RG1_UNCR.dcm"))
+    preprocess(path, 224)                      # imports and pydicom's handler set-up, outside the measurement
+    tracemalloc.start()
+    try:
+        x = preprocess(path, 224)
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    print(f"traced peak {peak:.1f} MB")
+    assert x.shape == (3, 224, 224) and peak < PREPROCESS_PEAK_MB
