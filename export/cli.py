@@ -17,8 +17,10 @@ import warnings
 from .pipeline import TARGETS
 from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
-EXTRA_HELP = ("decoder quantization knobs as KEY=VALUE, e.g. block_size=32 symmetric=false lm_head_bits=8 "
-              "accuracy_level=4 (see export/quantize_decoder.py)")
+EXTRA_HELP = ("quantization knobs as KEY=VALUE that pin one configuration instead of the accuracy-aware ladder: "
+              "decoder block_size=32 symmetric=false lm_head_bits=8 accuracy_level=4 (export/quantize_decoder.py); "
+              "encoder encoder_smooth_alpha=0.75 (0: off) encoder_method=minmax|percentile|entropy "
+              "encoder_w3_float=false (export/quantize_encoder.py)")
 
 
 def _parse_extra(items: list[str]) -> dict[str, str]:

@@ -168,15 +168,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             # 4. INT8 ------------------------------------------------------------------------------------
             if opts.int8:
                 bar.start("int8 encoder")
-                from .quantize_encoder import quantize_int8
-                q = quantize_int8(work / "encoder.f32.onnx", work / "encoder.f32.scan.onnx", calib,
-                                  work / "encoder.int8.onnx", pure_out_path=work / "encoder.int8.scan.onnx")
-                calibration = q.get("calibration")
-                val["encoder_int8_pure"] = validate_encoder(work / "encoder.int8.scan.onnx", model, sets, oplib=False,
-                                                            reference_outputs=ref_tokens, verbose=False)
-                if find_op_library() is not None:
-                    val["encoder_int8"] = validate_encoder(work / "encoder.int8.onnx", model, sets,
-                                                           reference_outputs=ref_tokens, verbose=False)
+                calibration, enc_val = _quantize_encoder(model, work, calib, sets, ref_tokens, opts, log)
+                val.update(enc_val)
                 enc_files = {"custom": work / "encoder.int8.onnx", "pure": work / "encoder.int8.scan.onnx"}
                 enc_precision = "int8"
                 bar.done()
@@ -217,6 +210,74 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     finally:
         bar.close()
     return full
+
+
+def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOptions, log) -> tuple[dict, dict]:
+    """INT8 through the accuracy-aware ladder (quantize_encoder.ENCODER_INT8_LADDER, or the one configuration
+    pinned with --extra-options encoder_smooth_alpha / encoder_method / encoder_w3_float): the first whose
+    Q/DQ graph passes the validation thresholds on the calibration and held-out images is kept. Without a
+    pass the best (highest held-out mean cosine) is kept with passed=False, or --strict stops the export.
+    Returns (calibration facts with every attempt, validation figures)."""
+    import onnx
+
+    from ..runtime.oplib import find_op_library
+    from .encoder_onnx import ValidationError, validate_encoder
+    from .quantize_encoder import ENCODER_INT8_LADDER, mlp_down_nodes, quantize_int8
+
+    x = opts.extra
+    ladder = ENCODER_INT8_LADDER
+    if any(k.startswith("encoder_") for k in x):
+        alpha = x.get("encoder_smooth_alpha", "0.75")
+        ladder = ({"name": "user", "smooth_alpha": float(alpha) or None, "method": x.get("encoder_method", "minmax"),
+                   "float_mlp_down": x.get("encoder_w3_float", "0").lower() in ("1", "true", "yes")},)
+    w3 = mlp_down_nodes(onnx.load(str(work / "encoder.f32.scan.onnx"), load_external_data=False))
+    attempts, best = [], None
+    for cfg in ladder:
+        q = quantize_int8(work / "encoder.f32.onnx", work / "encoder.f32.scan.onnx", calib,
+                          work / f"encoder.int8.{cfg['name']}.onnx",
+                          pure_out_path=work / f"encoder.int8.{cfg['name']}.scan.onnx",
+                          smooth_alpha=cfg["smooth_alpha"], method=cfg.get("method", "minmax"),
+                          nodes_to_exclude=w3 if cfg.get("float_mlp_down") else (),
+                          float_worst_inputs=cfg.get("float_worst_inputs", 0.0))
+        files = {"pure": Path(q["pure_path"]), "custom": Path(q["path"])}
+        figures, passed = {}, True
+        checks = [("encoder_int8_pure", files["pure"], False)]
+        if find_op_library() is not None:
+            checks.append(("encoder_int8", files["custom"], "auto"))
+        for key, path, oplib in checks:
+            try:
+                figures[key] = validate_encoder(path, model, sets, oplib=oplib, reference_outputs=ref_tokens,
+                                                verbose=False)
+            except ValidationError as e:
+                passed = False
+                figures[key] = {"passed": False, "error": str(e)}
+        held = _held_out_cosine(model, files["pure"], sets, ref_tokens)
+        attempts.append({"name": cfg["name"], "passed": passed, "held_out_mean_cosine": held,
+                         "bytes": q["bytes"], "config": {k: v for k, v in cfg.items() if k != "name"}})
+        log(f"int8 encoder {cfg['name']}: {'pass' if passed else 'miss'} (held-out mean token cosine {held:.6f})")
+        if best is None or (passed, held) > (best[0]["passed"], best[0]["held_out_mean_cosine"]):
+            best = (attempts[-1], files, figures, q)
+        if passed:
+            break
+    chosen, files, figures, q = best
+    if not chosen["passed"]:
+        if opts.strict:
+            raise ExportError("--strict: no INT8 encoder configuration passes its thresholds; attempts: " +
+                              "; ".join(f"{a['name']} held-out cosine {a['held_out_mean_cosine']:.4f}" for a in attempts))
+        log(f"warning: no INT8 encoder configuration passes its thresholds; keeping {chosen['name']} "
+            f"(held-out mean token cosine {chosen['held_out_mean_cosine']:.4f}); export without --int8 for f32")
+    shutil.move(str(files["custom"]), work / "encoder.int8.onnx")
+    shutil.move(str(files["pure"]), work / "encoder.int8.scan.onnx")
+    calibration = dict(q.get("calibration") or {}, chosen=chosen["name"], attempts=attempts)
+    return calibration, figures
+
+
+def _held_out_cosine(model, onnx_path: Path, sets, ref_tokens) -> float:
+    from .encoder_onnx import as_pixel_values, compare, make_session, run_onnx
+
+    name = "held_out" if "held_out" in sets else next(iter(sets))
+    px = as_pixel_values(sets[name], model.cfg.encoder.img_size)
+    return float(compare(run_onnx(make_session(onnx_path, oplib=None), px), ref_tokens[name])["mean_cosine"])
 
 
 def _write_embedding(src: Path, root: Path, quantized: bool) -> dict:

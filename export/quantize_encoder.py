@@ -358,6 +358,60 @@ def weight_only_int8(model: onnx.ModelProto, node_names: Iterable[str]) -> dict:
     return {"weights": len(done), "bytes_saved": int(saved)}
 
 
+def worst_int8_inputs(model: onnx.ModelProto, pixels: np.ndarray, exclude: Iterable[str], fraction: float,
+                      batch_size: int = 1) -> list[str]:
+    """The MatMuls (not excluded, constant weight) whose input activation per-tensor symmetric INT8 rounds
+    worst: relative error ||x - q(x)|| / ||x|| with the minmax scale, measured on the calibration pixels
+    through the f32 `model` (pure_onnx form). Returns the readers of the worst `fraction` of those tensors."""
+    import onnxruntime as ort
+
+    targets = _smoothing_targets(model, set(exclude))
+    names = list(targets)
+    if not names or fraction <= 0:
+        return []
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    outs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in outs)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    acts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(0, len(pixels), batch_size):
+        for n, a in zip(names, sess.run(names, {"pixel_values": pixels[i:i + batch_size, None]})):
+            acts[n].append(a.astype(np.float32).ravel())
+    del sess, probe
+    err = {}
+    for n, parts in acts.items():
+        x = np.concatenate(parts)
+        s = max(float(np.abs(x).max()), 1e-12) / 127.0
+        err[n] = float(np.linalg.norm(x - np.clip(np.rint(x / s), -127, 127) * s) / max(np.linalg.norm(x), 1e-12))
+    k = max(1, int(round(fraction * len(names))))
+    worst = sorted(names, key=err.get, reverse=True)[:k]
+    return sorted(m.name for n in worst for m in targets[n])
+
+
+def mlp_down_nodes(model: onnx.ModelProto) -> list[str]:
+    """The SwiGLU down projections (w3): MatMuls with a constant weight whose input is the gate product
+    (a Mul). Their input is the widest-ranged activation in the block, the first to lose INT8 accuracy."""
+    inits = {i.name for i in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+    return sorted(n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                  and n.input[0] in prod and prod[n.input[0]].op_type == "Mul")
+
+
+# The accuracy-aware order of INT8 encoder configurations (emrrg-export walks it until one passes the
+# validation thresholds). The first four give the same file size; the last three leave some MatMuls in
+# f32 (the SwiGLU down projections, then the quarter / half of the inputs INT8 rounds worst) for the
+# checkpoints whose activations are hardest to quantize.
+ENCODER_INT8_LADDER: tuple[dict, ...] = (
+    {"name": "smoothquant-0.75", "smooth_alpha": 0.75},
+    {"name": "smoothquant-0.5", "smooth_alpha": 0.5},
+    {"name": "minmax-no-smoothquant", "smooth_alpha": None},
+    {"name": "smoothquant-0.75-percentile", "smooth_alpha": 0.75, "method": "percentile"},
+    {"name": "smoothquant-0.75-w3-float", "smooth_alpha": 0.75, "float_mlp_down": True},
+    {"name": "smoothquant-0.75-worst25-float", "smooth_alpha": 0.75, "float_worst_inputs": 0.25},
+    {"name": "smoothquant-0.75-worst50-float", "smooth_alpha": 0.75, "float_worst_inputs": 0.5},
+)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checks on the result
 # ---------------------------------------------------------------------------------------------------
@@ -409,6 +463,7 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
                   per_channel: bool = True, keep_scan_projections_float: bool = True,
                   nodes_to_exclude: Sequence[str] = (), op_types: Sequence[str] = QUANTIZED_OP_TYPES,
                   smooth_alpha: float | None = 0.75, weight_only_scan_projections: bool = True,
+                  float_worst_inputs: float = 0.0,
                   percentile: float = 99.999, batch_size: int = 1) -> dict:
     """Explicit Q/DQ INT8 of an exported f32 encoder (custom-op form), calibrated on X-rays.
 
@@ -420,6 +475,8 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
         the op library).
     keep_scan_projections_float: leave x_proj / dt_proj (they feed softplus / exp in the recurrence) float.
     weight_only_scan_projections: ... but store their weights int8 (weight_only_int8: float activations).
+    float_worst_inputs: leave float the MatMuls reading this fraction of activation tensors (after
+        SmoothQuant) that per-tensor INT8 rounds worst on the calibration images (worst_int8_inputs).
     smooth_alpha: SmoothQuant strength for the quantized MatMul inputs (smooth_activations); None: off.
         0.75 measured best of {0.5, 0.75, 0.9} on the base encoder, random and outlier-heavy inits alike.
     Returns {'path', 'pure_path', 'bytes', 'op_counts', 'checks', 'excluded_nodes', 'calibration': facts}.
@@ -451,6 +508,10 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
     excluded += [n for n in depthwise_conv_nodes(pure) if n not in excluded]
     if smooth_alpha:
         pure, smooth_info = smooth_activations(pure, pixels, smooth_alpha, excluded, batch_size)
+    worst = []
+    if float_worst_inputs:
+        worst = [n for n in worst_int8_inputs(pure, pixels, excluded, float_worst_inputs, batch_size) if n not in excluded]
+        excluded += worst
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     extra = {
@@ -494,7 +555,7 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
                   "weights": "int8 symmetric" + (", per output channel" if per_channel else ", per tensor"),
                   "op_types": list(op_types), "float_nodes": len(excluded),
                   "keep_scan_projections_float": keep_scan_projections_float, "smoothquant": smooth_info,
-                  "scan_projections_weight_only_int8": woq,
+                  "scan_projections_weight_only_int8": woq, "float_worst_inputs": worst,
                   "calibrated_graph": "pure_onnx twin (ORT's calibrator cannot load the op library)",
                   "onnxruntime": __import__("onnxruntime").__version__})
     meta = {METADATA_VARIANT: "custom_op", "emrrg.precision": "int8-qdq",
@@ -517,6 +578,6 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
 __all__ = [
     "CalibrationError", "QuantizationError", "IMAGE_SUFFIXES", "QUANTIZED_OP_TYPES", "CALIBRATION_METHODS",
     "list_calibration_images", "load_calibration_set", "scan_projection_nodes", "depthwise_conv_nodes",
-    "smooth_activations", "weight_only_int8",
+    "smooth_activations", "weight_only_int8", "mlp_down_nodes", "worst_int8_inputs", "ENCODER_INT8_LADDER",
     "check_int8_graph", "quantize_int8",
 ]

@@ -218,3 +218,58 @@ def test_int8_and_4bit_bundle_runs(tiny_checkpoint, tiny_bundle, tmp_path, capsy
     capsys.readouterr()
     run_main([str(out), str(chest_dicom()), "--beams", "2", "--max-new-tokens", "6", "--json"])
     assert json.loads(capsys.readouterr().out)["tokens"] == 6
+
+
+def test_int8_encoder_ladder_keeps_the_best_or_fails_strict(tiny_checkpoint, tmp_path, monkeypatch):
+    """With thresholds no INT8 graph can meet, every rung of the encoder ladder is tried and recorded; the
+    export keeps the best (passed=False, a warning) -- or, with --strict, stops and leaves nothing."""
+    import emrrg.export.encoder_onnx as eo
+    from emrrg.export.bundle import ExportError
+    from emrrg.export.pipeline import ExportOptions, export_bundle
+    from emrrg.export.quantize_encoder import ENCODER_INT8_LADDER
+
+    monkeypatch.setattr(eo, "INT8_THRESHOLDS", eo.Thresholds(max_nmse=0.0, min_mean_cosine=1.0 + 1e-9))
+    logs = []
+    out = tmp_path / "b"
+    m = export_bundle(tiny_checkpoint, out, ExportOptions(int8=True, llm_bits=32, max_calib=4), progress=False,
+                      log=logs.append)
+    attempts = m["calibration"]["attempts"]
+    assert [a["name"] for a in attempts] == [c["name"] for c in ENCODER_INT8_LADDER]
+    assert not any(a["passed"] for a in attempts)
+    best = max(attempts, key=lambda a: a["held_out_mean_cosine"])
+    assert m["calibration"]["chosen"] == best["name"] and any("warning" in line for line in logs)
+    assert 0.9 < best["held_out_mean_cosine"] < 1.0
+    with pytest.raises(ExportError, match="--strict"):
+        export_bundle(tiny_checkpoint, tmp_path / "s", ExportOptions(int8=True, llm_bits=32, max_calib=4, strict=True,
+                                                                     extra={"encoder_smooth_alpha": "0.5"}),
+                      progress=False, log=logs.append)
+    assert leftovers(tmp_path) == ["b"]
+
+
+def test_worst_int8_inputs_are_left_float(tiny_checkpoint, tmp_path):
+    """float_worst_inputs leaves the readers of the worst-rounded activations float, and only those."""
+    import onnx
+
+    from emrrg.checkpoint import load_checkpoint
+    from emrrg.export.encoder_onnx import export_encoder, pure_onnx_twin
+    from emrrg.export.quantize_encoder import _smoothing_targets, load_calibration_set, quantize_int8, worst_int8_inputs
+    from emrrg.assets import real_xrays
+
+    model = load_checkpoint(tiny_checkpoint)
+    model.merge_adapters()
+    export_encoder(model, tmp_path / "e.onnx", "custom_op")
+    pure_onnx_twin(tmp_path / "e.onnx", tmp_path / "p.onnx")
+    pure = onnx.load(str(tmp_path / "p.onnx"))
+    px = load_calibration_set(real_xrays()[:3], 64)[0]
+    n_inputs = len(_smoothing_targets(pure, set()))
+    half = worst_int8_inputs(pure, px, (), 0.5)
+    quarter = worst_int8_inputs(pure, px, (), 0.25)
+    assert quarter and set(quarter) < set(half) and len(half) < sum(len(v) for v in _smoothing_targets(pure, set()).values())
+    assert n_inputs >= 4
+    q = quantize_int8(tmp_path / "e.onnx", tmp_path / "p.onnx", real_xrays()[:3], tmp_path / "q.onnx",
+                      float_worst_inputs=0.25)
+    g = onnx.load(q["path"]).graph
+    producer = {o: n for n in g.node for o in n.output}
+    for n in g.node:
+        if n.name in q["calibration"]["float_worst_inputs"]:
+            assert not (n.input[0] in producer and producer[n.input[0]].op_type == "DequantizeLinear")
