@@ -251,7 +251,9 @@ def run_one(args, init: str, workdir: Path) -> dict:
               and prod[n.input[0]].op_type == "Mul"]                       # SwiGLU's down projection
         configs = {"no SmoothQuant": dict(smooth_alpha=None), "SmoothQuant 0.5": dict(smooth_alpha=0.5),
                    "SmoothQuant 0.75": dict(smooth_alpha=0.75), "SmoothQuant 0.9": dict(smooth_alpha=0.9),
-                   "SmoothQuant 0.75, w3 float": dict(smooth_alpha=0.75, nodes_to_exclude=w3)}
+                   "SmoothQuant 0.75, w3 float": dict(smooth_alpha=0.75, nodes_to_exclude=w3),
+                   "SmoothQuant 0.75, worst 25% inputs float": dict(smooth_alpha=0.75, float_worst_inputs=0.25),
+                   "SmoothQuant 0.75, worst 50% inputs float": dict(smooth_alpha=0.75, float_worst_inputs=0.5)}
         res["ablation"] = {}
         for name, kw in configs.items():
             qa = quantize_int8(d / "encoder.onnx", d / "encoder.pure.onnx", args.calib, d / "encoder.int8.ablation.onnx",
