@@ -256,7 +256,11 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
                          "bytes": q["bytes"], "config": {k: v for k, v in cfg.items() if k != "name"}})
         log(f"int8 encoder {cfg['name']}: {'pass' if passed else 'miss'} (held-out mean token cosine {held:.6f})")
         if best is None or (passed, held) > (best[0]["passed"], best[0]["held_out_mean_cosine"]):
-            best = (attempts[-1], files, figures, q)
+            loser, best = (best[1] if best else {}), (attempts[-1], files, figures, q)
+        else:
+            loser = files
+        for f in loser.values():  # keep one candidate on disk (a base encoder pair is ~200 MB)
+            f.unlink(missing_ok=True)
         if passed:
             break
     chosen, files, figures, q = best
