@@ -201,6 +201,19 @@ def _smoothing_targets(model: onnx.ModelProto, exclude: set[str]) -> dict[str, l
     return targets
 
 
+def _intermediates(model: onnx.ModelProto, names: list[str], pixels: np.ndarray, batch_size: int):
+    """Yield (name, value) of the named tensors of an f32 pure_onnx model, batch by batch over the pixels."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    outs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in outs)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    del probe
+    for i in range(0, len(pixels), batch_size):
+        yield from zip(names, sess.run(names, {"pixel_values": pixels[i:i + batch_size, None]}))
+
+
 def smooth_activations(model: onnx.ModelProto, pixels: np.ndarray, alpha: float = 0.5, exclude: Iterable[str] = (),
                        batch_size: int = 1) -> tuple[onnx.ModelProto, dict]:
     """SmoothQuant (Xiao et al. 2022, arXiv 2211.10438) for every quantized MatMul input; f32-exact.
@@ -217,26 +230,16 @@ def smooth_activations(model: onnx.ModelProto, pixels: np.ndarray, alpha: float 
     is flatter, and the weights, quantized per output channel, take the spread. `model` must run in a plain
     ONNX Runtime (the pure_onnx form).
     """
-    import onnxruntime as ort
     from onnx import numpy_helper
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     targets = _smoothing_targets(model, set(exclude))
     if not targets:
         return model, {"alpha": alpha, "tensors": 0}
-    names = list(targets)
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    outs = {o.name for o in probe.graph.output}
-    for nm in names:
-        if nm not in outs:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(nm))
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     amax: dict[str, np.ndarray] = {}
-    for i in range(0, len(pixels), batch_size):
-        for nm, a in zip(names, sess.run(names, {"pixel_values": pixels[i:i + batch_size, None]})):
-            m = np.abs(a.reshape(-1, a.shape[-1])).max(0)                    # (K,) per input channel
-            amax[nm] = m if nm not in amax else np.maximum(amax[nm], m)
-    del sess, probe
+    for nm, a in _intermediates(model, list(targets), pixels, batch_size):
+        m = np.abs(a.reshape(-1, a.shape[-1])).max(0)                        # (K,) per input channel
+        amax[nm] = m if nm not in amax else np.maximum(amax[nm], m)
 
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -363,21 +366,13 @@ def worst_int8_inputs(model: onnx.ModelProto, pixels: np.ndarray, exclude: Itera
     """The MatMuls (not excluded, constant weight) whose input activation per-tensor symmetric INT8 rounds
     worst: relative error ||x - q(x)|| / ||x|| with the minmax scale, measured on the calibration pixels
     through the f32 `model` (pure_onnx form). Returns the readers of the worst `fraction` of those tensors."""
-    import onnxruntime as ort
-
     targets = _smoothing_targets(model, set(exclude))
     names = list(targets)
     if not names or fraction <= 0:
         return []
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    outs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in outs)
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     acts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i in range(0, len(pixels), batch_size):
-        for n, a in zip(names, sess.run(names, {"pixel_values": pixels[i:i + batch_size, None]})):
-            acts[n].append(a.astype(np.float32).ravel())
-    del sess, probe
+    for n, a in _intermediates(model, names, pixels, batch_size):
+        acts[n].append(a.astype(np.float32).ravel())
     err = {}
     for n, parts in acts.items():
         x = np.concatenate(parts)

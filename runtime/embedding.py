@@ -15,6 +15,9 @@ import numpy as np
 from .bundle import BundleError
 
 Q8_BLOCK = 32
+# The round trip's error bound per element, relative to its block's amax: half a step (amax / 254) plus
+# the clip that an f16-rounded-down scale can cause (at most 127 * amax/127 * 2^-11).
+Q8_REL_ERROR_BOUND = 0.5 / 127 + 2 ** -11
 
 
 def quantize_q8_blocks(w: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -66,4 +69,4 @@ def load_embedding(bundle: Path, art: dict):
     return Q8BlockEmbedding(table, np.load(Path(bundle) / art["scales"], mmap_mode="r"))
 
 
-__all__ = ["Q8_BLOCK", "Q8BlockEmbedding", "load_embedding", "quantize_q8_blocks"]
+__all__ = ["Q8_BLOCK", "Q8_REL_ERROR_BOUND", "Q8BlockEmbedding", "load_embedding", "quantize_q8_blocks"]
