@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 
 def prompt_ids(manifest: dict, tokenizer_json: Path, n: int) -> list[int]:
@@ -142,12 +143,7 @@ def main(argv=None) -> None:
     o, l = res["ours_4bit_onnx"], res["llama_cpp_q4_1"]
     ours_ids, ll_ids = runs["ours_4bit_onnx"][0]["ids"], runs["llama_cpp_q4_1"][0]["ids"]
     agree = next((i for i, (x, y) in enumerate(zip(ours_ids, ll_ids)) if x != y), len(ours_ids))
-    cpu = platform.machine()
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = {"machine": f"{cpu} ({os.cpu_count()} cores)", "threads": a.threads, "prompt_tokens": len(ids),
+    out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "threads": a.threads, "prompt_tokens": len(ids),
            "tokens": a.tokens, "repeats": a.repeats, "bundle": str(a.bundle),
            "decoder_precision": m["artifacts"]["decoder"]["precision"], "gguf": gguf.name,
            "llama_cpp_python": llama_cpp.__version__, "onnxruntime": __import__("onnxruntime").__version__,

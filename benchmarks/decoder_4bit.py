@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 from emrrg.export.quantize_decoder import DEFAULT_LADDER, KL_MAX, TOP1_MIN, QuantConfig  # noqa: E402
 
@@ -278,7 +279,7 @@ def main():
             sys.exit(f"unknown configs {unknown}; choose from {list(names)}")
         configs = [names[n] for n in args.configs.split(",")]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or _cpu_name(), "cores": os.cpu_count(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "cores": os.cpu_count(),
             "threads": args.threads, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "calib_prompts": args.calib_prompts, "lora_rank": args.lora_rank,
@@ -298,16 +299,6 @@ def main():
     meta["loadavg_end"] = os.getloadavg()
     save()
     print(f"wrote {json_path} and {md_path}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu_flags, cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 TARGET_COSINE = 0.995      # the issue: INT8 mean token cosine vs f32
 TARGET_SPEEDUP = 6.0       # the issue: runtime encoder >= 6x faster than PyTorch f32 eager
@@ -381,12 +382,7 @@ def main():
         runs = latency_only(args, inits, workdir)
     else:
         runs = [run_one(args, init, workdir) for init in inits]
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    cpu, flags = cpu_name(), cpu_flags()
     out = {"preset": args.preset, "hidden": args.hidden, "seed": args.seed, "method": args.method,
            "smooth_alpha": args.smooth_alpha,
            "targets": {"int8_mean_cosine": TARGET_COSINE, "speedup_vs_torch_f32": TARGET_SPEEDUP},

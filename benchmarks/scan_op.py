@@ -36,6 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from machine import cpu_flags, cpu_name  # noqa: E402  (benchmarks/machine.py)
+
 TARGET_SPEEDUP_VS_REF = 30.0  # the op must be at least this much faster than the torch reference
 
 
@@ -59,15 +61,6 @@ def parse_args():
 
 
 # ---- the op's compiler flags (plugins/CMakeLists.txt) ----
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
 
 def op_cflags() -> list[str]:
     flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
@@ -226,7 +219,7 @@ def main():
     result = {
         "benchmark": "selective_scan base layer",
         "shape": shape,
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
         "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "numpy": np.__version__},
         "op_library": str(lib),
         "lower_bound_build": lb_cmd,
@@ -242,16 +235,6 @@ def main():
         if not r["meets_target"]:
             print(f"WARNING ({r['threads']} threads): op is only {r['speedup_ref_over_op']:.1f}x faster than the "
                   f"reference (target {TARGET_SPEEDUP_VS_REF:.0f}x)")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _markdown(r) -> str:
