@@ -9,16 +9,13 @@ def tiny_checkpoint(tmp_path_factory):
     from emrrg.checkpoint import save_checkpoint
     from emrrg.config import make_config
     from emrrg.model import EMRRG
+    from tests.adapters import randomize_adapters
 
     torch.manual_seed(0)
     cfg = make_config("tiny", "tiny-llama", "iu", encoder_overrides=dict(lora_rank=4),
                       decoder_overrides=dict(lora_rank=4, hybrid_layers=(1,)))
     model = EMRRG(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora" in name or "cross_attn" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    randomize_adapters(model, scale=0.05, seed=1)
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 

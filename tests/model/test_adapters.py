@@ -11,17 +11,9 @@ from emrrg.config import encoder_config, make_config
 from emrrg.encoder import MambaXrayEncoder
 from emrrg.lora import AdapterMismatchError, PartialLoRA, load_encoder_adapter, merge_partial_lora, save_encoder_adapter
 from emrrg.model import EMRRG
+from tests.adapters import randomize_adapters
 
 RTOL_MERGE_F32, ATOL_MERGE_F32 = 1e-4, 1e-4
-
-
-def randomize_adapters(module, scale=0.05, seed=0):
-    """Adapters start as the identity update (up = 0); give them non-zero weights so merging matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora" in name or "cross_attn" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def report(name, a, b):

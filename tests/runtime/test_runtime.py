@@ -267,16 +267,13 @@ def test_smollm2_bundle_greedy_and_beam_equal_the_reference(tmp_path):
     from emrrg.config import make_config
     from emrrg.export.pipeline import ExportOptions, export_bundle
     from emrrg.model import EMRRG
+    from tests.adapters import randomize_adapters
 
     torch.manual_seed(0)
     cfg = make_config("tiny", "smollm2-135m", "mimic", encoder_overrides=dict(lora_rank=4),
                       decoder_overrides=dict(lora_rank=4))
     model = EMRRG(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_b" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    randomize_adapters(model, scale=0.01, seed=1, names=("lora_B", "lora_b"))
     ckpt = save_checkpoint(model, tmp_path / "ck")
     bundle = tmp_path / "bundle"
     export_bundle(ckpt, bundle, ExportOptions(llm_bits=32, max_calib=2), progress=False)
