@@ -114,6 +114,7 @@ def generate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--beams", type=int, default=None, help="beam count (default: the checkpoint's dataset preset)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the dataset preset)")
     p.add_argument("--min-new-tokens", type=int, default=None, help="(default: the dataset preset)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="0 = off (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--llm-4bit", choices=("none", "nf4"), default="none",
                    help="nf4: merge the LoRA, then hold the LLM's linears in bitsandbytes NF4 (lm_head f32)")
@@ -136,7 +137,8 @@ def generate_main(argv: list[str] | None = None) -> None:
         t1 = time.perf_counter()
         px = model.pixel_values(a.images)
         over = {k: v for k, v in (("num_beams", a.beams), ("max_new_tokens", a.max_new_tokens),
-                                  ("min_new_tokens", a.min_new_tokens)) if v is not None}
+                                  ("min_new_tokens", a.min_new_tokens),
+                                  ("no_repeat_ngram_size", a.no_repeat_ngram_size)) if v is not None}
         if "max_new_tokens" in over and over["max_new_tokens"] < model.cfg.generation.min_new_tokens:
             over.setdefault("min_new_tokens", over["max_new_tokens"])
         ids = model.generate_ids(px, **over)

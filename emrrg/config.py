@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 class UnknownPresetError(ValueError):
@@ -86,6 +86,13 @@ class GenerationConfig:
     length_penalty: float = 2.0
     min_new_tokens: int = 80
     max_new_tokens: int = 120
+    # Ban any n-gram of this many tokens from occurring twice in one report (transformers'
+    # no_repeat_ngram_size over the generated tokens only; 0 = off, as upstream).
+    no_repeat_ngram_size: int = 0
+
+
+# Every decoding setting's name, in one place: the CLIs' overrides, the evaluators and the runtime read it.
+DECODE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(GenerationConfig))
 
 
 @dataclass

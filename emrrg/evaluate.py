@@ -103,9 +103,11 @@ def score_reports(preds: Sequence[str], refs: Sequence[str], meteor: bool = True
 # ---- generation ---------------------------------------------------------------------------------
 
 def decode_overrides(beams: int | None = None, min_new_tokens: int | None = None, max_new_tokens: int | None = None,
-                     repetition_penalty: float | None = None, length_penalty: float | None = None) -> dict:
+                     repetition_penalty: float | None = None, length_penalty: float | None = None,
+                     no_repeat_ngram_size: int | None = None) -> dict:
     over = {"num_beams": beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens,
-            "repetition_penalty": repetition_penalty, "length_penalty": length_penalty}
+            "repetition_penalty": repetition_penalty, "length_penalty": length_penalty,
+            "no_repeat_ngram_size": no_repeat_ngram_size}
     over = {k: v for k, v in over.items() if v is not None}
     if "max_new_tokens" in over and "min_new_tokens" not in over:
         over["min_new_tokens"] = -1  # resolved against the source's own min below
@@ -147,7 +149,7 @@ class TorchGenerator:
         import torch
 
         g = self.settings(over)
-        keys = ["num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty"]
+        keys = ["num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size"]
         kwargs = {k: g[k] for k in keys}
         # greedy has no length penalty (None: not passed on, so transformers does not warn about it)
         kwargs["length_penalty"] = g["length_penalty"] if g["num_beams"] > 1 else None
@@ -187,8 +189,7 @@ class BundleGenerator:
         return cls(Runtime.from_pretrained(path, backend=backend, threads=threads))
 
     def settings(self, over: dict) -> dict:
-        base = {k: self.rt.gen[k] for k in ("num_beams", "repetition_penalty", "length_penalty", "min_new_tokens",
-                                            "max_new_tokens")}
+        base = self.rt.settings().as_generation()
         return _resolve(base, over)
 
     def generate(self, studies: Sequence[Sequence[Path]], over: dict,
@@ -351,6 +352,8 @@ def eval_main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-new-tokens", type=int, default=None, help="(default: the source's)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the source's)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="(default: the source's)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="ban repeated n-grams of this size, 0 = off "
+                                                                          "(default: the source's)")
     p.add_argument("--batch-size", type=int, default=8, help="studies per batch (PyTorch source)")
     p.add_argument("--backend", default="auto", help="runtime backend for a bundle source")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime)")
@@ -395,7 +398,8 @@ def _run_eval(a) -> None:
         split = load_split(a.data, a.split, a.limit)
         gen = open_source(src, a.batch_size, a.backend, a.threads)
         train = None if a.no_baseline else load_annotation(a.data)["train"]
-        over = decode_overrides(a.beams, a.min_new_tokens, a.max_new_tokens, a.repetition_penalty)
+        over = decode_overrides(a.beams, a.min_new_tokens, a.max_new_tokens, a.repetition_penalty,
+                                no_repeat_ngram_size=a.no_repeat_ngram_size)
         res = evaluate_source(gen, split, over, train, meteor=meteor, tokenizer=a.tokenizer,
                               progress=not a.no_progress)
         res = {"source": str(src), "data": str(a.data), **res}

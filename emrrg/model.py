@@ -106,7 +106,8 @@ class EMRRG(nn.Module):
             kwargs = dict(
                 num_beams=gen.num_beams, do_sample=False, repetition_penalty=gen.repetition_penalty,
                 length_penalty=gen.length_penalty, min_new_tokens=gen.min_new_tokens,
-                max_new_tokens=gen.max_new_tokens, eos_token_id=tok.eos_token_id,
+                max_new_tokens=gen.max_new_tokens, no_repeat_ngram_size=gen.no_repeat_ngram_size,
+                eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             )
             kwargs.update(overrides)

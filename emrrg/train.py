@@ -102,7 +102,7 @@ def build_model(a):
     import torch
 
     from .checkpoint import load_checkpoint
-    from .config import make_config
+    from .config import DECODE_KEYS, make_config
     from .decoder import default_hybrid_layers, load_base_decoder
     from .model import EMRRG
 
@@ -125,7 +125,7 @@ def build_model(a):
             cfg.decoder.hybrid_layers = tuple(int(x) for x in a.hybrid_layers.split(","))
         model = EMRRG(cfg, llm, tok)
     gen = model.cfg.generation
-    for k in ("num_beams", "min_new_tokens", "max_new_tokens", "repetition_penalty", "length_penalty"):
+    for k in DECODE_KEYS:
         v = getattr(a, f"gen_{k}", None)
         if v is not None:
             setattr(gen, k, v)
@@ -682,6 +682,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-max-new-tokens", type=int, default=None)
     g.add_argument("--gen-repetition-penalty", type=float, default=None)
     g.add_argument("--gen-length-penalty", type=float, default=None)
+    g.add_argument("--gen-no-repeat-ngram-size", type=int, default=None, help="0 = off")
     p.add_argument("--progress", default="auto", choices=("auto", "bar", "log"),
                    help="tqdm bar on a terminal, log lines otherwise")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (--progress log)")

@@ -12,8 +12,9 @@ same way):
 - greedy: processors on the raw logits, then argmax;
 - beam search: log_softmax, then processors, top 2·beams candidates, finished hypotheses scored
   sum_logprob / len**length_penalty, early_stopping=False heuristic. All in float32 as there.
-Processors: repetition penalty (score < 0 -> ·p, else /p, once per seen token) and min_new_tokens
-(EOS -> -inf until that many tokens exist).
+Processors, in transformers' order: repetition penalty (score < 0 -> ·p, else /p, once per seen token),
+no_repeat_ngram_size n (a token that would complete an n-gram already in the row's generated tokens
+-> -inf) and min_new_tokens (EOS -> -inf until that many tokens exist).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from ..config import GenerationConfig
+from ..config import DECODE_KEYS, GenerationConfig
 
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for masked beams
 
@@ -38,7 +39,13 @@ class DecodeSettings(GenerationConfig):
             raise ValueError("num_beams and max_new_tokens must be >= 1")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError("no_repeat_ngram_size must be >= 0 (0 = off)")
         self.min_new_tokens = min(self.min_new_tokens, self.max_new_tokens)
+
+    def as_generation(self) -> dict:
+        """The decoding settings alone (the GenerationConfig fields), without the EOS id."""
+        return {k: getattr(self, k) for k in DECODE_KEYS}
 
 
 class StepModel(Protocol):
@@ -52,14 +59,29 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return (x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
+def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram of `seq`: the continuations of every earlier occurrence of its
+    last n-1 tokens (all of seq's tokens for n = 1). Nothing is banned before the row has n-1 tokens."""
+    if n <= 0 or len(seq) + 1 < n:
+        return []
+    tail = seq[len(seq) - n + 1:]                                     # the n-1 tokens a new token would extend
+    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == tail]
+
+
 def apply_processors(scores: np.ndarray, seqs: list[list[int]], s: DecodeSettings) -> np.ndarray:
-    """Repetition penalty then min-new-tokens, row by row (scores: (n, V) float32, modified in place)."""
+    """Repetition penalty, no-repeat n-grams, then min-new-tokens, row by row (scores: (n, V) float32,
+    modified in place)."""
     if s.repetition_penalty != 1.0:
         for r, seq in enumerate(seqs):
             if seq:
                 idx = np.unique(np.asarray(seq, dtype=np.int64))
                 v = scores[r, idx]
                 scores[r, idx] = np.where(v < 0, v * np.float32(s.repetition_penalty), v / np.float32(s.repetition_penalty))
+    if s.no_repeat_ngram_size:
+        for r, seq in enumerate(seqs):
+            banned = banned_ngram_tokens(seq, s.no_repeat_ngram_size)
+            if banned:
+                scores[r, banned] = -np.inf
     if seqs and len(seqs[0]) < s.min_new_tokens:
         scores[:, s.eos_token_id] = -np.inf
     return scores

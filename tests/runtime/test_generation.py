@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 from emrrg.config import make_config
 from emrrg.model import EMRRG
-from emrrg.runtime.generation import DecodeSettings, apply_processors, beam_search, generate, greedy
+from emrrg.runtime.generation import (DecodeSettings, apply_processors, banned_ngram_tokens, beam_search, generate,
+                                      greedy)
 
 
 class TorchStep:
@@ -47,7 +48,7 @@ def hf_generate(model, embeds, s: DecodeSettings):
             inputs_embeds=e, attention_mask=torch.ones(e.shape[:2], dtype=torch.long), do_sample=False,
             num_beams=s.num_beams, repetition_penalty=s.repetition_penalty, length_penalty=s.length_penalty,
             min_new_tokens=s.min_new_tokens, max_new_tokens=s.max_new_tokens, eos_token_id=s.eos_token_id,
-            pad_token_id=0)
+            no_repeat_ngram_size=s.no_repeat_ngram_size, pad_token_id=0)
     ids = out[0].tolist()
     return ids[: ids.index(s.eos_token_id) + 1] if s.eos_token_id in ids else ids
 
@@ -63,17 +64,42 @@ def tiny_prompt(seed):
 
 
 @pytest.mark.parametrize("seed", range(2))
-@pytest.mark.parametrize("beams,min_new,max_new,rep,lp", [
-    (1, 0, 30, 2.0, 2.0), (1, 10, 30, 1.0, 1.0), (3, 0, 40, 2.0, 2.0), (5, 10, 40, 2.0, 2.0),
-    (3, 5, 40, 1.3, 0.0), (2, 0, 25, 1.0, -1.0),
+@pytest.mark.parametrize("beams,min_new,max_new,rep,lp,ngram", [
+    (1, 0, 30, 2.0, 2.0, 0), (1, 10, 30, 1.0, 1.0, 0), (3, 0, 40, 2.0, 2.0, 0), (5, 10, 40, 2.0, 2.0, 0),
+    (3, 5, 40, 1.3, 0.0, 0), (2, 0, 25, 1.0, -1.0, 0),
+    # no_repeat_ngram_size with no repetition penalty, where the tiny model loops and the ban must act
+    (1, 10, 40, 1.0, 1.0, 2), (1, 10, 40, 1.0, 1.0, 3), (3, 5, 40, 1.0, 2.0, 3), (4, 0, 40, 1.3, 1.0, 1),
 ])
-def test_matches_transformers_tiny(seed, beams, min_new, max_new, rep, lp):
+def test_matches_transformers_tiny(seed, beams, min_new, max_new, rep, lp, ngram):
     model, embeds = tiny_prompt(seed)
     s = DecodeSettings(num_beams=beams, repetition_penalty=rep, length_penalty=lp, min_new_tokens=min_new,
-                       max_new_tokens=max_new, eos_token_id=model.tokenizer.eos_token_id)
+                       max_new_tokens=max_new, eos_token_id=model.tokenizer.eos_token_id, no_repeat_ngram_size=ngram)
     ours = generate(TorchStep(model.llama_model), embeds, s)
     ref = hf_generate(model, embeds, s)
     assert ours == ref
+    if ngram:
+        grams = [tuple(ours[i:i + ngram]) for i in range(len(ours) - ngram + 1)]
+        assert len(grams) == len(set(grams)), "a banned n-gram repeated"
+
+
+def test_ngram_ban_changes_the_output():
+    """Guard against a vacuous parity test: without the ban this greedy run repeats a 2-gram, with it not."""
+    model, embeds = tiny_prompt(0)
+    kw = dict(num_beams=1, repetition_penalty=1.0, min_new_tokens=30, max_new_tokens=30,
+              eos_token_id=model.tokenizer.eos_token_id)
+    free = generate(TorchStep(model.llama_model), embeds, DecodeSettings(**kw))
+    grams = [tuple(free[i:i + 2]) for i in range(len(free) - 1)]
+    assert len(grams) > len(set(grams)), "the tiny model no longer loops: pick another seed"
+    banned = generate(TorchStep(model.llama_model), embeds, DecodeSettings(**kw, no_repeat_ngram_size=2))
+    assert banned != free
+
+
+@pytest.mark.parametrize("seq,n,want", [
+    ([], 2, []), ([5], 3, []), ([5, 6, 5], 2, [6]), ([1, 2, 3, 1, 2], 3, [3]), ([1, 2, 1, 2], 2, [1]),
+    ([4, 4, 7], 1, [4, 4, 7]), ([1, 2, 3], 0, []),
+])
+def test_banned_ngram_tokens(seq, n, want):
+    assert banned_ngram_tokens(seq, n) == want
 
 
 def test_eos_is_reachable_in_these_tests():
@@ -119,8 +145,9 @@ def test_matches_transformers_smollm2_beam():
     model = EMRRG(cfg, llm, tok).eval()
     with torch.no_grad():
         embeds = model.prompt_embeds(model.encode_images(torch.randn(1, 1, 3, 64, 64))).numpy()
-    for beams in (1, 3):
-        s = DecodeSettings(num_beams=beams, min_new_tokens=10, max_new_tokens=40, eos_token_id=tok.eos_token_id)
+    for beams, ngram in ((1, 0), (3, 0), (1, 3), (3, 3)):
+        s = DecodeSettings(num_beams=beams, min_new_tokens=10, max_new_tokens=40, eos_token_id=tok.eos_token_id,
+                           no_repeat_ngram_size=ngram)
         ours = generate(TorchStep(llm), embeds, s)
         ref = hf_generate(model, embeds, s)
         print(beams, tok.decode(ours))
