@@ -29,6 +29,8 @@ def run_main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (greedy only streams live)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--sr", metavar="OUT.dcm", default=None,
+                   help="also write the report as a DICOM SR (Enhanced SR) to OUT.dcm; the views must be DICOM")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files (sizes still checked)")
     a = p.parse_args(argv)
 
@@ -38,6 +40,7 @@ def run_main(argv: list[str] | None = None) -> None:
     from .preprocess import ImageError
 
     try:
+        sr_sources = _sr_sources(a.sr, a.images) if a.sr else None    # before the model loads: refuse early
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             rt = Runtime.from_pretrained(a.bundle, backend=a.backend, threads=a.threads, verify=not a.no_verify)
@@ -55,6 +58,8 @@ def run_main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("emrrg-run: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    if a.sr:
+        _write_sr(a.sr, sr_sources, out)
     if a.json:
         out = {k: v for k, v in out.items() if k != "token_ids"}
         out["timings_ms"] = {k: round(v, 2) for k, v in out["timings_ms"].items()}
@@ -68,6 +73,27 @@ def run_main(argv: list[str] | None = None) -> None:
     print(f"[{out['backend']}; {out['tokens']} tokens; preprocess {t['preprocess']:.0f} ms, encoder {t['encoder']:.0f} ms, "
           f"prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms, total {t['total']:.0f} ms; "
           f"peak RSS {out['peak_rss_mb']:.0f} MB]", file=sys.stderr)
+
+
+def _sr_sources(path: str, images: list[str]) -> list:
+    """The views' DICOM headers for --sr, read before the model loads, so a PNG / JPEG view or an unwritable
+    output folder fails at once (SRError, a ValueError), not after the report is generated."""
+    from .sr import check_output_path, read_headers
+
+    check_output_path(path)
+    return read_headers(images)
+
+
+def _write_sr(path: str, headers: list, out: dict) -> None:
+    from .sr import SRError, write_sr
+
+    try:
+        write_sr(path, headers, out, labels=None)
+    except (SRError, OSError) as e:
+        print(f"emrrg-run: error: --sr: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out["sr"] = str(path)
+    print(f"emrrg-run: wrote the DICOM SR {path}", file=sys.stderr)
 
 
 class _StreamPrinter:

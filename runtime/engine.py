@@ -13,6 +13,7 @@ An explicitly requested backend that cannot run raises BackendUnavailableError i
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -226,6 +227,8 @@ class Runtime:
             "token_ids": ids,
             "backend": self.backend,
             "bundle_sha256": self.sha256,
+            "decoding": {k: v for k, v in dataclasses.asdict(s).items() if k != "eos_token_id"},  # what was used
+            "stop_reason": "eos" if ids and ids[-1] == s.eos_token_id else "max_new_tokens",
             "timings_ms": {
                 "preprocess": 1e3 * (t1 - t0), "encoder": 1e3 * (t2 - t1), "prefill": 1e3 * step.prefill_s,
                 "decode": 1e3 * step.decode_s, "total": 1e3 * (t3 - t0),

@@ -27,6 +27,10 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
       503  the queue is full, the model is still loading, or the service is stopping; with a
            Retry-After header (seconds, >= 1, estimated from recent generation times)
       500  generation failed (the message names the exception type only)
+      With `Accept: application/dicom` (preferred to application/json) the 200 body is instead the report
+      as a DICOM SR (Enhanced SR, emrrg.runtime.sr) for the uploaded DICOM views, built from their
+      headers; 406 when a view is a PNG / JPEG (an SR must reference DICOM instances), 422 bad_sr_source
+      when a header lacks the UIDs an SR reference needs.
       Every error body is {"error": code, "detail": message, "request_id": id}.
   GET /healthz    200 {"status": "ok", "model_loaded": bool, "state": "loading|ready|failed|stopping",
                        "backend": str|null, "queue": {"capacity", "queue_size", "active", "running", "waiting"}}
@@ -539,6 +543,9 @@ _REQUEST_BODY = {
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying (>= 1)", "schema": {"type": "integer"}}}
 _ERRORS = {
+    200: {"description": "the report: JSON, or with Accept: application/dicom a DICOM SR (Enhanced SR)",
+          "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}},
+    406: {"model": ErrorResponse, "description": "Accept: application/dicom, but a view is not DICOM"},
     400: {"model": ErrorResponse, "description": "empty body, malformed multipart, no or empty views, too many views"},
     408: {"model": ErrorResponse, "description": "the upload was too slow"},
     413: {"model": ErrorResponse, "description": "request body larger than --max-request-mb"},
@@ -634,6 +641,49 @@ def _too_large(limit: int) -> ApiError:
                                               "(--max-request-mb); send smaller images or raise the limit")
 
 
+def wants_dicom(accept: str | None) -> bool:
+    """True when the Accept header asks for application/dicom at least as much as for JSON (q values)."""
+    q: dict[str, float] = {}
+    for part in (accept or "").split(","):
+        media, *params = [x.strip() for x in part.split(";")]
+        weight = 1.0
+        for prm in params:
+            key, _, value = prm.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        q[media.lower()] = max(q.get(media.lower(), 0.0), weight)
+    dicom = q.get("application/dicom", 0.0)
+    return dicom > 0 and dicom >= max(q.get("application/json", 0.0), q.get("application/*", 0.0), q.get("*/*", 0.0))
+
+
+def _sr_headers(views: list[_View]) -> list:
+    """The uploaded views' DICOM headers for an SR response (read from the bytes, no pixels), or 406 / 422."""
+    from .sr import NotDicomError, SRError, read_headers
+
+    try:
+        return read_headers([v.data for v in views], [v.label for v in views])
+    except NotDicomError as e:
+        raise ApiError(406, "not_acceptable", f"{e}; or ask for Accept: application/json") from None
+    except SRError as e:
+        raise ApiError(422, "bad_sr_source", f"{e}; or ask for Accept: application/json") from None
+
+
+def _sr_response(headers: list, out: dict) -> Response:
+    """The report as a DICOM SR file (application/dicom); 500 sr_failed when it cannot be built."""
+    from .sr import SRError, build_sr, sr_bytes
+
+    try:
+        sr = build_sr(headers, out)
+    except SRError as e:
+        raise ApiError(500, "sr_failed", f"the DICOM SR could not be built: {e}") from None
+    return Response(sr_bytes(sr), media_type="application/dicom",
+                    headers={"Cache-Control": "no-store",
+                             "Content-Disposition": f'attachment; filename="{sr.SOPInstanceUID}.dcm"'})
+
+
 def create_app(service: ReportService) -> FastAPI:
     """The FastAPI app around a ReportService; the service starts and stops with the app's lifespan."""
 
@@ -712,6 +762,7 @@ def create_app(service: ReportService) -> FastAPI:
         if is_multipart and not params.get(b"boundary"):
             raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary parameter")
         beams, max_new_tokens = service.check_settings(beams, max_new_tokens)
+        want_sr = wants_dicom(request.headers.get("accept"))
         slot = service.admit()
         gone = threading.Event()
         watcher = None
@@ -735,6 +786,7 @@ def create_app(service: ReportService) -> FastAPI:
             except ClientDisconnect:
                 raise _ClientGone() from None
             ctx["views"] = len(views)
+            sr_headers = _sr_headers(views) if want_sr else None      # refused before any pixel is decoded
             watcher = asyncio.create_task(_watch_disconnect(request, gone))
             arrays, load_ms = await service.decode(views, slot)
             del views
@@ -759,6 +811,9 @@ def create_app(service: ReportService) -> FastAPI:
                    encoder_ms=f"{t['encoder']:.1f}", prefill_ms=f"{t['prefill']:.1f}",
                    decode_ms=f"{t['decode']:.1f}", total_ms=f"{t['total']:.1f}")
         response.headers["Cache-Control"] = "no-store"
+        if sr_headers is not None:
+            ctx["output"] = "dicom-sr"
+            return await asyncio.to_thread(_sr_response, sr_headers, out)
         return {"request_id": request.scope["emrrg"]["id"], "report": out["report"], "tokens": out["tokens"],
                 "backend": out["backend"], "bundle_sha256": out["bundle_sha256"],
                 "timings_ms": {k: round(v, 2) for k, v in t.items()}, "peak_rss_mb": out["peak_rss_mb"],

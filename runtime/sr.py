@@ -56,6 +56,9 @@ _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyIn
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "AccessionNumber", "ReferringPhysicianName", "StudyID")
 _IMPRESSION = re.compile(r"\bimpressions?\s*:\s*", re.IGNORECASE)
+# UT text (TextValue) may hold no control characters but LF, FF, CR (and ESC, for ISO 2022 only: not in UTF-8)
+# (PS3.5 6.2); a model can emit any. The others, TAB included, become spaces.
+_CONTROL = re.compile(r"[\x00-\x09\x0b\x0e-\x1f\x7f]")
 _PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 
@@ -63,33 +66,34 @@ class SRError(ValueError):
     """A source that an SR cannot reference, or a study that an SR cannot describe; one line, says what to do."""
 
 
+class NotDicomError(SRError):
+    """A source without a DICOM header (PNG, JPEG, anything else): an SR has nothing to reference."""
+
+
 # --------------------------------------------------------------------------- source headers
 
 def read_headers(sources: Sequence[SRSource], labels: Sequence[str] | None = None) -> list:
     """The DICOM headers (no pixel data) of the views of one study: paths, uploaded bytes or datasets.
 
-    Raises SRError for a PNG / JPEG / non-DICOM source, a header without the UIDs an SR reference needs,
-    the same instance twice, or views of different studies or patients. Messages name the view label,
-    never a patient attribute.
+    Raises SRError for a PNG / JPEG / non-DICOM source, a header without the UIDs an SR reference needs, or
+    views of different studies or patients. Messages name the view label, never a patient attribute. A second
+    copy of one instance (same SOPInstanceUID) is referenced once (the input gate warns about it).
     """
     if not sources:
         raise SRError("no source images: an SR must reference the DICOM images it reports on")
     labels = list(labels) if labels is not None else [_default_label(s, i) for i, s in enumerate(sources)]
     headers = [_read_one(s, lab) for s, lab in zip(sources, labels)]
     first, first_label = headers[0], labels[0]
-    seen: dict[str, str] = {}
+    unique: dict[str, object] = {}
     for ds, lab in zip(headers, labels):
-        uid = str(ds.SOPInstanceUID)
-        if uid in seen:
-            raise SRError(f"{lab}: the same DICOM instance (SOPInstanceUID) as {seen[uid]}; give each view once")
-        seen[uid] = lab
+        unique.setdefault(str(ds.SOPInstanceUID), ds)
         if ds.StudyInstanceUID != first.StudyInstanceUID:
             raise SRError(f"{lab}: belongs to a different study (StudyInstanceUID) than {first_label}; "
                           "an SR reports on one study: give the views of one study")
         if str(ds.get("PatientID", "")) != str(first.get("PatientID", "")):
             raise SRError(f"{lab}: names a different patient (PatientID) than {first_label}; "
                           "an SR reports on one patient's study")
-    return headers
+    return list(unique.values())
 
 
 def _default_label(src: object, i: int) -> str:
@@ -114,15 +118,18 @@ def _read_one(src: SRSource, label: str):
             fp = src
         kind = "PNG" if head.startswith(_PNG_MAGIC) else "JPEG" if head.startswith(_JPEG_MAGIC) else None
         if kind:
-            raise SRError(f"{label}: a {kind} image has no DICOM header, and a DICOM SR must reference the DICOM "
+            raise NotDicomError(f"{label}: a {kind} image has no DICOM header, and a DICOM SR must reference the DICOM "
                           "instances it reports on; give the DICOM files (or leave out the SR output)")
         has_marker = head[128:132] == b"DICM"
         if not has_marker and head[:2] not in (b"\x02\x00", b"\x08\x00"):
-            raise SRError(f"{label}: not a DICOM file; a DICOM SR must reference DICOM source images")
+            raise NotDicomError(f"{label}: not a DICOM file; a DICOM SR must reference DICOM source images")
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_marker)
         except Exception as e:
             raise SRError(f"{label}: unreadable DICOM header ({type(e).__name__})") from None
+        if isinstance(src, (bytes, bytearray, memoryview)):       # keep the elements, not the reader's buffer
+            ds, meta = pydicom.Dataset(ds), ds.file_meta
+            ds.file_meta = meta
     missing = [k for k in _REQUIRED_UIDS if not ds.get(k)]
     if missing:
         raise SRError(f"{label}: the DICOM header has no {', '.join(missing)}; an SR cannot reference this image")
@@ -147,11 +154,10 @@ def build_sr(sources: Sequence[SRSource], result: Mapping, labels: Sequence[str]
 
     headers = read_headers(sources, labels)
     evidence = [_evidence_copy(ds) for ds in headers]
-    report = str(result["report"]).strip()
-    if not report:
+    findings_text, impression_text = report_sections(str(result["report"]))
+    if not findings_text:
         raise SRError("the generated report is empty; there is no text to put in an SR")
     sha = str(result["bundle_sha256"])
-    findings_text, impression_text = _split_impression(report)
 
     def text(name, value, rel=Rel.CONTAINS):
         return TextContentItem(name=name, value=value, relationship_type=rel)
@@ -211,8 +217,10 @@ def _evidence_copy(ds):
     return out
 
 
-def _split_impression(report: str) -> tuple[str, str]:
-    """(findings, impression): the text after an 'Impression:' heading goes to the Impressions section."""
+def report_sections(report: str) -> tuple[str, str]:
+    """(findings, impression) as the SR holds them: control characters UT does not allow become spaces, and the
+    text after an 'Impression:' heading goes to the Impressions section (impression '' when there is none)."""
+    report = _CONTROL.sub(" ", report).strip()
     m = _IMPRESSION.search(report)
     if m is None:
         return report, ""
@@ -295,14 +303,25 @@ def _umask() -> int:
     return 0o022
 
 
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Where an SR may be written: an existing, writable folder, and not a folder itself (SRError otherwise)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SRError(f"{path}: is a folder; give the SR a file name, e.g. {path / 'report.dcm'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise SRError(f"{path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SRError(f"{path}: the folder {folder} is not writable")
+    return path
+
+
 def write_sr(path: str | os.PathLike, sources: Sequence[SRSource], result: Mapping,
              labels: Sequence[str] | None = None) -> Path:
     """Build the SR of `result` for `sources` and write it to `path` atomically; returns the path."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise SRError(f"{path}: the folder {path.parent} does not exist")
+    path = check_output_path(path)
     return atomic_write(path, sr_bytes(build_sr(sources, result, labels)))
 
 
-__all__ = ["SRError", "read_headers", "build_sr", "write_sr", "sr_bytes", "atomic_write", "view_code",
-           "algorithm_parameters", "DISCLAIMER"]
+__all__ = ["SRError", "NotDicomError", "read_headers", "build_sr", "write_sr", "sr_bytes", "atomic_write",
+           "check_output_path", "view_code", "report_sections", "algorithm_parameters", "DISCLAIMER"]

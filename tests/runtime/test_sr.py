@@ -19,7 +19,7 @@ from pydicom.uid import EnhancedSRStorage
 
 from emrrg import __version__
 from emrrg.assets import chest_dicom, pneumonia_images
-from emrrg.runtime.sr import DISCLAIMER, SRError, build_sr, read_headers, sr_bytes, write_sr
+from emrrg.runtime.sr import DISCLAIMER, SRError, build_sr, read_headers, report_sections, sr_bytes, write_sr
 
 REPORT = "Findings: The heart size is normal – no effusion. Impression: No acute cardiopulmonary process, café."
 RESULT = {"report": REPORT, "backend": "ort-cpu", "bundle_sha256": "ab" * 32, "tokens": 31, "stop_reason": "eos",
@@ -214,8 +214,7 @@ def test_png_source_is_refused_with_a_clear_error(frontal, tmp_path):
 @pytest.mark.parametrize("change, message", [
     (dict(SOPInstanceUID="1.2.3.5", StudyInstanceUID="1.2.3.4"), "different study"),
     (dict(SOPInstanceUID="1.2.3.5", PatientID="someone-else"), "different patient"),
-    ({}, "same DICOM instance"),
-], ids=["other-study", "other-patient", "same-instance"])
+], ids=["other-study", "other-patient"])
 def test_views_that_are_not_one_study_are_refused(frontal, tmp_path, change, message):
     ds = pydicom.dcmread(frontal, stop_before_pixels=True)
     for k, v in change.items():
@@ -223,6 +222,11 @@ def test_views_that_are_not_one_study_are_refused(frontal, tmp_path, change, mes
     with pytest.raises(SRError, match=message) as e:
         read_headers([frontal, ds])
     assert "someone-else" not in str(e.value) and "9RG1" not in str(e.value)   # no patient data in messages
+
+
+def test_a_second_copy_of_one_instance_is_referenced_once(frontal, lateral):
+    headers = read_headers([frontal, lateral, frontal])
+    assert [h.ViewPosition for h in headers] == ["PA", "LL"]
 
 
 def test_header_without_uids_and_non_dicom_are_refused(frontal, tmp_path):
@@ -242,3 +246,97 @@ def test_failed_build_leaves_an_existing_file_alone(frontal, tmp_path):
     with pytest.raises(SRError, match="empty"):
         write_sr(out, [frontal], {**RESULT, "report": "  "})
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.dcm"]
+
+
+def test_control_characters_from_the_model_do_not_reach_the_sr(frontal, tmp_path):
+    out = write_sr(tmp_path / "ctl.dcm", [frontal], {**RESULT, "report": "lungs\x00 clear\x07\tok\x1b"})
+    assert texts(pydicom.dcmread(out), "Finding") == ["lungs  clear  ok"]
+    errors, _ = dciodvfy(out)
+    assert errors == []
+
+
+# --------------------------------------------------------------------------- emrrg-run --sr, end to end
+
+def test_cli_writes_a_valid_sr_for_a_two_view_study(tiny_bundle, frontal, lateral, tmp_path, capsys):
+    from emrrg.runtime.cli import run_main
+
+    out_path = tmp_path / "study-sr.dcm"
+    run_main([str(tiny_bundle), str(frontal), str(lateral), "--sr", str(out_path), "--json", "--beams", "1",
+              "--max-new-tokens", "12", "--threads", "1"])
+    captured = capsys.readouterr()
+    res = __import__("json").loads(captured.out)
+    assert res["sr"] == str(out_path) and f"wrote the DICOM SR {out_path}" in captured.err
+    assert res["stop_reason"] in ("eos", "max_new_tokens") and res["decoding"]["num_beams"] == 1
+    sr = pydicom.dcmread(out_path)
+    findings, impression = report_sections(res["report"])
+    assert findings and texts(sr, "Finding") == [findings] and texts(sr, "Impression") == ([impression] if impression else [])
+    params = texts(sr, "Algorithm Parameters")
+    assert f"bundle_sha256: {res['bundle_sha256']}" in params and f"backend: {res['backend']}" in params
+    assert "max_new_tokens: 12" in params
+    assert sr.CompletionFlag == ("COMPLETE" if res["stop_reason"] == "eos" else "PARTIAL")
+    refs = {s.ReferencedSOPInstanceUID for st in sr.CurrentRequestedProcedureEvidenceSequence
+            for se in st.ReferencedSeriesSequence for s in se.ReferencedSOPSequence}
+    assert refs == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (frontal, lateral)}
+    assert_valid(out_path, texts(sr, "Finding")[0])
+
+
+def test_cli_refuses_sr_for_a_png_view_before_loading_the_model(tiny_bundle, frontal, tmp_path, capsys):
+    from emrrg.runtime.cli import run_main
+
+    out_path = tmp_path / "x.dcm"
+    with pytest.raises(SystemExit) as e:
+        run_main([str(tiny_bundle), str(frontal), str(pneumonia_images()[0]), "--sr", str(out_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no DICOM header" in err[0] and "give the DICOM files" in err[0], err
+    assert not out_path.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as e:
+        run_main([str(tiny_bundle), str(frontal), "--sr", str(tmp_path / "missing" / "x.dcm")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- emrrg-serve, Accept: application/dicom
+
+@pytest.fixture(scope="module")
+def sr_server(tiny_bundle, tmp_path_factory):
+    from tests.runtime.test_serve import Server
+
+    srv = Server(tiny_bundle, tmp_path_factory.mktemp("serve-sr"), "--max-new-tokens", "8", "--beams", "1")
+    yield srv
+    srv.stop()
+
+
+def test_service_returns_an_sr_for_accept_application_dicom(sr_server, frontal, lateral, tmp_path):
+    import httpx
+
+    files = [("views", ("a.dcm", frontal.read_bytes(), "application/dicom")),
+             ("views", ("b.dcm", lateral.read_bytes(), "application/dicom"))]
+    r = httpx.post(sr_server.url + "/v1/reports", files=files, timeout=120,
+                   headers={"Accept": "application/dicom, application/json;q=0.5"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom" and r.headers["cache-control"] == "no-store"
+    path = tmp_path / "served.dcm"
+    path.write_bytes(r.content)
+    sr = pydicom.dcmread(path)
+    assert sr.SOPClassUID == EnhancedSRStorage and r.headers["content-disposition"].endswith(f'"{sr.SOPInstanceUID}.dcm"')
+    src = [pydicom.dcmread(p, stop_before_pixels=True) for p in (frontal, lateral)]
+    assert sr.StudyInstanceUID == src[0].StudyInstanceUID and sr.PatientID == src[0].PatientID
+    images = {it.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for _, it in content_items(sr)
+              if it.ValueType == "IMAGE"}
+    assert images == {s.SOPInstanceUID for s in src}
+    assert_valid(path, texts(sr, "Finding")[0])
+    # the same upload without the Accept header is answered in JSON, as before
+    r = httpx.post(sr_server.url + "/v1/reports", content=frontal.read_bytes(), timeout=120,
+                   headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json" and r.json()["report"]
+
+
+def test_service_answers_406_for_an_sr_of_a_png(sr_server):
+    import httpx
+
+    r = httpx.post(sr_server.url + "/v1/reports", content=pneumonia_images()[0].read_bytes(), timeout=60,
+                   headers={"Content-Type": "image/png", "Accept": "application/dicom"})
+    assert r.status_code == 406, r.text
+    body = r.json()
+    assert body["error"] == "not_acceptable" and "no DICOM header" in body["detail"]
+    assert "application/json" in body["detail"]
