@@ -15,8 +15,20 @@ through IOBinding; the next step swaps them. A beam reorder is one np.take into 
 
     step t:   past = A[:B*kv*P*hd]  --decoder-->  present = B[:B*kv*(P+1)*hd]
     step t+1: past = B[...]        --decoder-->  present = A[...]
+
+Threads: an OrtDecoder is one report's state (the KV buffers, the logits buffer, the live length and
+beam rows, the hybrid layers' visual K/V) over a session and an embedding table that it only reads.
+The state is not safe to share between threads; the session is (ONNX Runtime's `run` may be called
+concurrently, each call with its own IOBinding). `fork()` makes a second state over the same session
+and table, and `DecoderPool` lends up to `size` of them, one per concurrent report, made on first
+need: N states cost N KV caches (each sized by the largest report it has served) but one session.
 """
 from __future__ import annotations
+
+import copy
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
@@ -31,14 +43,25 @@ class OrtDecoder:
         self.hybrid = tuple(hybrid_layers)
         self.vocab = embed_tokens.shape[0]
         names = [f"{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        self._buf = {n: [] for n in names}
+        self._clear_state()
+        self._cpu = "CPUExecutionProvider" == session.get_providers()[0]
+
+    def _clear_state(self) -> None:
+        """Fresh per-report state (empty caches); the session, table and dimensions are untouched."""
         self._cap = 0        # floats per buffer
-        self._buf = {n: [np.empty(0, np.float32), np.empty(0, np.float32)] for n in names}
+        self._buf = {n: [np.empty(0, np.float32), np.empty(0, np.float32)] for n in self._buf}
         self._cur = 0        # which of the two buffers holds the live cache
         self._rows = 0
         self._len = 0
-        self._logits = np.empty(max_rows * self.vocab, np.float32)
+        self._logits = np.empty(self.max_rows * self.vocab, np.float32)
         self._visual: dict[str, np.ndarray] = {}
-        self._cpu = "CPUExecutionProvider" == session.get_providers()[0]
+
+    def fork(self) -> "OrtDecoder":
+        """A second state over the same session and embedding table (shared, read-only), for another thread."""
+        twin = copy.copy(self)
+        twin._clear_state()
+        return twin
 
     # ---- hybrid layers -------------------------------------------------------------------------
     def set_visual_kv(self, kv: dict[str, np.ndarray] | None) -> None:
@@ -140,3 +163,53 @@ class OrtDecoder:
         logits = self._run(embeds, n, self._len, live, idle)
         self._cur, self._rows, self._len = idle, n, self._len + 1
         return logits.copy()
+
+
+class DecoderPool:
+    """Lends OrtDecoder states, at most `size` at once, so that concurrent reports never share one.
+
+    `take()` hands out a free state, makes one with `fork()` while fewer than `size` exist, and otherwise
+    blocks until one is given back. The most recently returned state is lent first, so a single caller
+    always gets the same one (and its already-grown buffers) and no more states are made than the peak
+    concurrency needed. A returned state drops its visual K/V; its KV buffers stay for the next report.
+    """
+
+    def __init__(self, first: OrtDecoder, size: int = 1):
+        self.size = self.check_size(size)
+        self._made = [first]
+        self._free = [first]
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def check_size(size) -> int:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"max_concurrency must be an integer >= 1, got {size!r}")
+        return size
+
+    @contextmanager
+    def take(self) -> Iterator[OrtDecoder]:
+        with self._cond:
+            while not self._free and len(self._made) >= self.size:
+                self._cond.wait()
+            if self._free:
+                dec = self._free.pop()
+            else:
+                dec = self._made[0].fork()
+                self._made.append(dec)
+        try:
+            yield dec
+        finally:
+            dec.set_visual_kv(None)
+            with self._cond:
+                self._free.append(dec)
+                self._cond.notify()
+
+    @property
+    def states(self) -> tuple[OrtDecoder, ...]:
+        """Every state made so far (at most `size`)."""
+        with self._cond:
+            return tuple(self._made)
+
+    def cache_bytes(self) -> int:
+        """KV cache memory held by all states."""
+        return sum(d.cache_bytes() for d in self.states)

@@ -10,6 +10,18 @@ Backend choice for `auto`, first that can run:
   3. ORT CPU with the SelectiveScan op library (encoder.onnx)
   4. ORT CPU with the pure-ONNX encoder (encoder.scan.onnx), with a warning: slower, same numbers
 An explicitly requested backend that cannot run raises BackendUnavailableError instead of falling back.
+
+Threads: one Runtime may be shared. `generate` is safe to call from several threads at once and every
+call returns exactly what it would return alone. Preprocessing, the encoder and the hybrid layers'
+visual K/V run in the calling thread without a lock (ONNX Runtime sessions may run concurrently; the
+TensorRT session serializes its own calls). The decoder's state (the KV cache buffers, the logits
+buffer, the visual K/V of the current image) is per report: a pool of at most `max_concurrency`
+decoder states over the one decoder session (`DecoderPool`), and a call waits for a free state when
+all are lent. The default, 1, makes the decode stage a lock: one KV cache in memory (a 7B decoder with
+3 beams over 250 positions holds about 1.5 GB, a real share of a Jetson's 8-16 GB) and no CPU
+oversubscription (ORT already uses every core for one report). More states overlap reports on a GPU or
+a many-core CPU, at one more KV cache each: rows x kv_heads x positions x head_dim x layers x 2 (K, V)
+x 2 buffers x 4 bytes.
 """
 from __future__ import annotations
 
@@ -25,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bundle import BundleError, bundle_digest, verify_bundle
-from .decoder import OrtDecoder
+from .decoder import DecoderPool, OrtDecoder
 from .embedding import load_embedding
 from .generation import DecodeSettings, generate
 from .oplib import OpLibraryMissingError, find_op_library, register
@@ -73,9 +85,11 @@ class _TimedStep:
 
 class Runtime:
     def __init__(self, bundle: Path, manifest: dict, backend: str, encoder_sess, decoder: OrtDecoder,
-                 cross_kv_sess, tokenizer, threads: int | None):
+                 cross_kv_sess, tokenizer, threads: int | None, max_concurrency: int = 1):
         self.bundle, self.manifest, self.backend = bundle, manifest, backend
         self.encoder, self.decoder, self.cross_kv = encoder_sess, decoder, cross_kv_sess
+        self.decoders = DecoderPool(decoder, max_concurrency)   # `decoder` is its first state
+        self.max_concurrency = self.decoders.size
         self.tokenizer = tokenizer
         self.threads = threads
         self.sha256 = bundle_digest(manifest)
@@ -88,12 +102,13 @@ class Runtime:
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, bundle: str | os.PathLike, backend: str = "auto", threads: int | None = None,
-                        verify: bool = True) -> "Runtime":
+                        verify: bool = True, max_concurrency: int = 1) -> "Runtime":
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         if backend not in BACKENDS:
             raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        DecoderPool.check_size(max_concurrency)    # before loading anything
         bundle = Path(bundle)
         manifest = verify_bundle(bundle, check_sha=verify)
         arts = manifest["artifacts"]
@@ -167,7 +182,7 @@ class Runtime:
             cross = ort.InferenceSession(str(bundle / arts["cross_kv"]["path"]), options(False), providers=providers)
         tok = Tokenizer.from_file(str(bundle / arts["tokenizer"]["path"]))
         log.info("emrrg runtime: backend %s, bundle %s", chosen, bundle)
-        return cls(bundle, manifest, chosen, encoder, decoder, cross, tok, threads)
+        return cls(bundle, manifest, chosen, encoder, decoder, cross, tok, threads, max_concurrency)
 
     # ---- pieces ----------------------------------------------------------------------------------
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -209,18 +224,19 @@ class Runtime:
         px = preprocess_study(list(images), size=self.image_size)[None]         # (1, V, 3, S, S)
         t1 = time.perf_counter()
         visual = self.encode(px)                                                 # (1, L, H)
+        visual_kv = None
         if self.cross_kv is not None:
             names = [o.name for o in self.cross_kv.get_outputs()]
-            kv = self.cross_kv.run(None, {"visual_tokens": visual})
-            self.decoder.set_visual_kv(dict(zip(names, kv)))
+            visual_kv = dict(zip(names, self.cross_kv.run(None, {"visual_tokens": visual})))
         t2 = time.perf_counter()
         s = self.settings(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
-        step = _TimedStep(self.decoder)
         prompt = self.prompt_embeds(visual)
-        self.decoder.reserve(s.num_beams, prompt.shape[1] + s.max_new_tokens)   # the whole report's KV cache, once
-        ids = generate(step, prompt, s, on_token=on_token)
+        with self.decoders.take() as dec:              # this call's own decoder state (see "Threads" above)
+            dec.set_visual_kv(visual_kv)
+            step = _TimedStep(dec)
+            dec.reserve(s.num_beams, prompt.shape[1] + s.max_new_tokens)    # the whole report's KV cache, once
+            ids = generate(step, prompt, s, on_token=on_token)
         t3 = time.perf_counter()
-        self.decoder.set_visual_kv(None)
         return {
             "report": self.decode_text(ids),
             "tokens": len(ids),
