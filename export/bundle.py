@@ -8,7 +8,6 @@ The layout and the manifest are defined in `emrrg.runtime.bundle` (the reader), 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
 import os
 import shutil
@@ -19,12 +18,9 @@ from typing import Any, Iterator
 
 from .. import __version__
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
+from .errors import ExportError, disk_full_message, is_disk_full  # ExportError stays importable from here
 
 TMP_MARK = ".tmp-"
-
-
-class ExportError(RuntimeError):
-    """An export that cannot go on; the message says why and what to do."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -104,9 +100,8 @@ def staged_bundle(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
                 tmp.rename(out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ExportError(f"no space left on the device holding {out.parent} while writing the bundle; "
-                              "nothing was written — free space or choose another --output") from None
+        if is_disk_full(e):
+            raise ExportError(disk_full_message(e, out.parent)) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,8 +3,9 @@
     emrrg-export CHECKPOINT -o BUNDLE [--int8] [--llm-bits 4] [--target cpu|cuda|tensorrt|jetson]
                  [--calib DIR] [--extra-options K=V ...] [--strict]
 
-Known failures print one line on stderr and exit 2; Ctrl-C / SIGTERM exit 130. Either way no bundle
-directory and no partial files are left.
+Known failures (every emrrg.export.errors.ExportError, a bad checkpoint, image or asset, a full disk) print
+one line `emrrg-export: error: ...` on stderr and exit 2; Ctrl-C / SIGTERM exit 130. Either way no bundle
+directory and no partial files are left. --extra-options are checked before any work (export/options.py).
 """
 from __future__ import annotations
 
@@ -13,24 +14,13 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
+from typing import NoReturn
 
+from .errors import ExportError, disk_full_message, is_disk_full
+from .options import check_extra_options, extra_help, split_extra_options
 from .pipeline import TARGETS
 from emrrg.runtime.helpfmt import DefaultsHelpFormatter
-
-EXTRA_HELP = ("quantization knobs as KEY=VALUE that pin one configuration instead of the accuracy-aware ladder: "
-              "decoder block_size=32 symmetric=false lm_head_bits=8 accuracy_level=4 (export/quantize_decoder.py); "
-              "encoder encoder_smooth_alpha=0.75 (0: off) encoder_method=minmax|percentile|entropy "
-              "encoder_w3_float=false (export/quantize_encoder.py)")
-
-
-def _parse_extra(items: list[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise SystemExit(f"emrrg-export: error: --extra-options takes KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def export_main(argv: list[str] | None = None) -> None:
@@ -43,13 +33,17 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", default="cpu", choices=TARGETS, help="where the bundle will run")
     p.add_argument("--calib", default=None, help="folder of DICOM/PNG/JPEG calibration images; unset, the real X-rays "
                                                  "shipped offline")
-    p.add_argument("--extra-options", nargs="*", default=[], metavar="K=V", help=EXTRA_HELP)
+    p.add_argument("--extra-options", nargs="*", default=[], metavar="K=V", help=extra_help())
     p.add_argument("--strict", action="store_true", help="fail when no quantization configuration meets its thresholds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and embedded callers)")
     p.add_argument("--json", action="store_true", help="print the manifest's summary as JSON when done")
     a = p.parse_args(argv)
-    extra = _parse_extra(a.extra_options)
+    try:  # before anything is loaded: a typo fails in a second, not after minutes of export
+        extra = split_extra_options(a.extra_options)
+        check_extra_options(extra, int8=a.int8, llm_bits=a.llm_bits)
+    except ExportError as e:
+        _fail(e)
 
     from .pipeline import ExportOptions, export_bundle
 
@@ -63,8 +57,11 @@ def export_main(argv: list[str] | None = None) -> None:
         print("emrrg-export: interrupted; nothing was written", file=sys.stderr)
         raise SystemExit(130) from None
     except _known_errors() as e:
-        print(f"emrrg-export: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(e)
+    except OSError as e:  # a full disk met outside the bundle writer (which reports its own)
+        if not is_disk_full(e):
+            raise
+        _fail(disk_full_message(e, Path(a.output).absolute().parent))
     summary = {"bundle": a.output, "bytes": sum(f["bytes"] for f in manifest["files"].values()),
                "artifacts": {k: {"precision": v["precision"], "bytes": v["bytes"]} for k, v in manifest["artifacts"].items()},
                "export_s": manifest.get("export_s")}
@@ -82,29 +79,36 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", category=cat)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers.*")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    import torch  # noqa: F401  (importing torch resets its loggers' levels: set ours after it)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
+
+
+def one_line(e: BaseException | str) -> str:
+    """A message on one line: multi-line details (per-check failures) joined with '; '."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    out = lines[0] if lines else type(e).__name__
+    for ln in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + ln
+    return out
+
+
+def _fail(e: BaseException | str) -> NoReturn:
+    print(f"emrrg-export: error: {one_line(e)}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """ExportError (every error emrrg.export raises on purpose) and the errors of what the export reads."""
     from ..assets import MissingAssetError
     from ..checkpoint import CheckpointError
     from ..config import UnknownPresetError
     from ..decoder import DecoderLoadError
     from ..lora import AdapterMismatchError
+    from ..runtime.oplib import OpLibraryMissingError
     from ..runtime.preprocess import ImageError
-    from .bundle import ExportError
-    from .encoder_onnx import ValidationError
-    from .quantize_encoder import CalibrationError, QuantizationError
 
-    errs: list[type[BaseException]] = [CheckpointError, UnknownPresetError, DecoderLoadError, AdapterMismatchError,
-                                       ImageError, MissingAssetError, ExportError, ValidationError, CalibrationError,
-                                       QuantizationError, FileNotFoundError]
-    try:
-        from .decoder_onnx import DecoderExportError
-        errs.append(DecoderExportError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
+    return (ExportError, CheckpointError, UnknownPresetError, DecoderLoadError, AdapterMismatchError, ImageError,
+            MissingAssetError, OpLibraryMissingError, FileNotFoundError)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,6 +66,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .errors import ExportError, ValidationError
+
 DECODER_FORMAT = "emrrg-decoder-onnx"
 DECODER_FORMAT_VERSION = 1
 DECODER_ONNX = "decoder.onnx"
@@ -87,11 +89,11 @@ LOGITS_RTOL = 2.5e-4
 KV_ATOL = 1e-4  # K/V: same argument, one projection deep; scaled by max|K| when that exceeds 1
 
 
-class DecoderExportError(RuntimeError):
+class DecoderExportError(ExportError):
     """The decoder could not be exported in the form the runtime contract needs."""
 
 
-class DecoderValidationError(DecoderExportError):
+class DecoderValidationError(DecoderExportError, ValidationError):
     """The exported ONNX does not reproduce the PyTorch f32 reference within tolerance."""
 
 

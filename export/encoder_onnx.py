@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import onnx_ops
+from .errors import ValidationError
 
 VARIANTS = ("custom_op", "pure_onnx")
 INPUT_NAME = "pixel_values"
@@ -47,10 +48,6 @@ OUTPUT_NAME = "visual_tokens"
 TWO_GB = 2**31  # protobuf's hard limit on one serialized message; above it the weights go to external data
 METADATA_VARIANT = "emrrg.scan_variant"
 _DROP_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")  # local paths, bulky
-
-
-class ValidationError(AssertionError):
-    """An exported encoder misses a named accuracy threshold against the PyTorch f32 reference."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,7 +111,7 @@ def visual_tokens_module(model: nn.Module, projector: nn.Module | None = None) -
 
 @contextlib.contextmanager
 def fused_swiglu(module: nn.Module) -> Iterator[nn.Module]:
-    """Export-only rewrite: SwiGLU's w1 and w2 become one Linear(D, 2H) followed by a split.
+    r"""Export-only rewrite: SwiGLU's w1 and w2 become one Linear(D, 2H) followed by a split.
 
     Avoids: in the INT8 graph, w1 and w2 read the same quantized norm2 output, and ONNX Runtime's CPU QDQ
     fusion (DQ -> MatMul => MatMulIntegerToFloat) skips a MatMul whose QuantizeLinear feeds more than one

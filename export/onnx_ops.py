@@ -46,6 +46,8 @@ from onnx.defs import OpSchema
 
 from emrrg.ops.selective_scan import selective_scan_ref
 
+from .errors import ExportError
+
 DOMAIN = "com.emrrg"
 OP_TYPE = "SelectiveScan"
 OP_VERSION = 1
@@ -56,7 +58,7 @@ INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 DEFAULT_OPSET = 18  # the dynamo exporter's well-trodden opset; TensorRT 10.3 (JetPack 6) parses it
 
 
-class ScanExportError(RuntimeError):
+class ScanExportError(ExportError):
     """A SelectiveScan node cannot be converted between its custom-op and standard-ONNX forms."""
 
 

@@ -19,7 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import ExportError, share_external_data, staged_bundle, write_manifest
+from .bundle import share_external_data, staged_bundle, write_manifest
+from .errors import ExportError, NoPassingConfigError
 
 ENCODER_DATA = "encoder.weights"  # the weights both encoder files share (external data)
 
@@ -38,8 +39,13 @@ class ExportOptions:
     calib: str | None = None             # folder of DICOM/PNG/JPEG; None: the real X-rays shipped offline
     strict: bool = False                 # fail when no quantization configuration meets its thresholds
     overwrite: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)  # --extra-options KEY=VALUE (export/options.py)
     max_calib: int | None = None         # cap on calibration images (tests use a few)
+
+    def values(self) -> dict:
+        """`extra` as typed values, checked against export/options.py's table (OptionError when one is wrong)."""
+        from .options import check_extra_options
+        return check_extra_options(self.extra, int8=self.int8, llm_bits=self.llm_bits)
 
 
 def check_target(target: str) -> None:
@@ -113,6 +119,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     check_target(opts.target)
     if opts.llm_bits not in (4, 32):
         raise ExportError(f"--llm-bits {opts.llm_bits} is not supported (4, or 32 to keep the decoder in f32)")
+    opts.values()  # unknown --extra-options keys and bad values stop the export here, before any work
     import torch
 
     from ..checkpoint import load_checkpoint
@@ -222,14 +229,15 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
 
     from ..runtime.oplib import find_op_library
     from .encoder_onnx import validate_encoder
+    from .options import pinned, value
     from .quantize_encoder import ENCODER_INT8_LADDER, mlp_down_nodes, quantize_int8
 
-    x = opts.extra
+    x = opts.values()
     ladder = ENCODER_INT8_LADDER
-    if any(k.startswith("encoder_") for k in x):
-        alpha = x.get("encoder_smooth_alpha", "0.75")
-        ladder = ({"name": "user", "smooth_alpha": float(alpha) or None, "method": x.get("encoder_method", "minmax"),
-                   "float_mlp_down": x.get("encoder_w3_float", "0").lower() in ("1", "true", "yes")},)
+    if pinned(x, "encoder"):
+        ladder = ({"name": "user", "smooth_alpha": value(x, "encoder_smooth_alpha") or None,
+                   "method": value(x, "encoder_method"), "float_mlp_down": value(x, "encoder_w3_float"),
+                   "float_worst_inputs": value(x, "encoder_float_worst_inputs")},)
     w3 = mlp_down_nodes(onnx.load(str(work / "encoder.f32.scan.onnx"), load_external_data=False))
     attempts, best = [], None
     for cfg in ladder:
@@ -262,8 +270,11 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
     chosen, files, figures, q = best
     if not chosen["passed"]:
         if opts.strict:
-            raise ExportError("--strict: no INT8 encoder configuration passes its thresholds; attempts: " +
-                              "; ".join(f"{a['name']} held-out cosine {a['held_out_mean_cosine']:.4f}" for a in attempts))
+            raise NoPassingConfigError(
+                "--strict: no INT8 encoder configuration passes its thresholds (" +
+                ", ".join(f"{a['name']} held-out cosine {a['held_out_mean_cosine']:.4f}" for a in attempts) +
+                "); nothing was written. Drop --strict to keep the best one (marked passed=false in the manifest), "
+                "or export without --int8 for an f32 encoder", attempts)
         log(f"warning: no INT8 encoder configuration passes its thresholds; keeping {chosen['name']} "
             f"(held-out mean token cosine {chosen['held_out_mean_cosine']:.4f}); export without --int8 for f32")
     shutil.move(str(files["custom"]), work / "encoder.int8.onnx")
@@ -293,25 +304,19 @@ def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
     return np.concatenate([model.encode_images(torch.from_numpy(px[i:i + 4])).numpy() for i in range(0, len(px), 4)])
 
 
-def _ladder(extra: dict[str, str]):
-    """--extra-options pin one configuration (block_size, symmetric, lm_head_bits, accuracy_level, method,
-    refine); without them the accuracy-aware ladder of export/quantize_decoder.py is walked."""
+def _ladder(values: dict):
+    """The decoder keys of --extra-options (typed, ExportOptions.values()) pin one configuration, the keys not
+    given at export/options.py's defaults; without them the accuracy-aware ladder of quantize_decoder is walked."""
+    from .options import pinned, value
     from .quantize_decoder import DEFAULT_LADDER, QuantConfig
 
-    keys = {"block_size", "symmetric", "lm_head_bits", "accuracy_level", "method", "refine"}
-    pinned = {k: v for k, v in extra.items() if k in keys}
-    if not pinned:
+    pins = pinned(values, "decoder")
+    if not pins:
         return DEFAULT_LADDER
-    kw: dict = {}
-    if "method" in pinned:
-        kw["method"] = pinned["method"]
-    elif "symmetric" in pinned:
-        kw["method"] = "sym" if pinned["symmetric"].lower() in ("1", "true", "yes") else "affine"
-    for k in ("block_size", "lm_head_bits", "accuracy_level", "refine"):
-        if k in pinned:
-            kw[k] = int(pinned[k])
-    name = "user-" + "-".join(f"{k}{v}" for k, v in sorted(pinned.items()))
-    return (QuantConfig(name, **kw),)
+    method = values.get("method") or ("sym" if value(values, "symmetric") else value(values, "method"))
+    kw = {k: value(values, k) for k in ("block_size", "lm_head_bits", "accuracy_level", "refine")}
+    name = "user-" + "-".join(f"{k}{v}" for k, v in sorted(pins.items()))
+    return (QuantConfig(name, method=method, **kw),)
 
 
 def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOptions) -> tuple[Path, dict]:
@@ -321,11 +326,11 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
 
     from .decoder_eval import DecoderEvaluator, TorchDecoder, build_reference, eval_prompts, prefill_feeds
     from .decoder_onnx import ort_session
-    from .quantize_decoder import choose_decoder_config, collect_activation_stats
+    from . import quantize_decoder as qd
+    from .options import value
 
-    x = opts.extra
-    n_prompts, n_new = int(x.get("eval_prompts", 4)), int(x.get("eval_tokens", 60))
-    prompt_tokens = int(x.get("prompt_tokens", 220))
+    x = opts.values()
+    n_prompts, n_new, prompt_tokens = (value(x, k) for k in ("eval_prompts", "eval_tokens", "prompt_tokens"))
     tok = model.tokenizer
     visual_kv = {}
     if dec.cross_kv is not None:  # hybrid layers: score with one calibration image's visual K/V on both sides
@@ -340,9 +345,16 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
     embed = np.load(dec.embed_tokens)
     calib = [dict(f, **visual_kv) for f in prefill_feeds(dec.spec, embed, eval_prompts(tok, n=2, prompt_tokens=prompt_tokens,
                                                                                           first_report=300))]
-    stats = collect_activation_stats(dec.decoder, calib)
-    choice = choose_decoder_config(dec.decoder, work / "decoder_4bit", DecoderEvaluator(reference, embed, visual_kv=visual_kv or None),
-                                   ladder=_ladder(x), act_stats=stats, strict=opts.strict, verbose=False)
+    stats = qd.collect_activation_stats(dec.decoder, calib)
+    try:
+        choice = qd.choose_decoder_config(dec.decoder, work / "decoder_4bit",
+                                          DecoderEvaluator(reference, embed, visual_kv=visual_kv or None),
+                                          ladder=_ladder(x), act_stats=stats, top1_min=qd.TOP1_MIN, kl_max=qd.KL_MAX,
+                                          strict=opts.strict, verbose=False)
+    except NoPassingConfigError as e:
+        raise NoPassingConfigError(f"--strict: 4-bit decoder: {e}; nothing was written. Drop --strict to keep the best "
+                                   "one (marked passed=false in the manifest), or use --llm-bits 32 for an f32 decoder",
+                                   e.attempts) from None
     return work / "decoder_4bit", choice.manifest()
 
 

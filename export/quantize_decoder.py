@@ -67,6 +67,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import NoPassingConfigError, QuantizationError  # noqa: F401  (NoPassingConfigError: importable from here)
+
 # Acceptance thresholds for a quantized decoder vs the f32 PyTorch reference, measured teacher-forced
 # over greedy reference continuations (decoder_eval). llama.cpp's own Q4_1 of SmolLM2-135M (lossless
 # weights, int8 activations) reaches 95.0% top-1 / KL 0.0025 on the same measure, so 0.95 asks for
@@ -77,18 +79,6 @@ KL_MAX = 0.05
 
 LM_HEAD = "lm_head"
 MS_DOMAIN = "com.microsoft"
-
-
-class QuantizationError(RuntimeError):
-    pass
-
-
-class NoPassingConfigError(QuantizationError):
-    """choose_decoder_config(strict=True) found no configuration within the thresholds."""
-
-    def __init__(self, msg: str, attempts: list[dict]):
-        super().__init__(msg)
-        self.attempts = attempts
 
 
 # ---- configuration -------------------------------------------------------------------------------------

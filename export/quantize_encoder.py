@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from . import onnx_ops
+from .errors import ExportError, QuantizationError
 from .encoder_onnx import METADATA_VARIANT, get_metadata, op_counts, save_model, set_metadata
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
@@ -51,12 +52,8 @@ _LAYOUT_OPS = {"Transpose", "Concat", "Split", "Reshape", "Unsqueeze", "Squeeze"
                "Identity", "Cast", "Flatten", "Expand"}
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ExportError, ValueError):
     """No usable calibration images (an empty folder, only unreadable files, a path that is not a folder)."""
-
-
-class QuantizationError(RuntimeError):
-    """The quantized graph breaks a rule of the INT8 artifact (ORT-only ops, a quantized scan, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------------
