@@ -3,7 +3,8 @@
 Interrupting an export (Ctrl-C, SIGTERM, an error, a full disk) removes the temporary directory, so
 no bundle and no partial files are left. A SIGKILL cannot be caught; its leftover `.NAME.tmp-PID`
 directory is removed by the next export into the same folder once that PID is gone.
-The layout and the manifest are defined in `emrrg.runtime.bundle` (the reader), shared here.
+The layout, the names and the manifest's schema are the contract (`emrrg.runtime.contract`), shared with the
+reader (`emrrg.runtime.bundle`); write_manifest checks its output against it before the bundle is published.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import __version__
-from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_entry
+from ..runtime.bundle import file_entry
+from ..runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, BundleError, check_embedding, check_paths,
+                                parse_manifest)
 from .errors import ExportError, disk_full_message, is_disk_full  # ExportError stays importable from here
 
 TMP_MARK = ".tmp-"
@@ -109,17 +112,23 @@ def staged_bundle(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Fill in format fields, per-artifact bytes/sha256, and the list of every file; write manifest.json."""
+    """Fill in format fields, per-artifact bytes/sha256, and the list of every file; check the result against
+    the contract exactly as the runtime will read it (ExportError if it breaks it); write manifest.json."""
     files = {p.relative_to(root).as_posix(): file_entry(root, p.relative_to(root).as_posix())
              for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
     for art in manifest.get("artifacts", {}).values():
         for key in ("bytes", "sha256"):
             art[key] = files[art["path"]][key]
-        if art.get("data"):
-            art["bytes"] += sum(files[d]["bytes"] for d in art["data"])
+        art["bytes"] += sum(files[d]["bytes"] for d in art.get("data", []))
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "emrrg_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **manifest, "files": files}
-    (root / MANIFEST).write_text(json.dumps(full, indent=2, default=_jsonable))
+    text = json.dumps(full, indent=2, default=_jsonable)
+    try:
+        check_embedding(check_paths(root, parse_manifest(json.loads(text), MANIFEST), MANIFEST), MANIFEST)
+    except BundleError as e:
+        raise ExportError(f"the bundle being written breaks the bundle contract, nothing was written "
+                          f"(an emrrg-export bug; please report it): {e}") from None
+    (root / MANIFEST).write_text(text)
     return full
 
 

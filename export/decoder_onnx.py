@@ -66,13 +66,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..runtime import contract as C
 from .errors import ExportError, ValidationError
 
 DECODER_FORMAT = "emrrg-decoder-onnx"
 DECODER_FORMAT_VERSION = 1
-DECODER_ONNX = "decoder.onnx"
-CROSS_KV_ONNX = "cross_kv.onnx"
-EMBED_TOKENS_NPY = "embed_tokens.npy"
+# file and I/O names: the bundle contract's (emrrg.runtime.contract), under this module's older names
+DECODER_ONNX, CROSS_KV_ONNX, EMBED_TOKENS_NPY = C.DECODER_FILE, C.CROSS_KV_FILE, C.EMBED_TOKENS_FILE
 OPSET = 18
 EXTERNAL_DATA_ABOVE_BYTES = 512 * 2**20  # inline protobufs stay well under the 2 GB limit and load fast
 
@@ -122,23 +122,23 @@ class DecoderSpec:
 
     @property
     def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        return C.past_names(self.num_layers)
 
     @property
     def present_names(self) -> list[str]:
-        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        return C.present_names(self.num_layers)
 
     @property
     def visual_kv_names(self) -> list[str]:
-        return [f"visual_kv.{j}.{kv}" for j in self.hybrid_layers for kv in ("key", "value")]
+        return C.visual_kv_names(self.hybrid_layers)
 
     @property
     def input_names(self) -> list[str]:
-        return ["inputs_embeds", "attention_mask", "position_ids", *self.past_names, *self.visual_kv_names]
+        return C.decoder_input_names(self.num_layers, self.hybrid_layers)
 
     @property
     def output_names(self) -> list[str]:
-        return ["logits", *self.present_names]
+        return C.decoder_output_names(self.num_layers)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -527,7 +527,7 @@ def export_decoder(llm, out_dir: str | Path, *, tokenizer=None, validate: bool =
             cross = None
             if spec.hybrid_layers:
                 vis = torch.randn(2, 5, spec.hidden)
-                _onnx_export(CrossKV(llm), (vis,), ["visual_tokens"], spec.visual_kv_names,
+                _onnx_export(CrossKV(llm), (vis,), [C.CROSS_KV_INPUT], spec.visual_kv_names,
                              ({0: B, 1: Lv},), tmpd / "cross_kv.onnx")
                 cross = out_dir / CROSS_KV_ONNX
                 _finish_onnx(tmpd / "cross_kv.onnx", cross, names,
@@ -610,7 +610,7 @@ def validate_decoder(export: DecoderExport, llm, *, batch: int = 2, prompt_len: 
             if hybrid:
                 vis = torch.from_numpy(g.standard_normal((batch, visual_len, spec.hidden)).astype(np.float32))
                 cross = ort_session(export.cross_kv)
-                kv_ort = cross.run(spec.visual_kv_names, {"visual_tokens": vis.numpy()})
+                kv_ort = cross.run(spec.visual_kv_names, {C.CROSS_KV_INPUT: vis.numpy()})
                 for n, (_, x) in enumerate(hybrid):
                     x.visual_kv = x.compute_kv(vis)
                     check(f"cross_kv {spec.visual_kv_names[2 * n]}", kv_ort[2 * n], x.visual_kv[0].numpy(), KV_ATOL)

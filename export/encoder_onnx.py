@@ -39,12 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..runtime.contract import ENCODER_INPUT, ENCODER_OUTPUT
 from . import onnx_ops
 from .errors import ValidationError
 
 VARIANTS = ("custom_op", "pure_onnx")
-INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "visual_tokens"
+INPUT_NAME, OUTPUT_NAME = ENCODER_INPUT, ENCODER_OUTPUT   # the bundle contract's names (emrrg.runtime.contract)
 TWO_GB = 2**31  # protobuf's hard limit on one serialized message; above it the weights go to external data
 METADATA_VARIANT = "emrrg.scan_variant"
 _DROP_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")  # local paths, bulky

@@ -22,7 +22,7 @@ import numpy as np
 from .bundle import share_external_data, staged_bundle, write_manifest
 from .errors import ExportError, NoPassingConfigError
 
-ENCODER_DATA = "encoder.weights"  # the weights both encoder files share (external data)
+from ..runtime import contract as C  # artifact keys, file names, I/O names and the manifest's sections
 
 TARGETS = ("cpu", "cuda", "tensorrt", "jetson")
 # Merging replaces W x + s·B(A x) by (W + s·BA) x: f32 rounding of one extra matmul per layer, amplified by
@@ -180,10 +180,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
                 enc_files = {"custom": work / "encoder.int8.onnx", "pure": work / "encoder.int8.scan.onnx"}
                 enc_precision = "int8"
                 bar.done()
-            shutil.move(str(enc_files["custom"]), tmp / "encoder.onnx")
-            shutil.move(str(enc_files["pure"]), tmp / "encoder.scan.onnx")
+            shutil.move(str(enc_files["custom"]), tmp / C.ENCODER_FILE)
+            shutil.move(str(enc_files["pure"]), tmp / C.ENCODER_SCAN_FILE)
             # both encoder files hold the same weights: store them once
-            enc_data = share_external_data(tmp, ["encoder.onnx", "encoder.scan.onnx"], ENCODER_DATA)
+            enc_data = share_external_data(tmp, [C.ENCODER_FILE, C.ENCODER_SCAN_FILE], C.ENCODER_DATA_FILE)
             # 5. decoder ---------------------------------------------------------------------------------
             bar.start("export decoder")
             from .decoder_onnx import export_decoder
@@ -198,18 +198,18 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
                 val["decoder_4bit"] = dec_choice
                 bar.done()
             for f in dec_dir.iterdir():
-                if f.name.startswith("decoder.onnx"):
+                if f.name in (C.DECODER_FILE, C.DECODER_DATA_FILE):
                     shutil.move(str(f), tmp / f.name)
             if dec.cross_kv is not None:  # hybrid layers: visual K/V stay f32, from the f32 export
-                shutil.move(str(dec.cross_kv), tmp / "cross_kv.onnx")
-            embed_info = _write_embedding(dec.embed_tokens, tmp, quantized=opts.llm_bits == 4)
+                shutil.move(str(dec.cross_kv), tmp / C.CROSS_KV_FILE)
+            embed_art = _write_embedding(dec.embed_tokens, tmp, quantized=opts.llm_bits == 4)
             # 6. tokenizer + manifest --------------------------------------------------------------------
             bar.start(steps[-1])
-            model.tokenizer.save_pretrained(tmp / "tokenizer")
+            model.tokenizer.save_pretrained(tmp / C.TOKENIZER_DIR)
             shutil.rmtree(work)
             manifest = _manifest(model, dec, opts, src_sha, checkpoint, enc_custom, enc_precision, dec_precision,
                                  calibration, val, merged, merge_diff, images, calib, held, tmp)
-            manifest["artifacts"]["embed_tokens"].update(embed_info)
+            manifest["artifacts"][C.EMBED_TOKENS] = embed_art
             manifest["encoder"]["external_data"] = enc_data
             manifest["export_s"] = round(time.perf_counter() - t_start, 1)
             full = write_manifest(tmp, manifest)
@@ -284,19 +284,21 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
 
 
 def _write_embedding(src: Path, root: Path, quantized: bool) -> dict:
-    """embed_tokens.npy: f32, or (4-bit bundles) int8 blocks + f16 scales (emrrg.runtime.embedding)."""
+    """embed_tokens.npy: f32, or (4-bit bundles) int8 blocks + f16 scales (emrrg.runtime.embedding); returns
+    the manifest's embed_tokens artifact."""
     if not quantized:
-        shutil.move(str(src), root / "embed_tokens.npy")
-        return {"precision": "fp32"}
+        shutil.move(str(src), root / C.EMBED_TOKENS_FILE)
+        return C.Artifact(C.EMBED_TOKENS_FILE, C.EMBED_FP32, "any").to_dict()
     from ..runtime.embedding import Q8_BLOCK, Q8BlockEmbedding, quantize_q8_blocks
 
     w = np.load(src)
     q, scales = quantize_q8_blocks(w)
-    np.save(root / "embed_tokens.npy", q)
-    np.save(root / "embed_scales.npy", scales)
+    np.save(root / C.EMBED_TOKENS_FILE, q)
+    np.save(root / C.EMBED_SCALES_FILE, scales)
     err = float(np.abs(Q8BlockEmbedding(q, scales).dequantize() - w).max())
-    return {"precision": "int8-block", "scales": "embed_scales.npy", "block_size": Q8_BLOCK,
-            "data": ["embed_scales.npy"], "max_abs_error_vs_fp32": err}
+    art = C.Artifact(C.EMBED_TOKENS_FILE, C.EMBED_Q8, "any", data=(C.EMBED_SCALES_FILE,), scales=C.EMBED_SCALES_FILE,
+                     block_size=Q8_BLOCK)
+    return {**art.to_dict(), "max_abs_error_vs_fp32": err}
 
 
 def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
@@ -335,7 +337,7 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
     visual_kv = {}
     if dec.cross_kv is not None:  # hybrid layers: score with one calibration image's visual K/V on both sides
         sess = ort_session(dec.cross_kv)
-        visual_kv = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"visual_tokens": visual})))
+        visual_kv = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {C.CROSS_KV_INPUT: visual})))
         model.set_visual(torch.from_numpy(visual))
     try:
         prompts = eval_prompts(tok, n=n_prompts, prompt_tokens=prompt_tokens)
@@ -363,31 +365,29 @@ def _manifest(model, dec, opts, src_sha, checkpoint, enc_info, enc_precision, de
     tok = model.tokenizer
     before, after = model.prompt_ids()
     from ..model import PROMPT_AFTER, PROMPT_BEFORE
-    spec = dec.spec.to_dict()
+    A = C.Artifact
     arts = {
-        "encoder": {"path": "encoder.onnx", "precision": enc_precision, "target": opts.target,
-                    "scan_variant": "custom_op", "requires_op_library": True, "data": [ENCODER_DATA]},
-        "encoder_fallback": {"path": "encoder.scan.onnx", "precision": enc_precision, "target": "cpu",
-                             "scan_variant": "pure_onnx", "requires_op_library": False, "data": [ENCODER_DATA]},
-        "decoder": {"path": "decoder.onnx", "precision": dec_precision, "target": opts.target,
-                    "data": ["decoder.onnx.data"] if (root / "decoder.onnx.data").exists() else []},
-        "embed_tokens": {"path": "embed_tokens.npy", "precision": "fp32", "target": "any"},
-        "tokenizer": {"path": "tokenizer/tokenizer.json", "precision": "-", "target": "any"},
+        C.ENCODER: A(C.ENCODER_FILE, enc_precision, opts.target, data=(C.ENCODER_DATA_FILE,), scan_variant="custom_op",
+                     requires_op_library=True),
+        C.ENCODER_FALLBACK: A(C.ENCODER_SCAN_FILE, enc_precision, "cpu", data=(C.ENCODER_DATA_FILE,),
+                              scan_variant="pure_onnx", requires_op_library=False),
+        C.DECODER: A(C.DECODER_FILE, dec_precision, opts.target,
+                     data=(C.DECODER_DATA_FILE,) if (root / C.DECODER_DATA_FILE).exists() else ()),
+        C.TOKENIZER: A(C.TOKENIZER_FILE, "-", "any"),               # embed_tokens: _write_embedding's
     }
-    if (root / "cross_kv.onnx").exists():
-        arts["cross_kv"] = {"path": "cross_kv.onnx", "precision": "fp32", "target": opts.target}
+    if (root / C.CROSS_KV_FILE).exists():
+        arts[C.CROSS_KV] = A(C.CROSS_KV_FILE, "fp32", opts.target)
     cfg = model.cfg
     return {
         "source": {"checkpoint": str(checkpoint), "sha256": src_sha},
         "config": cfg.to_dict(),
-        "prompt": {"before": PROMPT_BEFORE, "after": PROMPT_AFTER, "before_ids": before, "after_ids": after},
+        "prompt": C.Prompt(tuple(before), tuple(after), PROMPT_BEFORE, PROMPT_AFTER).to_dict(),
         "generation": {**asdict(cfg.generation), "max_positions_new": max(512, cfg.generation.max_new_tokens)},
-        "tokens": {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                   "pad_token_id": tok.pad_token_id, "unk_token_id": tok.unk_token_id, "unk_token": tok.unk_token},
-        "encoder": {"image_size": cfg.encoder.img_size, "num_tokens": cfg.encoder.num_tokens,
-                    "hidden": enc_info["hidden"], "input": "pixel_values (B, V, 3, S, S)", "output": "visual_tokens"},
-        "decoder": spec,
-        "artifacts": arts,
+        "tokens": C.Tokens(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                           unk_token_id=tok.unk_token_id, unk_token=tok.unk_token).to_dict(),
+        "encoder": C.EncoderInfo(cfg.encoder.img_size, cfg.encoder.num_tokens, enc_info["hidden"]).to_dict(),
+        "decoder": dec.spec.to_dict(),
+        "artifacts": {k: a.to_dict() for k, a in arts.items()},
         "merge": {"merged": merged, "max_abs_diff": merge_diff, "tolerance": MERGE_MAX_ABS},
         "calibration": calibration or {"images": [Path(str(p)).name for p in calib], "used": False},
         "validation": {"images": {"calibration": [Path(str(p)).name for p in calib],

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..runtime import tensorrt as trt_backend
+from ..runtime.bundle import BundleError, open_bundle
 from ..runtime.tensorrt import TensorRTBackendError
 from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
@@ -73,8 +74,8 @@ def build_bundle_engine(bundle: str | Path, precision: str = "auto", *, images: 
     if not ok:
         raise TensorRTBackendError(f"cannot build a TensorRT engine here: {reason}")
     bundle = Path(bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    size = int(manifest["encoder"]["image_size"])
+    manifest = open_bundle(bundle)   # the contract, paths inside the bundle, every file's sha256
+    size = manifest.encoder.image_size
     pixels, source = calibration_pixels(size, images, calib_dir)
     enc = trt_backend.TensorRTEncoder.from_bundle(bundle, manifest, precision, max_batch=max_batch, max_views=max_views,
                                                   check_pixels=pixels, check_source=source, rebuild=rebuild,
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = build_bundle_engine(args.bundle, args.precision, calib_dir=args.calib, max_batch=args.max_batch,
                                      max_views=args.max_views, rebuild=args.rebuild, cache_dir=args.cache_dir)
-    except (TensorRTBackendError, FileNotFoundError, KeyError) as e:
+    except (TensorRTBackendError, BundleError, FileNotFoundError) as e:
         print(f"emrrg tensorrt engine: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, default=str))

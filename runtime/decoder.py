@@ -1,6 +1,6 @@
 """The ONNX decoder as a StepModel (see generation.py), with a preallocated, IO-bound KV cache.
 
-decoder.onnx contract (written by emrrg.export.decoder_onnx):
+decoder.onnx contract (emrrg.runtime.contract names every input and output; emrrg.export.decoder_onnx writes it):
     inputs   inputs_embeds (B, T, H) f32, attention_mask (B, P+T) i64, position_ids (B, T) i64,
              past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) f32,
              [visual_kv.{j}.key / .value (B, heads, Lv, head_dim) f32 for hybrid layer j]
@@ -32,6 +32,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .contract import ATTENTION_MASK, INPUTS_EMBEDS, KV, LOGITS, POSITION_IDS, past_name, present_name
+
 
 class OrtDecoder:
     def __init__(self, session, embed_tokens: np.ndarray, num_layers: int, kv_heads: int, head_dim: int,
@@ -42,7 +44,8 @@ class OrtDecoder:
         self.max_len, self.max_rows = max_len, max_rows
         self.hybrid = tuple(hybrid_layers)
         self.vocab = embed_tokens.shape[0]
-        names = [f"{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        names = [(i, kv) for i in range(num_layers) for kv in KV]     # buffer keys; ONNX names from the contract
+        self._present = {present_name(i, kv): (i, kv) for i, kv in names}
         self._buf = {n: [] for n in names}
         self._clear_state()
         self._cpu = "CPUExecutionProvider" == session.get_providers()[0]
@@ -88,7 +91,7 @@ class OrtDecoder:
     def cache_bytes(self) -> int:
         return 2 * len(self._buf) * self._cap * 4
 
-    def _view(self, name: str, which: int, rows: int, length: int) -> np.ndarray:
+    def _view(self, name: tuple[int, str], which: int, rows: int, length: int) -> np.ndarray:
         n = rows * self.kvh * length * self.hd
         return self._buf[name][which][:n].reshape(rows, self.kvh, length, self.hd)
 
@@ -99,33 +102,30 @@ class OrtDecoder:
         if rows * self.kvh * (past_len + t) * self.hd > self._cap:   # no reserve() for this length: grow 2x
             self.reserve(rows, max(past_len + t, 2 * self._cap // max(1, rows * self.kvh * self.hd)))
         feeds = {
-            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
-            "attention_mask": np.ones((rows, past_len + t), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past_len, past_len + t, dtype=np.int64), (rows, t)).copy(),
+            INPUTS_EMBEDS: np.ascontiguousarray(embeds, dtype=np.float32),
+            ATTENTION_MASK: np.ones((rows, past_len + t), dtype=np.int64),
+            POSITION_IDS: np.broadcast_to(np.arange(past_len, past_len + t, dtype=np.int64), (rows, t)).copy(),
             **self._visual_inputs(rows),
         }
         if not self._cpu:  # device providers: let ORT place the tensors
-            for i in range(self.nl):
-                for kv in ("key", "value"):
-                    feeds[f"past_key_values.{i}.{kv}"] = np.ascontiguousarray(self._view(f"{i}.{kv}", past_buf, rows, past_len))
+            for i, kv in self._buf:
+                feeds[past_name(i, kv)] = np.ascontiguousarray(self._view((i, kv), past_buf, rows, past_len))
             outs = self.sess.run(None, feeds)
             names = [o.name for o in self.sess.get_outputs()]
             for name, val in zip(names, outs):
-                if name.startswith("present."):
-                    self._view(name.removeprefix("present."), out_buf, rows, past_len + t)[...] = val
-            return outs[names.index("logits")][:, -1]
+                if name in self._present:
+                    self._view(self._present[name], out_buf, rows, past_len + t)[...] = val
+            return outs[names.index(LOGITS)][:, -1]
         io = self.sess.io_binding()
         for k, v in feeds.items():
             io.bind_cpu_input(k, v)
-        for i in range(self.nl):
-            for kv in ("key", "value"):
-                name = f"{i}.{kv}"
-                past = self._view(name, past_buf, rows, past_len)
-                io.bind_input(f"past_key_values.{name}", "cpu", 0, np.float32, list(past.shape), past.ctypes.data)
-                pres = self._view(name, out_buf, rows, past_len + t)
-                io.bind_output(f"present.{name}", "cpu", 0, np.float32, list(pres.shape), pres.ctypes.data)
+        for i, kv in self._buf:
+            past = self._view((i, kv), past_buf, rows, past_len)
+            io.bind_input(past_name(i, kv), "cpu", 0, np.float32, list(past.shape), past.ctypes.data)
+            pres = self._view((i, kv), out_buf, rows, past_len + t)
+            io.bind_output(present_name(i, kv), "cpu", 0, np.float32, list(pres.shape), pres.ctypes.data)
         logits = self._logits_view(rows, t)
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        io.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.sess.run_with_iobinding(io)
         return logits[:, -1]
 

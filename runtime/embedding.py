@@ -9,10 +9,11 @@ It is a quarter of the f32 table, and the rows are dequantized only when looked 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from .bundle import BundleError
+from .contract import EMBED_FP32, EMBED_Q8, BundleError
 
 Q8_BLOCK = 32
 # The round trip's error bound per element, relative to its block's amax: half a step (amax / 254) plus
@@ -58,15 +59,18 @@ class Q8BlockEmbedding:
         return self[np.arange(self.shape[0])]
 
 
-def load_embedding(bundle: Path, art: dict):
-    """The embed_tokens artifact of a manifest: a memory-mapped f32 array or a Q8BlockEmbedding."""
-    table = np.load(Path(bundle) / art["path"], mmap_mode="r")
-    if art.get("precision", "fp32") == "fp32":
+def load_embedding(bundle: Path, art):
+    """The embed_tokens artifact (a checked contract.Artifact, or its manifest object): a memory-mapped f32
+    array or a Q8BlockEmbedding."""
+    get = art.get if isinstance(art, Mapping) else (lambda key, default=None: getattr(art, key, default))
+    table = np.load(Path(bundle) / get("path"), mmap_mode="r")
+    precision = get("precision", EMBED_FP32)
+    if precision == EMBED_FP32:
         return table
-    if art["precision"] != "int8-block" or "scales" not in art:
-        raise BundleError(f"{bundle}: embed_tokens has precision {art['precision']!r}, which this runtime does "
+    if precision != EMBED_Q8 or not get("scales"):
+        raise BundleError(f"{bundle}: embed_tokens has precision {precision!r}, which this runtime does "
                           "not know; update emrrg or re-export the bundle")
-    return Q8BlockEmbedding(table, np.load(Path(bundle) / art["scales"], mmap_mode="r"))
+    return Q8BlockEmbedding(table, np.load(Path(bundle) / get("scales"), mmap_mode="r"))
 
 
 __all__ = ["Q8_BLOCK", "Q8_REL_ERROR_BOUND", "Q8BlockEmbedding", "load_embedding", "quantize_q8_blocks"]

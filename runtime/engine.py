@@ -26,6 +26,7 @@ x 2 buffers x 4 bytes.
 from __future__ import annotations
 
 import dataclasses
+import dataclasses
 import logging
 import os
 import resource
@@ -36,7 +37,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bundle import BundleError, bundle_digest, verify_bundle
+from .bundle import BundleError, bundle_digest, open_bundle
+from .contract import (CROSS_KV, CROSS_KV_INPUT, DECODER, EMBED_TOKENS, ENCODER, ENCODER_FALLBACK, ENCODER_INPUT,
+                       ENCODER_OUTPUT, TOKENIZER, Manifest, check_io)
 from .decoder import DecoderPool, OrtDecoder
 from .embedding import load_embedding
 from .generation import DecodeSettings, generate
@@ -84,20 +87,21 @@ class _TimedStep:
 
 
 class Runtime:
-    def __init__(self, bundle: Path, manifest: dict, backend: str, encoder_sess, decoder: OrtDecoder,
+    def __init__(self, bundle: Path, manifest: Manifest, backend: str, encoder_sess, decoder: OrtDecoder,
                  cross_kv_sess, tokenizer, threads: int | None, max_concurrency: int = 1):
-        self.bundle, self.manifest, self.backend = bundle, manifest, backend
+        self.bundle, self.backend = bundle, backend
+        self.contract, self.manifest = manifest, manifest.raw     # checked (emrrg.runtime.contract), and as JSON
         self.encoder, self.decoder, self.cross_kv = encoder_sess, decoder, cross_kv_sess
         self.decoders = DecoderPool(decoder, max_concurrency)   # `decoder` is its first state
         self.max_concurrency = self.decoders.size
         self.tokenizer = tokenizer
         self.threads = threads
-        self.sha256 = bundle_digest(manifest)
-        self.image_size = int(manifest["encoder"]["image_size"])
-        self.prompt_before = list(manifest["prompt"]["before_ids"])
-        self.prompt_after = list(manifest["prompt"]["after_ids"])
-        self.special = manifest["tokens"]
-        self.gen = dict(manifest["generation"])
+        self.sha256 = bundle_digest(manifest.raw)
+        self.image_size = manifest.encoder.image_size
+        self.prompt_before = list(manifest.prompt.before_ids)
+        self.prompt_after = list(manifest.prompt.after_ids)
+        self.special = dataclasses.asdict(manifest.tokens)
+        self.gen = manifest.generation_settings()
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -110,8 +114,8 @@ class Runtime:
             raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         DecoderPool.check_size(max_concurrency)    # before loading anything
         bundle = Path(bundle)
-        manifest = verify_bundle(bundle, check_sha=verify)
-        arts = manifest["artifacts"]
+        manifest = open_bundle(bundle, check_sha=verify)   # contract, paths, files, token ids: BundleError
+        arts = manifest.artifacts
         available = ort.get_available_providers()
 
         def options(with_ops: bool):
@@ -123,6 +127,20 @@ class Runtime:
                 register(so)
             return so
 
+        def session(key: str, with_ops: bool = False):
+            """An ORT session of artifact `key`, its inputs and outputs checked against the contract."""
+            path = manifest.path(key)
+            try:
+                sess = ort.InferenceSession(str(path), options(with_ops), providers=providers)
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes, all Exception
+                if not type(e).__module__.startswith("onnxruntime"):
+                    raise
+                raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
+                                  "re-export the bundle with emrrg-export or copy an intact one") from None
+            check_io(manifest, key, {i.name: i.shape for i in sess.get_inputs()},
+                     {o.name: o.shape for o in sess.get_outputs()}, str(path))
+            return sess
+
         chosen, providers, trt_encoder = None, ["CPUExecutionProvider"], None
         if backend in ("auto", "tensorrt"):
             from . import tensorrt as trt_backend
@@ -130,9 +148,8 @@ class Runtime:
             ok, reason = trt_backend.available()
             if ok:
                 try:
-                    enc_files = (arts["encoder"]["path"], *arts["encoder"].get("data", []))
-                    digest = trt_backend.model_digest([manifest["files"][r]["sha256"] for r in enc_files])
-                    trt_encoder = trt_backend.TensorRTEncoder(bundle, bundle / arts["encoder"]["path"], precision="auto",
+                    digest = trt_backend.model_digest([manifest.files[r].sha256 for r in arts[ENCODER].files])
+                    trt_encoder = trt_backend.TensorRTEncoder(bundle, manifest.path(ENCODER), precision="auto",
                                                               onnx_sha256=digest)
                     chosen = "tensorrt"
                 except trt_backend.TensorRTBackendError as e:
@@ -146,13 +163,12 @@ class Runtime:
         elif backend == "cuda":
             raise BackendUnavailableError("ORT CUDA backend unavailable: this onnxruntime has no CUDAExecutionProvider "
                                           "(install onnxruntime-gpu instead of onnxruntime, never both)")
-        enc_art = arts["encoder"]
-        fallback = arts.get("encoder_fallback")
-        needs_ops = enc_art.get("requires_op_library", False)
+        enc_key, fallback = ENCODER, ENCODER_FALLBACK in arts
+        needs_ops = arts[ENCODER].requires_op_library
         if backend == "cpu-pure":
             if not fallback:
                 raise BackendUnavailableError("this bundle has no pure-ONNX encoder (encoder_fallback); re-export it")
-            enc_art, needs_ops, chosen = fallback, False, "ort-cpu-pure"
+            enc_key, needs_ops, chosen = ENCODER_FALLBACK, False, "ort-cpu-pure"
         elif trt_encoder is not None:
             needs_ops = False
         elif needs_ops and find_op_library() is None:
@@ -160,34 +176,28 @@ class Runtime:
                 warnings.warn("SelectiveScan op library not found: using the pure-ONNX encoder (slower, same "
                               "numbers). Build the library with: bash scripts/build_plugins.sh", RuntimeWarning,
                               stacklevel=2)
-                enc_art, needs_ops, chosen = fallback, False, chosen or "ort-cpu-pure"
+                enc_key, needs_ops, chosen = ENCODER_FALLBACK, False, chosen or "ort-cpu-pure"
             else:
                 register(ort.SessionOptions())  # raises OpLibraryMissingError naming the build command
         chosen = chosen or "ort-cpu"
-        encoder = trt_encoder or ort.InferenceSession(str(bundle / enc_art["path"]), options(needs_ops), providers=providers)
-        dec = manifest["decoder"]
-        decoder_sess = ort.InferenceSession(str(bundle / arts["decoder"]["path"]), options(False), providers=providers)
-        embed = load_embedding(bundle, arts["embed_tokens"])
-        g = manifest["generation"]
-        max_len = len(manifest["prompt"]["before_ids"]) + int(manifest["encoder"]["num_tokens"]) + \
-            len(manifest["prompt"]["after_ids"]) + int(g.get("max_positions_new", 512))
-        decoder = OrtDecoder(decoder_sess, embed, dec["num_layers"], dec["kv_heads"], dec["head_dim"],
-                             max_len=max_len, max_rows=max(8, int(g["num_beams"])),
-                             hybrid_layers=tuple(dec.get("hybrid_layers", ())))
-        cross = None
-        if dec.get("hybrid_layers") and "cross_kv" not in arts:
-            raise BundleError(f"{bundle}: the decoder has hybrid layers {dec['hybrid_layers']} but the bundle has no "
-                              "cross_kv artifact; re-export it")
-        if "cross_kv" in arts:
-            cross = ort.InferenceSession(str(bundle / arts["cross_kv"]["path"]), options(False), providers=providers)
-        tok = Tokenizer.from_file(str(bundle / arts["tokenizer"]["path"]))
+        encoder = trt_encoder or session(enc_key, needs_ops)
+        dec = manifest.decoder
+        decoder = OrtDecoder(session(DECODER), load_embedding(bundle, arts[EMBED_TOKENS]), dec.num_layers,
+                             dec.kv_heads, dec.head_dim, max_len=manifest.max_len,
+                             max_rows=max(8, manifest.generation.num_beams), hybrid_layers=tuple(dec.hybrid_layers))
+        cross = session(CROSS_KV) if CROSS_KV in arts else None   # the contract requires it for hybrid layers
+        try:
+            tok = Tokenizer.from_file(str(manifest.path(TOKENIZER)))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+            raise BundleError(f"{manifest.path(TOKENIZER)}: not a readable tokenizer ({str(e)[:200]}); re-export the "
+                              "bundle with emrrg-export or copy an intact one") from None
         log.info("emrrg runtime: backend %s, bundle %s", chosen, bundle)
         return cls(bundle, manifest, chosen, encoder, decoder, cross, tok, threads, max_concurrency)
 
     # ---- pieces ----------------------------------------------------------------------------------
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, V, 3, S, S) -> (B, L, H) projected visual tokens."""
-        return self.encoder.run(["visual_tokens"], {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)})[0]
+        return self.encoder.run([ENCODER_OUTPUT], {ENCODER_INPUT: np.ascontiguousarray(pixel_values, np.float32)})[0]
 
     def prompt_embeds(self, visual: np.ndarray) -> np.ndarray:
         """(1, L, H) visual tokens -> (1, T, H): BOS + 'Human: <Img>' + visual + '</Img> ... Assistant:'."""
@@ -227,7 +237,7 @@ class Runtime:
         visual_kv = None
         if self.cross_kv is not None:
             names = [o.name for o in self.cross_kv.get_outputs()]
-            visual_kv = dict(zip(names, self.cross_kv.run(None, {"visual_tokens": visual})))
+            visual_kv = dict(zip(names, self.cross_kv.run(None, {CROSS_KV_INPUT: visual})))
         t2 = time.perf_counter()
         s = self.settings(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         prompt = self.prompt_embeds(visual)

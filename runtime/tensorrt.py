@@ -43,6 +43,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .contract import ENCODER, ENCODER_FALLBACK, ENCODER_INPUT, ENCODER_OUTPUT, MANIFEST, Manifest, resolve_inside
+
 log = logging.getLogger("emrrg.runtime.tensorrt")
 
 PLUGIN_LIBRARY_NAME = "libemrrg_trt_plugin.so"
@@ -55,7 +57,6 @@ BUILD_COMMAND = "bash scripts/build_plugins.sh   (with TensorRT installed; cmake
 INSTALL_HINT = ("install TensorRT's Python package where the GPU is: `pip install tensorrt` on x86_64 "
                 "(TensorRT 10.x/11.x with CUDA 12/13), or JetPack 6.x (TensorRT 10.3) / 7.x (TensorRT 11) on a Jetson "
                 "(`sudo apt install python3-libnvinfer`)")
-ENCODER_INPUT, ENCODER_OUTPUT = "pixel_values", "visual_tokens"
 WORKSPACE_BYTES = 1 << 30
 # Post-build check against ONNX Runtime CPU. The tokens are LayerNorm'd (O(1)). An f32 engine agrees to
 # ~1e-5; fp16 / int8 engines differ by their rounding, which the export already measured against PyTorch.
@@ -403,7 +404,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def external_data_files(onnx_path: str | os.PathLike) -> list[Path]:
-    """The external-data files an ONNX file points at (relative to it), sorted."""
+    """The external-data files an ONNX file points at (relative to it), sorted; a location that leads out of
+    the file's folder (absolute, '..', a symbolic link out) is a BundleError, before the file is read."""
     try:
         import onnx
     except ImportError:  # pragma: no cover - the TensorRT path installs onnx
@@ -415,7 +417,10 @@ def external_data_files(onnx_path: str | os.PathLike) -> list[Path]:
         for t in g.initializer:
             locs.update(e.value for e in t.external_data if e.key == "location")
         graphs.extend(a.g for n in g.node for a in n.attribute if a.HasField("g"))
-    return sorted(Path(onnx_path).parent / loc for loc in locs)
+    base = Path(onnx_path).parent
+    for loc in locs:
+        resolve_inside(base, loc, "the external data location", str(onnx_path))
+    return sorted(base / loc for loc in locs)
 
 
 def model_digest(file_sha256: Sequence[str]) -> str:
@@ -742,8 +747,7 @@ class TensorRTEncoder:
         self.trt_version = str(trt.__version__)
         self.gpu = gpu_info()
         manifest = _read_manifest(self.bundle_dir)
-        enc = manifest.get("encoder", {}) if manifest else {}
-        self.image_size = int(image_size or enc.get("image_size") or 224)
+        self.image_size = int(image_size or (manifest.encoder.image_size if manifest else 224))
         onnx_precision = onnx_precision or _artifact_precision(manifest, self.onnx_path)
         self.precision = resolve_precision(precision, onnx_precision, trt_major(self.trt_version))
         self.profile = encoder_profile(self.image_size, max_batch, max_views)
@@ -777,7 +781,7 @@ class TensorRTEncoder:
             self.session = TensorRTSession(plan, plugin_path=self.plugin_path)
             if check_pixels is None:
                 check_pixels, check_source = _default_check_pixels(self.image_size)
-            fallback = Path(reference_onnx) if reference_onnx is not None else _fallback_path(manifest, self.bundle_dir)
+            fallback = Path(reference_onnx) if reference_onnx is not None else _fallback_path(manifest)
             check = self.check_against_reference(check_pixels, fallback, check_source)
             self.build_info = {"key": asdict(self.key), "plan": self.plan_path.name, "build_s": round(build_s, 1),
                                "plugin": str(self.plugin_path), "plugin_sha256": sha256_file(self.plugin_path),
@@ -824,17 +828,17 @@ class TensorRTEncoder:
         return result
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | os.PathLike, manifest: Mapping | None = None, precision: str = "auto",
+    def from_bundle(cls, bundle_dir: str | os.PathLike, manifest: Manifest | None = None, precision: str = "auto",
                     **kw) -> "TensorRTEncoder":
+        """The encoder of a bundle; `manifest`: its checked manifest (emrrg.runtime.bundle.open_bundle), else read here."""
+        from .bundle import read_manifest
+
         bundle_dir = Path(bundle_dir)
-        manifest = manifest or _read_manifest(bundle_dir) or {}
-        art = manifest.get("artifacts", {}).get("encoder", {"path": "encoder.onnx"})
-        rel = art["path"]
-        files = manifest.get("files", {})
-        shas = [files.get(r, {}).get("sha256") for r in (rel, *art.get("data", []))]
-        sha = model_digest(shas) if all(shas) else None
-        return cls(bundle_dir, bundle_dir / rel, precision, onnx_sha256=sha, onnx_precision=art.get("precision"),
-                   image_size=manifest.get("encoder", {}).get("image_size"), **kw)
+        m = manifest or read_manifest(bundle_dir)
+        art = m.artifacts[ENCODER]
+        sha = model_digest([m.files[r].sha256 for r in art.files])
+        return cls(bundle_dir, m.path(ENCODER), precision, onnx_sha256=sha, onnx_precision=art.precision,
+                   image_size=m.encoder.image_size, **kw)
 
     def run(self, pixel_values, feeds: Mapping[str, np.ndarray] | None = None):
         if feeds is not None:  # onnxruntime-style: run(output_names, {"pixel_values": x}) -> [tokens]
@@ -848,24 +852,23 @@ class TensorRTEncoder:
                 "tensorrt": self.trt_version, "check": self.build_info.get("check")}
 
 
-def _read_manifest(bundle_dir: Path) -> dict | None:
-    p = Path(bundle_dir) / "manifest.json"
-    try:
-        return json.loads(p.read_text()) if p.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
+def _read_manifest(bundle_dir: Path) -> Manifest | None:
+    """The folder's manifest, checked against the contract (a defect is a BundleError); None without one
+    (an ONNX file that is not in a bundle)."""
+    from .bundle import read_manifest
+
+    return read_manifest(bundle_dir) if os.path.lexists(Path(bundle_dir) / MANIFEST) else None
 
 
-def _artifact_precision(manifest: Mapping | None, onnx_path: Path) -> str | None:
-    for art in (manifest or {}).get("artifacts", {}).values():
-        if isinstance(art, dict) and art.get("path") == onnx_path.name:
-            return art.get("precision")
+def _artifact_precision(manifest: Manifest | None, onnx_path: Path) -> str | None:
+    for art in (manifest.artifacts.values() if manifest else ()):
+        if art.path == onnx_path.name:
+            return art.precision
     return None
 
 
-def _fallback_path(manifest: Mapping | None, bundle_dir: Path) -> Path | None:
-    fb = (manifest or {}).get("artifacts", {}).get("encoder_fallback")
-    return (bundle_dir / fb["path"]) if fb and fb.get("path") else None
+def _fallback_path(manifest: Manifest | None) -> Path | None:
+    return manifest.path(ENCODER_FALLBACK) if manifest and ENCODER_FALLBACK in manifest.artifacts else None
 
 
 __all__ = ["available", "TensorRTEncoder", "TensorRTSession", "TensorRTBackendError", "EngineKey", "build_engine",
