@@ -109,20 +109,21 @@ def profile_runtime(bundle: Path, images, tokens: int, threads: int, top: int = 
 
     import onnxruntime as ort
 
+    from emrrg.runtime import contract as C
     from emrrg.runtime.oplib import register
 
     rt = RuntimeRun(bundle, threads).rt
     out = {}
     with __import__("tempfile").TemporaryDirectory() as tmp:
         sessions = {}
-        for name, art, ops in (("encoder", "encoder", True), ("decoder", "decoder", False)):
+        for name, art, ops in (("encoder", C.ENCODER, True), ("decoder", C.DECODER, False)):
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             so.enable_profiling = True
             so.profile_file_prefix = f"{tmp}/{name}"
             if ops:
                 register(so)
-            sessions[name] = ort.InferenceSession(str(bundle / rt.manifest["artifacts"][art]["path"]), so)
+            sessions[name] = ort.InferenceSession(str(rt.contract.path(art)), so)
         rt.encoder, rt.decoder.sess = sessions["encoder"], sessions["decoder"]
         rt.gen.update(repetition_penalty=1.0)
         rt.generate(images, num_beams=1, min_new_tokens=tokens, max_new_tokens=tokens)

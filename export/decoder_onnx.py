@@ -60,7 +60,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -100,18 +100,11 @@ class DecoderValidationError(DecoderExportError, ValidationError):
 # ---- the contract, as data ------------------------------------------------------------------------
 
 @dataclass
-class DecoderSpec:
-    """Everything the runtime needs to drive decoder.onnx (goes into the manifest and metadata_props)."""
+class DecoderSpec(C.DecoderIO):
+    """Everything the runtime needs to drive decoder.onnx (goes into the manifest and metadata_props): the
+    contract's DecoderIO (sizes, hybrid layers, cache kind and the input/output names they fix) and what only
+    the exporter records."""
 
-    num_layers: int
-    num_heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    vocab: int
-    hybrid_layers: list[int] = field(default_factory=list)
-    hybrid_heads: list[int] = field(default_factory=list)     # per hybrid layer, same order
-    hybrid_head_dim: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -119,26 +112,6 @@ class DecoderSpec:
     max_position_embeddings: int | None = None
     format: str = DECODER_FORMAT
     format_version: int = DECODER_FORMAT_VERSION
-
-    @property
-    def past_names(self) -> list[str]:
-        return C.past_names(self.num_layers)
-
-    @property
-    def present_names(self) -> list[str]:
-        return C.present_names(self.num_layers)
-
-    @property
-    def visual_kv_names(self) -> list[str]:
-        return C.visual_kv_names(self.hybrid_layers)
-
-    @property
-    def input_names(self) -> list[str]:
-        return C.decoder_input_names(self.num_layers, self.hybrid_layers)
-
-    @property
-    def output_names(self) -> list[str]:
-        return C.decoder_output_names(self.num_layers)
 
     def to_dict(self) -> dict:
         d = asdict(self)
