@@ -11,10 +11,11 @@
              each artifact's path / data / scales) must be a relative path without '..' that resolves,
              symbolic links followed, inside the bundle. It is checked before the file is stat-ed, hashed
              or opened, so no message says anything about a file outside the bundle.
-    tables   check_embedding(root, manifest): the embedding table's (rows, hidden), read from the .npy
+    tables   check_embedding(manifest, where): the embedding table's (rows, hidden), read from the .npy
              header only, must match decoder.vocab / decoder.hidden, so every token id the manifest holds
              indexes a real row.
-    io       expected_io(...) / check_io(...): the names and static dims an ONNX session must show.
+    io       expected_io(manifest, artifact) / check_io(...): the names and fixed dims an ONNX session must
+             show (the runtime checks each session it makes).
 
 Format: "emrrg-bundle", format_version 1. The writer (emrrg.export.bundle.write_manifest) validates
 its output with parse_manifest before it publishes a bundle; the reader is emrrg.runtime.bundle.
