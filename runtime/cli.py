@@ -1,10 +1,12 @@
 """emrrg-run: bundle + the views of one study -> report. Torch-free.
 
     emrrg-run BUNDLE frontal.dcm [lateral.dcm ...] [--backend auto] [--beams N] [--max-new-tokens N]
-              [--stream] [--json]
+              [--stream] [--json] [--max-megapixels 64] [--allow-modality MOD ...] [--strict-inputs]
 
-Every known failure (bundle problems, missing op library, unreadable image, unavailable backend)
-prints one line on stderr and exits 2.
+The input gate (emrrg.runtime.gate) reads every image's header before the bundle is loaded and refuses
+what is not a chest radiograph study (see the README's "Input checks"). Every known failure (bundle
+problems, missing op library, unreadable or refused image, unavailable backend) prints one line on
+stderr and exits 2.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 def run_main(argv: list[str] | None = None) -> None:
     from .engine import BACKENDS
+    from .gate import add_input_arguments
 
     p = argparse.ArgumentParser(prog="emrrg-run", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
@@ -32,26 +35,44 @@ def run_main(argv: list[str] | None = None) -> None:
     p.add_argument("--sr", metavar="OUT.dcm", default=None,
                    help="also write the report as a DICOM SR (Enhanced SR) to OUT.dcm; the views must be DICOM")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files (sizes still checked)")
+    add_input_arguments(p)
     a = p.parse_args(argv)
 
     from .bundle import BundleError
     from .engine import BackendUnavailableError, Runtime
     from .oplib import OpLibraryMissingError
+    from .gate import check_study, policy_from_args, read_views
     from .preprocess import ImageError
+
+    shown: set[str] = set()
+
+    def show_warnings(caught) -> None:
+        for w in caught:
+            if str(w.message) not in shown:
+                shown.add(str(w.message))
+                print(f"emrrg-run: warning: {w.message}", file=sys.stderr)
 
     try:
         sr_sources = _sr_sources(a.sr, a.images) if a.sr else None    # before the model loads: refuse early
+        policy = policy_from_args(a)
+        with warnings.catch_warnings(record=True) as caught:  # the input gate first: no model load for a refused study
+            warnings.simplefilter("always")
+            check_study(read_views(a.images, policy), policy)
+        show_warnings(caught)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             rt = Runtime.from_pretrained(a.bundle, backend=a.backend, threads=a.threads, verify=not a.no_verify)
-        for w in caught:
-            print(f"emrrg-run: warning: {w.message}", file=sys.stderr)
+        show_warnings(caught)
         on_token = None
         if a.stream and not a.json:
             dec = _StreamPrinter(rt)
             on_token = dec
-        out = rt.generate(a.images, num_beams=a.beams, max_new_tokens=a.max_new_tokens,
-                          min_new_tokens=a.min_new_tokens, on_token=on_token)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = rt.generate(a.images, num_beams=a.beams, max_new_tokens=a.max_new_tokens,
+                              min_new_tokens=a.min_new_tokens, on_token=on_token, max_megapixels=policy.max_megapixels,
+                              allow_modality=policy.allow_modality, strict_inputs=policy.strict_inputs)
+        show_warnings(caught)
     except (BundleError, OpLibraryMissingError, ImageError, BackendUnavailableError, ValueError) as e:
         print(f"emrrg-run: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

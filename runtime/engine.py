@@ -44,7 +44,8 @@ from .decoder import DecoderPool, OrtDecoder
 from .embedding import load_embedding
 from .generation import DecodeSettings, generate
 from .oplib import OpLibraryMissingError, find_op_library, register
-from .preprocess import preprocess_study
+from .gate import InputPolicy, load_study
+from .preprocess import DEFAULT_MAX_MEGAPIXELS
 
 log = logging.getLogger("emrrg.runtime")
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "cpu-pure")
@@ -228,10 +229,19 @@ class Runtime:
 
     # ---- the job -----------------------------------------------------------------------------------
     def generate(self, images: Sequence, num_beams: int | None = None, max_new_tokens: int | None = None,
-                 min_new_tokens: int | None = None, on_token: Callable[[int], None] | None = None) -> dict:
-        """Report for one study (one or more views: paths, or arrays already loaded)."""
+                 min_new_tokens: int | None = None, on_token: Callable[[int], None] | None = None,
+                 max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, allow_modality: Sequence[str] = (),
+                 strict_inputs: bool = False) -> dict:
+        """Report for one study (one or more views: paths, or arrays already loaded).
+
+        The input gate (emrrg.runtime.gate) reads every view's header first and raises RefusedInputError
+        (an ImageError) for a study it refuses: not a projection radiograph (unless `allow_modality` names the
+        Modality), multi-frame, mixed patients or studies, above `max_megapixels`, or, with `strict_inputs`, a
+        BodyPartExamined that is not the chest. The result's "inputs" lists what it saw per view."""
         t0 = time.perf_counter()
-        px = preprocess_study(list(images), size=self.image_size)[None]         # (1, V, 3, S, S)
+        policy = InputPolicy(max_megapixels, tuple(allow_modality), strict_inputs)
+        px, views = load_study(list(images), self.image_size, policy)
+        px = px[None]                                                            # (1, V, 3, S, S)
         t1 = time.perf_counter()
         visual = self.encode(px)                                                 # (1, L, H)
         visual_kv = None
@@ -260,6 +270,7 @@ class Runtime:
                 "decode": 1e3 * step.decode_s, "total": 1e3 * (t3 - t0),
             },
             "peak_rss_mb": peak_rss_mb(),
+            "inputs": [v.to_json() for v in views],
         }
 
     def summary(self) -> dict:

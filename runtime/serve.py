@@ -2,7 +2,7 @@
 
     emrrg-serve BUNDLE [--host 127.0.0.1] [--port 8080] [--backend auto] [--threads N]
                 [--queue-size 4] [--max-request-mb 64] [--beams N] [--max-new-tokens N]
-                [--graceful-timeout 30]
+                [--graceful-timeout 30] [--max-megapixels 64] [--allow-modality MOD ...] [--strict-inputs]
 
 API (OpenAPI schema at /openapi.json, interactive docs at /docs):
 
@@ -16,14 +16,19 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
       bundle's generation settings).
       200  ReportResponse: the JSON of `emrrg-run --json` (report, tokens, backend, bundle_sha256,
            timings_ms {preprocess, encoder, prefill, decode, total}, peak_rss_mb) plus request_id,
-           queue_wait_ms and views. timings_ms.preprocess and .total include decoding the upload;
+           queue_wait_ms, views and inputs (per view: kind, header_checked, modality, body_part,
+           view_position, header_checks, warnings; never patient or study identifiers).
+           timings_ms.preprocess and .total include decoding the upload;
            queue_wait_ms is the time between the upload being decoded and generation starting.
       400  empty body, malformed multipart, no `views` part, an empty view, more than 8 views
       408  the upload took longer than 120 s
       413  body larger than --max-request-mb (by Content-Length, or counted while reading)
       415  not a PNG, JPEG or DICOM (by the declared type, or by the bytes: text, random data)
-      422  an image that cannot be decoded (truncated, corrupt, a DICOM without pixel data), or
-           beams / max_new_tokens out of range
+      422  an image that cannot be decoded (truncated, corrupt, a DICOM without pixel data,
+           non-finite rescale / window values; error undecodable_image), a study the input gate refuses
+           (not a projection radiograph, multi-frame, two patients or studies, larger than
+           --max-megapixels; error refused_input, decided from the headers before any pixel is
+           decoded), or beams / max_new_tokens out of range
       503  the queue is full, the model is still loading, or the service is stopping; with a
            Retry-After header (seconds, >= 1, estimated from recent generation times)
       500  generation failed (the message names the exception type only)
@@ -93,7 +98,8 @@ from starlette.requests import ClientDisconnect
 
 from .bundle import BundleError, load_manifest
 from .engine import BACKENDS
-from .preprocess import ImageError, load_image
+from .gate import InputPolicy, ViewInfo, add_input_arguments, check_study, policy_from_args, read_view
+from .preprocess import ImageError, RefusedInputError, load_image
 from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 log = logging.getLogger("emrrg.serve")
@@ -124,6 +130,23 @@ class Timings(BaseModel):
     total: float = Field(description="preprocess to last token, ms (queue wait excluded)")
 
 
+class InputView(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    label: str = Field(description='"upload" or "view N"')
+    kind: str = Field(description="dicom, png, jpeg or image")
+    header_checked: bool = Field(description="a DICOM header was read and checked (false for PNG / JPEG)")
+    modality: Optional[str] = None
+    body_part: Optional[str] = Field(None, description="BodyPartExamined")
+    view_position: Optional[str] = Field(None, description="ViewPosition, e.g. PA, AP, LL")
+    sop_class: Optional[str] = None
+    photometric: Optional[str] = None
+    size: Optional[list[Optional[int]]] = Field(None, description="[columns, rows]")
+    frames: int = 1
+    header_checks: dict[str, str] = Field(description="check -> pass / allowed / absent / warn")
+    warnings: list[str] = Field(description="what the gate accepted but a person should look at")
+    note: Optional[str] = None
+
+
 class ReportResponse(BaseModel):
     request_id: str
     report: str = Field(description="the generated report text")
@@ -134,6 +157,7 @@ class ReportResponse(BaseModel):
     peak_rss_mb: float = Field(description="peak resident memory of the server process so far, MB")
     queue_wait_ms: float = Field(description="time between the upload being decoded and generation starting, ms")
     views: int = Field(description="number of views (images) in the study")
+    inputs: list[InputView] = Field(description="what the input gate read and checked per view, in order")
 
 
 class ErrorResponse(BaseModel):
@@ -246,38 +270,58 @@ def _scratch_root(nbytes: int) -> str | None:
     return None
 
 
-def decode_views(views: list[_View]) -> list[np.ndarray]:
-    """Uploaded bytes -> (H, W) float32 gray images via `load_image`, through a private temp dir.
+def decode_views(views: list[_View], policy: InputPolicy | None = None) -> tuple[list[np.ndarray], list[ViewInfo]]:
+    """Uploaded bytes -> (H, W) float32 gray images and what the input gate saw, through a private temp dir.
 
-    Raises ApiError 415 (not a PNG/JPEG/DICOM) or 422 (recognised but undecodable); messages name the
-    view label, never a path or file name. The temp dir is removed before this returns.
+    Every view is sniffed, and its header read and checked with the others (emrrg.runtime.gate; PatientID
+    values are withheld from messages) before any pixel is decoded. Raises ApiError 415 (not a PNG/JPEG/
+    DICOM), 422 `refused_input` (the gate refuses: modality, multi-frame, mixed patients or studies, above
+    --max-megapixels, ...) or 422 `undecodable_image`; messages name the view label, never a path or file
+    name. The temp dir is removed before this returns.
     """
-    out = []
+    policy = policy or InputPolicy()
+    kinds = []
     for v in views:
-        kind = sniff(v.data)
-        if kind is None:
+        kinds.append(sniff(v.data))
+        if kinds[-1] is None:
             raise ApiError(415, "unsupported_media_type",
                            f"{v.label}: not a PNG, JPEG or DICOM image ({_describe_unknown(v.data)})")
-        with tempfile.TemporaryDirectory(prefix=_SCRATCH_PREFIX, dir=_scratch_root(len(v.data))) as td:
-            path = Path(td) / f"image{_SUFFIX[kind]}"
+    with tempfile.TemporaryDirectory(prefix=_SCRATCH_PREFIX, dir=_scratch_root(sum(len(v.data) for v in views))) as td:
+        paths = [Path(td) / f"view{i + 1}{_SUFFIX[kind]}" for i, kind in enumerate(kinds)]
+        for v, path in zip(views, paths):
             with open(path, "wb") as f:
                 f.write(v.data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            infos = [_as_api_error(v, path, kind, td, lambda: read_view(path, v.label, policy.max_megapixels))
+                     for v, path, kind in zip(views, paths, kinds)]
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    gray = load_image(path)
+                check_study(infos, policy, reveal_ids=False)
             except ImageError as e:
-                msg = str(e)
-                msg = msg.replace(str(path), v.label) if str(path) in msg else f"{v.label}: {msg}"
-                raise ApiError(422, "undecodable_image", msg.replace(td, "")) from None
-            except Exception as e:  # anything else a decoder raises: name the type only
-                raise ApiError(422, "undecodable_image",
-                               f"{v.label}: cannot decode the {kind.upper()} image ({type(e).__name__})") from None
-        if caught:
-            log.debug("%s: %d decoder warning(s) suppressed (%s)", v.label, len(caught),
-                      ", ".join(sorted({w.category.__name__ for w in caught})))
-        out.append(gray)
-    return out
+                raise ApiError(422, "refused_input", str(e)) from None
+            arrays = [_as_api_error(v, path, kind, td, lambda: load_image(path, policy.max_megapixels))
+                      for v, path, kind in zip(views, paths, kinds)]
+    if caught:
+        log.debug("%d decoder / input warning(s) suppressed (%s)", len(caught),
+                  ", ".join(sorted({w.category.__name__ for w in caught})))
+    return arrays, infos
+
+
+def _as_api_error(v: _View, path: Path, kind: str, td: str, fn):
+    """fn(), with an ImageError as 422 refused_input / undecodable_image naming the view label, not the path."""
+    try:
+        return fn()
+    except ImageError as e:
+        msg = str(e)
+        if str(path) in msg:
+            msg = msg.replace(str(path), v.label)
+        elif not msg.startswith(f"{v.label}:"):
+            msg = f"{v.label}: {msg}"
+        code = "refused_input" if isinstance(e, RefusedInputError) else "undecodable_image"
+        raise ApiError(422, code, msg.replace(td, "")) from None
+    except Exception as e:  # anything else a decoder raises: name the type only
+        raise ApiError(422, "undecodable_image",
+                       f"{v.label}: cannot decode the {kind.upper()} image ({type(e).__name__})") from None
 
 
 class _MultipartViews:
@@ -380,7 +424,8 @@ class ReportService:
 
     def __init__(self, bundle: str | os.PathLike, backend: str = "auto", threads: int | None = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2**20),
-                 beams: int | None = None, max_new_tokens: int | None = None, warmup: bool = True):
+                 beams: int | None = None, max_new_tokens: int | None = None, warmup: bool = True,
+                 policy: InputPolicy | None = None):
         if queue_size < 0:
             raise ValueError("queue_size must be >= 0")
         self.bundle, self.backend_request, self.threads = Path(bundle), backend, threads
@@ -388,6 +433,7 @@ class ReportService:
         self.max_request_bytes = max_request_bytes
         self.default_beams, self.default_max_new_tokens = beams, max_new_tokens
         self.warmup = warmup
+        self.policy = policy or InputPolicy()   # the input gate's options (--max-megapixels, --allow-modality, ...)
         self.runtime = None
         self.state = "loading"
         self.max_beams = self.max_new_tokens_limit = None
@@ -494,11 +540,11 @@ class ReportService:
                                                  f"of {self.max_new_tokens_limit}")
         return beams, max_new_tokens
 
-    async def decode(self, views: list[_View], slot: _Slot) -> tuple[list[np.ndarray], float]:
+    async def decode(self, views: list[_View], slot: _Slot) -> tuple[list[np.ndarray], list[ViewInfo], float]:
         def job():
             t = time.perf_counter()
-            arrays = decode_views(views)
-            return arrays, 1e3 * (time.perf_counter() - t)
+            arrays, infos = decode_views(views, self.policy)
+            return arrays, infos, 1e3 * (time.perf_counter() - t)
         fut = self._dec.submit(job)
         slot.hold(fut)
         return await asyncio.wrap_future(fut)
@@ -514,7 +560,10 @@ class ReportService:
             with self._lock:
                 self._running = True
             try:
-                out = self.runtime.generate(arrays, num_beams=beams, max_new_tokens=max_new_tokens)
+                out = self.runtime.generate(arrays, num_beams=beams, max_new_tokens=max_new_tokens,
+                                            max_megapixels=self.policy.max_megapixels)
+            except ImageError as e:  # the last checks on the decoded arrays (e.g. non-finite values)
+                raise ApiError(422, "undecodable_image", str(e)) from None
             finally:
                 with self._lock:
                     self._running = False
@@ -550,7 +599,8 @@ _ERRORS = {
     408: {"model": ErrorResponse, "description": "the upload was too slow"},
     413: {"model": ErrorResponse, "description": "request body larger than --max-request-mb"},
     415: {"model": ErrorResponse, "description": "not a DICOM, PNG or JPEG (declared type or bytes)"},
-    422: {"model": ErrorResponse, "description": "undecodable image, or beams / max_new_tokens out of range"},
+    422: {"model": ErrorResponse, "description": "undecodable image, a study the input gate refuses, or beams / "
+                                                 "max_new_tokens out of range"},
     500: {"model": ErrorResponse, "description": "generation failed"},
     503: {"model": ErrorResponse, "description": "queue full, model loading, or shutting down",
           "headers": _RETRY_AFTER},
@@ -788,7 +838,7 @@ def create_app(service: ReportService) -> FastAPI:
             ctx["views"] = len(views)
             sr_headers = _sr_headers(views) if want_sr else None      # refused before any pixel is decoded
             watcher = asyncio.create_task(_watch_disconnect(request, gone))
-            arrays, load_ms = await service.decode(views, slot)
+            arrays, infos, load_ms = await service.decode(views, slot)
             del views
             out = await service.generate(arrays, beams, max_new_tokens, slot, gone)
             del arrays
@@ -817,7 +867,8 @@ def create_app(service: ReportService) -> FastAPI:
         return {"request_id": request.scope["emrrg"]["id"], "report": out["report"], "tokens": out["tokens"],
                 "backend": out["backend"], "bundle_sha256": out["bundle_sha256"],
                 "timings_ms": {k: round(v, 2) for k, v in t.items()}, "peak_rss_mb": out["peak_rss_mb"],
-                "queue_wait_ms": round(out["queue_wait_ms"], 2), "views": ctx["views"]}
+                "queue_wait_ms": round(out["queue_wait_ms"], 2), "views": ctx["views"],
+                "inputs": [v.to_json() for v in infos]}
 
     return app
 
@@ -924,6 +975,7 @@ def serve_main(argv: list[str] | None = None) -> None:
                    help="default beam count (None: the bundle's setting; 1 = greedy)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="default max new tokens (None: the bundle's setting)")
+    add_input_arguments(p)
     p.add_argument("--graceful-timeout", type=_positive_float, default=DEFAULT_GRACEFUL_TIMEOUT_S,
                    help="seconds to let running and queued requests finish on SIGTERM/SIGINT")
     a = p.parse_args(argv)
@@ -939,7 +991,7 @@ def serve_main(argv: list[str] | None = None) -> None:
     warn_if_exposed(a.host)
     service = ReportService(a.bundle, backend=a.backend, threads=a.threads, queue_size=a.queue_size,
                             max_request_bytes=int(a.max_request_mb * 2**20), beams=a.beams,
-                            max_new_tokens=a.max_new_tokens)
+                            max_new_tokens=a.max_new_tokens, policy=policy_from_args(a))
     config = uvicorn.Config(create_app(service), host=a.host, port=a.port, log_config=None, access_log=False,
                             lifespan="on", server_header=False, timeout_graceful_shutdown=int(math.ceil(a.graceful_timeout)))
     server = uvicorn.Server(config)

@@ -17,6 +17,7 @@ from emrrg.assets import chest_dicom, pneumonia_images, pydicom_data_dir, real_x
 from emrrg.runtime.preprocess import (  # noqa: E402
     IMAGENET_MEAN, IMAGENET_STD, ImageError, load_image, preprocess, preprocess_study,
 )
+from tests.runtime.image_inputs import write_dicom  # noqa: E402
 
 SEED = 0
 # Golden figures of preprocess(RG1_UNCR.dcm). Training and inference must see the same pixels, so a
@@ -28,23 +29,6 @@ GOLDEN_ATOL = 1e-5  # float32 arithmetic; a changed filter or window moves these
 def _gray(x: np.ndarray) -> np.ndarray:
     """Undo the ImageNet normalization: (3, S, S) -> (3, S, S) gray in [0, 1]."""
     return x * IMAGENET_STD[:, None, None] + IMAGENET_MEAN[:, None, None]
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12,
-                **elements: object) -> Path:
-    """A minimal DX file: (H, W) or (frames, H, W) uint16 pixels plus any extra elements."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.set_pixel_data(pixels.astype(np.uint16), photometric, bits)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.Modality = "DX"
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 @pytest.fixture(scope="module")

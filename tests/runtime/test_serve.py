@@ -162,7 +162,7 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dic
 
 
 REPORT_FIELDS = {"request_id", "report", "tokens", "backend", "bundle_sha256", "timings_ms", "peak_rss_mb",
-                 "queue_wait_ms", "views"}
+                 "queue_wait_ms", "views", "inputs"}
 
 
 def check_report(r: httpx.Response, views: int) -> dict:
@@ -172,6 +172,7 @@ def check_report(r: httpx.Response, views: int) -> dict:
     assert set(out["timings_ms"]) == {"preprocess", "encoder", "prefill", "decode", "total"}
     assert all(v >= 0 for v in out["timings_ms"].values())
     assert out["views"] == views and out["backend"] in ("ort-cpu", "ort-cpu-pure")
+    assert len(out["inputs"]) == views and all(set(v) >= {"kind", "header_checked", "header_checks"} for v in out["inputs"])
     assert len(out["bundle_sha256"]) == 64 and out["peak_rss_mb"] > 0 and out["queue_wait_ms"] >= 0
     assert out["request_id"] == r.headers["x-request-id"]
     assert r.headers["cache-control"] == "no-store"
