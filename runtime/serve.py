@@ -2,6 +2,7 @@
 
     emrrg-serve BUNDLE [--host 127.0.0.1] [--port 8080] [--backend auto] [--threads N]
                 [--queue-size 4] [--max-request-mb 64] [--beams N] [--max-new-tokens N]
+                [--upload-budget-mb 4 x max-request-mb] [--body-timeout 30] [--header-timeout 10]
                 [--graceful-timeout 30] [--max-megapixels 64] [--allow-modality MOD ...] [--strict-inputs]
 
 API (OpenAPI schema at /openapi.json, interactive docs at /docs):
@@ -20,8 +21,10 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
            view_position, header_checks, warnings; never patient or study identifiers).
            timings_ms.preprocess and .total include decoding the upload;
            queue_wait_ms is the time between the upload being decoded and generation starting.
-      400  empty body, malformed multipart, no `views` part, an empty view, more than 8 views
-      408  the upload took longer than 120 s
+      400  empty body, malformed multipart, no `views` part, an empty view, more than 8 views; both
+           Content-Length and Transfer-Encoding (error bad_framing; the connection is closed)
+      408  the body did not arrive within --body-timeout (30 s) of the request head (the connection
+           is closed)
       413  body larger than --max-request-mb (by Content-Length, or counted while reading)
       415  not a PNG, JPEG or DICOM (by the declared type, or by the bytes: text, random data)
       422  an image that cannot be decoded (truncated, corrupt, a DICOM without pixel data,
@@ -29,8 +32,13 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
            (not a projection radiograph, multi-frame, two patients or studies, larger than
            --max-megapixels; error refused_input, decided from the headers before any pixel is
            decoded), or beams / max_new_tokens out of range
-      503  the queue is full, the model is still loading, or the service is stopping; with a
-           Retry-After header (seconds, >= 1, estimated from recent generation times)
+      431  more than 100 header fields or a request head over 16 KiB (one still incomplete at 16 KiB
+           gets h11's plain-text 400 instead); the connection is closed
+      503  queue_full: the queue is full (checked before the body is read, and again once it is);
+           uploads_busy: the bodies being read already hold --upload-budget-mb; unavailable: the model
+           is still loading or the service is stopping. With a Retry-After header in seconds, >= 1:
+           queue_full: ceil(admitted requests x mean time of the last 20 generations); uploads_busy:
+           until the oldest upload's --body-timeout ends
       500  generation failed (the message names the exception type only)
       With `Accept: application/dicom` (preferred to application/json) the 200 body is instead the report
       as a DICOM SR (Enhanced SR, emrrg.runtime.sr) for the uploaded DICOM views, built from their
@@ -38,19 +46,33 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
       when a header lacks the UIDs an SR reference needs.
       Every error body is {"error": code, "detail": message, "request_id": id}.
   GET /healthz    200 {"status": "ok", "model_loaded": bool, "state": "loading|ready|failed|stopping",
-                       "backend": str|null, "queue": {"capacity", "queue_size", "active", "running", "waiting"}}
+                       "backend": str|null, "queue": {"capacity", "queue_size", "active", "running", "waiting",
+                       "uploads", "upload_bytes", "upload_budget_bytes", "mean_generation_s", "retry_after_s"}}
   GET /v1/model   200 Runtime.summary(): bundle_sha256, backend, versions, artifacts, generation,
                       validation (503 until the model is loaded)
   Every response carries an X-Request-ID header (a server-made id; client ids are not adopted).
 
 Design:
-- ONE Runtime, loaded at start-up in the single generation thread (the runtime is not re-entrant);
+- ONE Runtime, loaded at start-up in the single generation thread, which runs one report at a time
+  (the Runtime may be shared between threads, but one report already uses every core);
   the port is bound at once, /healthz says when the model is ready, and a bundle that fails to load
   stops the server with exit status 2. Uploads are decoded in a separate single decode thread.
-- Admission: at most --queue-size requests waiting plus the one running. A request takes its slot
-  before its body is read and keeps it until its generation has ended, so at most
-  (queue_size + 1) x --max-request-mb of uploads are ever held in memory; a request that finds no
-  slot gets 503 without its body being read.
+- Admission: at most --queue-size requests waiting plus the one running. A request takes a queue
+  slot only once its whole body has been read (within --max-request-mb and --body-timeout), and keeps
+  it until its generation has ended: a slow or stalled upload never holds a slot, so it cannot keep
+  other clients at 503. When the queue is already full at the request head, the answer is 503 without
+  reading the body.
+- Upload memory: bodies being read are bounded apart from the queue, by a byte budget
+  (--upload-budget-mb, default 4 x --max-request-mb): a body reserves its declared Content-Length (a
+  chunked one, --max-request-mb) before its first byte is read and gives it back once it is read;
+  a request that does not fit gets 503 uploads_busy. So at most upload budget + (queue_size + 1) x
+  --max-request-mb of request bodies are held at once.
+- Slow clients: a request head (request line + headers) must be complete within --header-timeout
+  seconds of the connection opening or of the previous response (an idle keep-alive connection is
+  closed after uvicorn's 5 s), else the connection is closed (with a 408 when part of a head
+  arrived); the same bound covers a client that keeps trickling a body the server has already
+  answered. A body must arrive within --body-timeout of its head (408, connection closed). Heads are
+  limited to 16 KiB and 100 header fields (431). Trickling bytes does not reset either clock.
 - Uploads are decoded from a private temporary directory (mode 0700; under $TMPDIR when set, else
   /dev/shm when it has room, else the system temp dir) that is removed before the request goes on.
 - Logging (Python logging, logger "emrrg.serve"): one line per request with id, method, route,
@@ -67,6 +89,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -81,7 +104,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -110,7 +133,14 @@ DEFAULT_QUEUE_SIZE = 4
 DEFAULT_MAX_REQUEST_MB = 64.0
 DEFAULT_GRACEFUL_TIMEOUT_S = 30
 MAX_VIEWS = 8                 # views per study; IU X-Ray has 2, MIMIC-CXR studies rarely more than 4
-UPLOAD_TIMEOUT_S = 120.0      # a slow upload holds a queue slot; give it up after this long
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a whole body: 64 MiB at 20 Mbit/s; a console on a LAN sends it in well under 1 s
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # a whole request head (a few hundred bytes from a console)
+UPLOAD_BUDGET_FACTOR = 4      # default --upload-budget-mb: this many maximal uploads read at once
+MAX_HEADERS = 100             # header fields per request (Apache's LimitRequestFields default)
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers (h11's own default, set explicitly)
+RECENT_GENERATIONS = 20       # generation times averaged for Retry-After
+FIRST_GENERATION_GUESS_S = 2.0  # Retry-After's seconds per queued request before any generation has run
+RETRY_AFTER_CAP_S = 3600
 BEAMS_CAP, MAX_NEW_TOKENS_CAP = 64, 4096   # schema bounds; the bundle's own limits are checked too
 RAW_TYPES = ("application/dicom", "image/png", "image/jpeg", "application/octet-stream")
 _KNOWN_PATHS = ("/v1/reports", "/healthz", "/v1/model", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
@@ -172,6 +202,11 @@ class QueueInfo(BaseModel):
     active: int = Field(description="admitted requests not yet finished (uploading, waiting or running)")
     running: bool
     waiting: int
+    uploads: int = Field(description="request bodies being read (they hold no queue slot)")
+    upload_bytes: int = Field(description="upload budget reserved by those bodies")
+    upload_budget_bytes: int = Field(description="--upload-budget-mb, in bytes")
+    mean_generation_s: Optional[float] = Field(description="mean of the last 20 generation times (null before any)")
+    retry_after_s: int = Field(description="the Retry-After a full queue would answer now")
 
 
 class Health(BaseModel):
@@ -205,9 +240,11 @@ class ModelInfo(BaseModel):
 class ApiError(Exception):
     """An error answer: HTTP status, a code, a PHI-free one-line message, optional headers."""
 
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None,
+                 log_fields: dict[str, Any] | None = None):
         super().__init__(detail)
         self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+        self.log_fields = log_fields or {}   # extra key=value pairs for the request's log line
 
 
 class _ClientGone(Exception):
@@ -424,6 +461,7 @@ class ReportService:
 
     def __init__(self, bundle: str | os.PathLike, backend: str = "auto", threads: int | None = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2**20),
+                 upload_budget_bytes: int | None = None, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
                  beams: int | None = None, max_new_tokens: int | None = None, warmup: bool = True,
                  policy: InputPolicy | None = None):
         if queue_size < 0:
@@ -431,6 +469,10 @@ class ReportService:
         self.bundle, self.backend_request, self.threads = Path(bundle), backend, threads
         self.queue_size, self.capacity = queue_size, queue_size + 1
         self.max_request_bytes = max_request_bytes
+        self.upload_budget_bytes = upload_budget_bytes or UPLOAD_BUDGET_FACTOR * max_request_bytes
+        if self.upload_budget_bytes < max_request_bytes:
+            raise ValueError("the upload budget must hold at least one maximal request (--max-request-mb)")
+        self.body_timeout_s = body_timeout_s
         self.default_beams, self.default_max_new_tokens = beams, max_new_tokens
         self.warmup = warmup
         self.policy = policy or InputPolicy()   # the input gate's options (--max-megapixels, --allow-modality, ...)
@@ -441,7 +483,8 @@ class ReportService:
         self._lock = threading.Lock()
         self._active = 0
         self._running = False
-        self._recent: deque[float] = deque(maxlen=20)   # seconds per generation, for Retry-After
+        self._recent: deque[float] = deque(maxlen=RECENT_GENERATIONS)   # seconds per generation, for Retry-After
+        self._uploads: dict[object, tuple[int, float]] = {}   # bodies being read: (bytes reserved, deadline)
         self._gen: ThreadPoolExecutor | None = None
         self._dec: ThreadPoolExecutor | None = None
 
@@ -496,33 +539,63 @@ class ReportService:
     def queue_info(self) -> dict:
         with self._lock:
             active, running = self._active, self._running
+            uploads, upload_bytes = len(self._uploads), sum(n for n, _ in self._uploads.values())
+            recent = list(self._recent)
         return {"capacity": self.capacity, "queue_size": self.queue_size, "active": active,
-                "running": running, "waiting": max(0, active - int(running))}
+                "running": running, "waiting": max(0, active - int(running)), "uploads": uploads,
+                "upload_bytes": upload_bytes, "upload_budget_bytes": self.upload_budget_bytes,
+                "mean_generation_s": per_request_s(recent) if recent else None,
+                "retry_after_s": retry_after_s(active, per_request_s(recent))}
 
-    def retry_after_s(self) -> int:
-        """Seconds until the backlog ahead should have drained: mean recent generation time x requests ahead."""
-        recent = list(self._recent)
-        per = sum(recent) / len(recent) if recent else 2.0
-        with self._lock:
-            ahead = max(1, self._active)
-        return int(min(3600, max(1, math.ceil(per * ahead))))
+    def check_admission(self) -> None:
+        """503 at the request head, before any of the body is read: not ready, or the queue is already full."""
+        self._admit(take=False)
 
     def admit(self) -> _Slot:
+        """A queue slot for a request whose body has been read, or 503 (queue full, not ready)."""
+        return self._admit(take=True)
+
+    def _admit(self, take: bool) -> _Slot | None:
         if self.state != "ready":
             what = {"loading": "the model is still loading", "failed": "the model failed to load",
                     "stopping": "the service is shutting down"}[self.state]
             retry = "5" if self.state == "loading" else "30"
             raise ApiError(503, "unavailable", f"{what}; retry later", {"Retry-After": retry})
         with self._lock:
-            full = self._active >= self.capacity
-            if not full:
-                self._active += 1
-                return _Slot(self)
-            running, waiting = int(self._running), self._active - int(self._running)
-        retry = self.retry_after_s()
-        raise ApiError(503, "queue_full", f"the report queue is full ({running} running, {waiting} waiting, "
-                                          f"capacity {self.capacity}); retry after {retry} s",
-                       {"Retry-After": str(retry)})
+            if self._active >= self.capacity:
+                raise self._queue_full()
+            if not take:
+                return None
+            self._active += 1
+            return _Slot(self)
+
+    def _queue_full(self) -> ApiError:  # call with self._lock held
+        depth, running, per = self._active, int(self._running), per_request_s(list(self._recent))
+        retry = retry_after_s(depth, per)
+        return ApiError(503, "queue_full", f"the report queue is full ({running} running, {depth - running} waiting, "
+                                           f"capacity {self.capacity}); retry after {retry} s",
+                        {"Retry-After": str(retry)}, log_fields={"queue_depth": depth, "per_request_s": repr(per)})
+
+    @contextmanager
+    def reserve_upload(self, declared: int | None):
+        """Hold `declared` bytes (a chunked body: --max-request-mb) of the upload budget while a body is read;
+        503 uploads_busy when the bodies already being read leave too little."""
+        need = self.max_request_bytes if declared is None else declared
+        key, now = object(), time.monotonic()
+        with self._lock:
+            held = sum(n for n, _ in self._uploads.values())
+            if held + need > self.upload_budget_bytes:
+                wait = min(deadline for _, deadline in self._uploads.values()) - now
+                retry = int(min(RETRY_AFTER_CAP_S, max(1, math.ceil(wait))))
+                raise ApiError(503, "uploads_busy", f"{len(self._uploads)} uploads already hold {held / 2**20:.1f} of "
+                                                    f"{self.upload_budget_bytes / 2**20:g} MB (--upload-budget-mb); "
+                                                    f"retry after {retry} s", {"Retry-After": str(retry)})
+            self._uploads[key] = (need, now + self.body_timeout_s)
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._uploads[key]
 
     def _free_slot(self) -> None:
         with self._lock:
@@ -567,7 +640,7 @@ class ReportService:
             finally:
                 with self._lock:
                     self._running = False
-                self._recent.append(time.perf_counter() - start)
+                    self._recent.append(time.perf_counter() - start)
             out["queue_wait_ms"] = 1e3 * (start - queued)
             return out
         fut = self._gen.submit(job)
@@ -596,13 +669,14 @@ _ERRORS = {
           "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}},
     406: {"model": ErrorResponse, "description": "Accept: application/dicom, but a view is not DICOM"},
     400: {"model": ErrorResponse, "description": "empty body, malformed multipart, no or empty views, too many views"},
-    408: {"model": ErrorResponse, "description": "the upload was too slow"},
+    408: {"model": ErrorResponse, "description": "the body did not arrive within --body-timeout"},
     413: {"model": ErrorResponse, "description": "request body larger than --max-request-mb"},
     415: {"model": ErrorResponse, "description": "not a DICOM, PNG or JPEG (declared type or bytes)"},
     422: {"model": ErrorResponse, "description": "undecodable image, a study the input gate refuses, or beams / "
                                                  "max_new_tokens out of range"},
     500: {"model": ErrorResponse, "description": "generation failed"},
-    503: {"model": ErrorResponse, "description": "queue full, model loading, or shutting down",
+    431: {"model": ErrorResponse, "description": "more than 100 header fields, or a head over 16 KiB"},
+    503: {"model": ErrorResponse, "description": "queue full, upload budget full, model loading, or shutting down",
           "headers": _RETRY_AFTER},
 }
 
@@ -613,6 +687,47 @@ def _error_json(status: int, code: str, detail: str, request: Request, headers: 
     if ctx is not None:
         ctx["fields"]["error"] = code
     return JSONResponse({"error": code, "detail": detail, "request_id": rid}, status_code=status, headers=headers)
+
+
+def per_request_s(recent: list[float]) -> float:
+    """Mean of the recent generation times; FIRST_GENERATION_GUESS_S before any generation has run."""
+    return sum(recent) / len(recent) if recent else FIRST_GENERATION_GUESS_S
+
+
+def retry_after_s(depth: int, per_request: float) -> int:
+    """Retry-After for a full queue: ceil(requests admitted x seconds per request), >= 1, <= RETRY_AFTER_CAP_S."""
+    return int(min(RETRY_AFTER_CAP_S, max(1, math.ceil(depth * per_request))))
+
+
+def _framing_refusal(scope: dict) -> ApiError | None:
+    """431 for more than MAX_HEADERS header fields or a head over MAX_HEADER_BYTES (h11 only bounds a head that
+    is still incomplete, so one that arrives in a single read could be larger); 400 for Content-Length together
+    with Transfer-Encoding, which h11 would quietly read as chunked while a proxy in front may have framed it by
+    the length (request smuggling; RFC 9112 section 6.1 lets a server refuse it). All close the connection."""
+    close = {"Connection": "close"}
+    headers = scope.get("headers") or []
+    if len(headers) > MAX_HEADERS:
+        return ApiError(431, "too_many_headers", f"the request has {len(headers)} header fields; at most "
+                                                 f"{MAX_HEADERS} are accepted", close)
+    size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+        sum(len(k) + len(v) + 4 for k, v in headers)
+    if size > MAX_HEADER_BYTES:
+        return ApiError(431, "headers_too_large", f"the request head has {size} bytes; at most {MAX_HEADER_BYTES} "
+                                                  "are accepted", close)
+    names = {k.lower() for k, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return ApiError(400, "bad_framing", "the request has both Content-Length and Transfer-Encoding; "
+                                            "send only one of them", close)
+    return None
+
+
+async def _send_error(send, exc: ApiError, rid: str) -> None:
+    """An error answer written straight to ASGI (below FastAPI's exception handlers)."""
+    body = json.dumps({"error": exc.code, "detail": exc.detail, "request_id": rid}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _AccessLog:
@@ -646,17 +761,18 @@ class _AccessLog:
             await send(msg)
 
         try:
-            await self.app(scope, receive_counted, send_logged)
+            refusal = _framing_refusal(scope)
+            if refusal is not None:
+                ctx["fields"]["error"] = refusal.code
+                await _send_error(send_logged, refusal, rid)
+            else:
+                await self.app(scope, receive_counted, send_logged)
         except Exception as e:  # never let a traceback (and whatever its message quotes) reach the log
             ctx["fields"]["error"] = f"internal ({type(e).__name__})"
             log.debug("unhandled exception in request %s", rid, exc_info=True)
             if counts["status"] == 0:
-                body = ('{"error": "internal_error", "detail": "internal error (%s)", "request_id": "%s"}'
-                        % (type(e).__name__, rid)).encode()
-                await send_logged({"type": "http.response.start", "status": 500,
-                                   "headers": [(b"content-type", b"application/json"),
-                                               (b"content-length", str(len(body)).encode())]})
-                await send_logged({"type": "http.response.body", "body": body})
+                await _send_error(send_logged, ApiError(500, "internal_error", f"internal error ({type(e).__name__})"),
+                                  rid)
         path = scope.get("path", "")
         route = path if path in _KNOWN_PATHS else "<other>"
         status = counts["status"] or 499  # 499: the client left before an answer
@@ -664,6 +780,29 @@ class _AccessLog:
         level = logging.DEBUG if route == "/healthz" and status == 200 else logging.INFO
         log.log(level, "%s %s id=%s status=%d in_bytes=%d out_bytes=%d wall_ms=%.1f%s", scope.get("method"), route,
                 rid, status, counts["in"], counts["out"], 1e3 * (time.perf_counter() - t0), extra)
+
+
+async def _read_views(request: Request, service: ReportService, media_type: str, params: dict, ctx: dict) -> list[_View]:
+    """The body as views, within --max-request-mb (413) and --body-timeout (408, closing the connection)."""
+    limit = service.max_request_bytes
+    try:
+        if media_type == "multipart/form-data":
+            mp = _MultipartViews(params[b"boundary"])
+            await asyncio.wait_for(_read_multipart(request, limit, mp), service.body_timeout_s)
+            views = mp.finish()
+            if mp.ignored_parts:
+                ctx["ignored_parts"] = mp.ignored_parts
+            return views
+        body = await asyncio.wait_for(_read_raw(request, limit), service.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "upload_timeout", f"the request body did not arrive within {service.body_timeout_s:g} s "
+                                              "(--body-timeout)", {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise _ClientGone() from None
+    if not body:
+        raise ApiError(400, "empty_body", "empty body: POST one DICOM, PNG or JPEG file, or "
+                                          "multipart/form-data with 'views' file parts")
+    return [_View("upload", body, media_type)]
 
 
 async def _read_raw(request: Request, limit: int) -> bytearray:
@@ -755,6 +894,8 @@ def create_app(service: ReportService) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        if exc.log_fields and "emrrg" in request.scope:
+            request.scope["emrrg"]["fields"].update(exc.log_fields)
         return _error_json(exc.status, exc.code, exc.detail, request, exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -813,28 +954,13 @@ def create_app(service: ReportService) -> FastAPI:
             raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary parameter")
         beams, max_new_tokens = service.check_settings(beams, max_new_tokens)
         want_sr = wants_dicom(request.headers.get("accept"))
-        slot = service.admit()
+        service.check_admission()                   # a full queue answers 503 before the body is read
+        slot = watcher = None
         gone = threading.Event()
-        watcher = None
         try:
-            limit = service.max_request_bytes
-            try:
-                if is_multipart:
-                    mp = _MultipartViews(params[b"boundary"])
-                    await asyncio.wait_for(_read_multipart(request, limit, mp), UPLOAD_TIMEOUT_S)
-                    views = mp.finish()
-                    if mp.ignored_parts:
-                        ctx["ignored_parts"] = mp.ignored_parts
-                else:
-                    body = await asyncio.wait_for(_read_raw(request, limit), UPLOAD_TIMEOUT_S)
-                    if not body:
-                        raise ApiError(400, "empty_body", "empty body: POST one DICOM, PNG or JPEG file, or "
-                                                          "multipart/form-data with 'views' file parts")
-                    views = [_View("upload", body, media_type)]
-            except asyncio.TimeoutError:
-                raise ApiError(408, "upload_timeout", f"the upload took longer than {UPLOAD_TIMEOUT_S:g} s") from None
-            except ClientDisconnect:
-                raise _ClientGone() from None
+            with service.reserve_upload(n if declared_len is not None else None):   # not a queue slot
+                views = await _read_views(request, service, media_type, params, ctx)
+                slot = service.admit()              # a queue slot, now that the whole body is here
             ctx["views"] = len(views)
             sr_headers = _sr_headers(views) if want_sr else None      # refused before any pixel is decoded
             watcher = asyncio.create_task(_watch_disconnect(request, gone))
@@ -848,7 +974,8 @@ def create_app(service: ReportService) -> FastAPI:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            slot.release()
+            if slot is not None:
+                slot.release()
         if out is None:
             ctx["error"] = "client_gone"
             return Response(status_code=499)
@@ -928,6 +1055,64 @@ def _setup_logging() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
+def head_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol with a deadline on request heads: while the server is not working on a request
+    (a new connection, after a response, while a body it has answered keeps arriving), the next request head
+    must be complete within `timeout_s`, else the connection is closed, with a 408 when part of a head came.
+    uvicorn alone waits for a head forever (its keep-alive timer stops at the first byte)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._sync_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._sync_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._sync_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _sync_head_timer(self) -> None:
+            waiting = (self.conn.their_state is h11.IDLE or self.conn.our_state is h11.DONE) and \
+                not self.transport.is_closing()
+            if not waiting:
+                self._stop_head_timer()
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(timeout_s, self._head_timed_out)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            partial = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
+            if partial:
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            log.info("closed a connection: %s within --header-timeout %g s",
+                     "request head not complete" if partial else "no new request", timeout_s)
+            try:
+                self.conn.send(h11.ConnectionClosed())
+            except h11.LocalProtocolError:
+                pass
+            self.transport.close()
+
+    return HeadTimeoutProtocol
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -971,6 +1156,14 @@ def serve_main(argv: list[str] | None = None) -> None:
                    help="requests that may wait while one runs; more get 503 with Retry-After")
     p.add_argument("--max-request-mb", type=_positive_float, default=DEFAULT_MAX_REQUEST_MB,
                    help="largest accepted request body in MiB (413 above)")
+    p.add_argument("--upload-budget-mb", type=_positive_float, default=None,
+                   help=f"MiB of request bodies that may be read at once, apart from the queue; each reserves its "
+                        f"Content-Length, a chunked one --max-request-mb; more get 503 (None: {UPLOAD_BUDGET_FACTOR} x "
+                        f"--max-request-mb)")
+    p.add_argument("--body-timeout", type=_positive_float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds for a whole request body to arrive after its head (408 and close after)")
+    p.add_argument("--header-timeout", type=_positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
+                   help="seconds for a whole request head (line + headers) to arrive; the connection is closed after")
     p.add_argument("--beams", type=_positive_int, default=None,
                    help="default beam count (None: the bundle's setting; 1 = greedy)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
@@ -979,6 +1172,9 @@ def serve_main(argv: list[str] | None = None) -> None:
     p.add_argument("--graceful-timeout", type=_positive_float, default=DEFAULT_GRACEFUL_TIMEOUT_S,
                    help="seconds to let running and queued requests finish on SIGTERM/SIGINT")
     a = p.parse_args(argv)
+    if a.upload_budget_mb is not None and a.upload_budget_mb < a.max_request_mb:
+        p.error(f"--upload-budget-mb {a.upload_budget_mb:g} is below --max-request-mb {a.max_request_mb:g}: "
+                "a body of the largest accepted size could never be read; raise it")
 
     import uvicorn
 
@@ -991,9 +1187,12 @@ def serve_main(argv: list[str] | None = None) -> None:
     warn_if_exposed(a.host)
     service = ReportService(a.bundle, backend=a.backend, threads=a.threads, queue_size=a.queue_size,
                             max_request_bytes=int(a.max_request_mb * 2**20), beams=a.beams,
+                            upload_budget_bytes=int(a.upload_budget_mb * 2**20) if a.upload_budget_mb else None,
+                            body_timeout_s=a.body_timeout,
                             max_new_tokens=a.max_new_tokens, policy=policy_from_args(a))
     config = uvicorn.Config(create_app(service), host=a.host, port=a.port, log_config=None, access_log=False,
-                            lifespan="on", server_header=False, timeout_graceful_shutdown=int(math.ceil(a.graceful_timeout)))
+                            lifespan="on", server_header=False, timeout_graceful_shutdown=int(math.ceil(a.graceful_timeout)),
+                            http=head_timeout_protocol(a.header_timeout), h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     server = uvicorn.Server(config)
     service.on_fatal = lambda: setattr(server, "should_exit", True)
 
