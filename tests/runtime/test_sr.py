@@ -19,6 +19,7 @@ from pydicom.uid import EnhancedSRStorage
 
 from emrrg import __version__
 from emrrg.assets import chest_dicom, pneumonia_images
+from tests.runtime.dicom_views import lateral_view
 from emrrg.runtime.sr import DISCLAIMER, SRError, build_sr, read_headers, report_sections, sr_bytes, write_sr
 
 REPORT = "Findings: The heart size is normal – no effusion. Impression: No acute cardiopulmonary process, café."
@@ -49,15 +50,9 @@ def frontal() -> Path:
 
 
 @pytest.fixture(scope="module")
-def lateral(frontal, tmp_path_factory) -> Path:
+def lateral(tmp_path_factory) -> Path:
     """RG1 as the study's lateral view: a new instance (new SOPInstanceUID, ViewPosition LL, instance 2)."""
-    ds = pydicom.dcmread(frontal)
-    ds.SOPInstanceUID = hd.UID()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.ViewPosition, ds.InstanceNumber = "LL", 2
-    out = tmp_path_factory.mktemp("lateral") / "lateral.dcm"
-    ds.save_as(out, enforce_file_format=True)
-    return out
+    return lateral_view(tmp_path_factory.mktemp("lateral") / "lateral.dcm")
 
 
 def content_items(ds, depth=0):
