@@ -6,6 +6,7 @@ line on stderr and exit status 2; nothing is left half-written (checkpoints are 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from contextlib import contextmanager
@@ -26,8 +27,25 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             MissingAssetError, FileExistsError, FileNotFoundError)
 
 
+def require_torch(prog: str) -> None:
+    """One line and exit 2, naming the extra to install, when PyTorch is missing (the runtime extra has none).
+
+    Checked with find_spec, which does not import torch: a command may still refuse bad options first."""
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken install or an import blocker: as good as absent
+        found = False
+    if not found:
+        print(f"{prog}: error: this command needs PyTorch, which is not installed; install the export extra: "
+              "pip install 'emrrg[export]' (the runtime commands emrrg-run / emrrg-serve need no PyTorch)",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 @contextmanager
-def _cli_errors(prog: str):
+def _cli_errors(prog: str, needs_torch: bool = True):
+    if needs_torch:
+        require_torch(prog)
     from .export.cli import quiet_library_warnings
 
     quiet_library_warnings()

@@ -366,7 +366,9 @@ def eval_main(argv: list[str] | None = None) -> None:
         p.error("give a SOURCE and --data (or --iu)")
     from .cli import _cli_errors
 
-    with _cli_errors(p.prog):
+    # A bundle is scored through the torch-free runtime; a checkpoint (config.json) needs PyTorch.
+    needs_torch = bool(a.source) and (Path(a.source) / "config.json").is_file()
+    with _cli_errors(p.prog, needs_torch=needs_torch):
         try:
             _run_eval(a)
         except EvalError as e:

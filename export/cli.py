@@ -45,6 +45,9 @@ def export_main(argv: list[str] | None = None) -> None:
     except ExportError as e:
         _fail(e)
 
+    from ..cli import require_torch
+
+    require_torch("emrrg-export")
     from .pipeline import ExportOptions, export_bundle
 
     quiet_library_warnings()
