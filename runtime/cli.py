@@ -29,6 +29,8 @@ def run_main(argv: list[str] | None = None) -> None:
     p.add_argument("--beams", type=int, default=None, help="beam count (default: the bundle's setting; 1 = greedy)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the bundle's setting)")
     p.add_argument("--min-new-tokens", type=int, default=None, help="(default: the bundle's setting)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="ban any repeated n-gram of this many tokens, 0 = off (default: the bundle's setting)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (greedy only streams live)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -70,7 +72,8 @@ def run_main(argv: list[str] | None = None) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = rt.generate(a.images, num_beams=a.beams, max_new_tokens=a.max_new_tokens,
-                              min_new_tokens=a.min_new_tokens, on_token=on_token, max_megapixels=policy.max_megapixels,
+                              min_new_tokens=a.min_new_tokens, on_token=on_token,
+                              no_repeat_ngram_size=a.no_repeat_ngram_size, max_megapixels=policy.max_megapixels,
                               allow_modality=policy.allow_modality, strict_inputs=policy.strict_inputs)
         show_warnings(caught)
     except (BundleError, OpLibraryMissingError, ImageError, BackendUnavailableError, ValueError) as e:

@@ -26,10 +26,9 @@ x 2 buffers x 4 bytes.
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import logging
 import os
-import resource
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +43,7 @@ from .decoder import DecoderPool, OrtDecoder
 from .decoder_shared import SharedCacheDecoder
 from .embedding import load_embedding
 from .generation import DecodeSettings, generate
+from ..config import DECODE_KEYS
 from .oplib import OpLibraryMissingError, find_op_library, register
 from .gate import InputPolicy, load_study
 from .preprocess import DEFAULT_MAX_MEGAPIXELS
@@ -57,8 +57,12 @@ class BackendUnavailableError(RuntimeError):
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process, MB. Linux: VmHWM of the current address space, because
-    getrusage's ru_maxrss survives execve and so also counts a large parent this process was forked from."""
+    """Peak resident memory of this process, MB; 0.0 where the platform gives no figure.
+
+    Linux: VmHWM of the current address space, because getrusage's ru_maxrss survives execve and so also
+    counts a large parent this process was forked from. Other POSIX systems: ru_maxrss (`resource` is
+    imported here, not at module level: Windows has no such module). Windows: psutil's peak working set
+    when psutil is installed."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -66,7 +70,19 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024.0                        # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2.0**20 if sys.platform == "darwin" else 1024.0)        # macOS: bytes; Linux, BSD: KiB
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / 2.0**20                     # Windows: peak working set
 
 
 class _TimedStep:
@@ -209,8 +225,7 @@ class Runtime:
                                emb[self.prompt_after][None]], axis=1)
 
     def settings(self, **over) -> DecodeSettings:
-        g = {k: self.gen[k] for k in ("num_beams", "repetition_penalty", "length_penalty", "min_new_tokens",
-                                      "max_new_tokens")}
+        g = {k: self.gen[k] for k in DECODE_KEYS if k in self.gen}   # older bundles lack newer keys: defaults
         g.update({k: v for k, v in over.items() if v is not None})
         if over.get("max_new_tokens") is not None and over.get("min_new_tokens") is None:
             g["min_new_tokens"] = min(g["min_new_tokens"], g["max_new_tokens"])
@@ -232,8 +247,8 @@ class Runtime:
     # ---- the job -----------------------------------------------------------------------------------
     def generate(self, images: Sequence, num_beams: int | None = None, max_new_tokens: int | None = None,
                  min_new_tokens: int | None = None, on_token: Callable[[int], None] | None = None,
-                 max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, allow_modality: Sequence[str] = (),
-                 strict_inputs: bool = False) -> dict:
+                 no_repeat_ngram_size: int | None = None, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                 allow_modality: Sequence[str] = (), strict_inputs: bool = False) -> dict:
         """Report for one study (one or more views: paths, or arrays already loaded).
 
         The input gate (emrrg.runtime.gate) reads every view's header first and raises RefusedInputError
@@ -251,7 +266,8 @@ class Runtime:
             names = [o.name for o in self.cross_kv.get_outputs()]
             visual_kv = dict(zip(names, self.cross_kv.run(None, {CROSS_KV_INPUT: visual})))
         t2 = time.perf_counter()
-        s = self.settings(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        s = self.settings(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                          no_repeat_ngram_size=no_repeat_ngram_size)
         prompt = self.prompt_embeds(visual)
         with self.decoders.take() as dec:              # this call's own decoder state (see "Threads" above)
             dec.set_visual_kv(visual_kv)
