@@ -17,12 +17,13 @@ tests check. Warnings fail the test: nvcc's own (-Werror all-warnings) and the h
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.plugins import toolchain
 
 NVCC = shutil.which("nvcc")
 PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugins" / "selective_scan"
@@ -73,10 +74,9 @@ def test_core_header_after_cuda_headers_in_a_host_tu(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    roots = [os.environ.get("CUDA_HOME", ""), str(Path(NVCC).resolve().parents[1]), "/usr/local/cuda"]
-    cuda_inc = next((Path(r) / "include" for r in roots if r and (Path(r) / "include" / "cuda_runtime.h").is_file()), None)
+    cuda_inc = toolchain.cuda_include_dir()
     if cuda_inc is None:
-        pytest.skip(f"no cuda_runtime.h under {roots}")
+        pytest.skip("no CUDA toolkit headers (cuda_runtime_api.h): set CUDA_HOME")
     src = tmp_path / "host_tu.cpp"
     src.write_text('#include <cuda_runtime.h>\n#include "selectiveScanCore.h"\n'
                    "float g(float x) { return emrrg::scan::expF(x); }\n")

@@ -1,5 +1,7 @@
-// Host-side checks of the TensorRT plugin's logic (selectiveScanPlugin.cpp) against the API stand-in in
-// this folder, with a recording stub in place of the CUDA launcher. Driven by test_trt_plugin_host.py.
+// Host-side checks of the TensorRT plugin's logic (selectiveScanPlugin.cpp), compiled against NVIDIA's
+// public TensorRT headers (10.x and 11.x) and the CUDA toolkit's headers, linked against neither library:
+// a recording stub stands in for the CUDA launcher and the test defines the one CUDA runtime function the
+// plugin calls (cudaGetErrorString). Driven by test_trt_plugin_host.py.
 // What it covers: creator identity and fields, attribute validation, input-layout resolution for 5..8
 // inputs (by count and by has_* flags), output type/shape, format combinations, shape validation,
 // serialization round trip, the pointer/dtype mapping that enqueue hands to the launcher, and error
@@ -31,6 +33,12 @@ cudaError_t launchSelectiveScan(const SelectiveScanParams& params, cudaStream_t)
 }  // namespace scan
 }  // namespace emrrg
 
+// The plugin's only CUDA runtime call (the error text of a failed launch); defined here so that the test
+// links without libcudart. The three codes are the ones the recording launcher returns.
+extern "C" char const* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : e == cudaErrorInvalidValue ? "invalid argument" : "unspecified launch failure";
+}
+
 // ---- test helpers ----------------------------------------------------------------------------------
 static int gChecks = 0, gFailures = 0;
 #define CHECK(cond)                                                                   \
@@ -44,10 +52,18 @@ static int gChecks = 0, gFailures = 0;
 
 struct Recorder : IErrorRecorder {
   std::vector<std::pair<ErrorCode, std::string>> errors;
+  RefCount refs = 0;
   bool reportError(ErrorCode val, ErrorDesc desc) noexcept override {
     errors.emplace_back(val, desc);
     return true;
   }
+  int32_t getNbErrors() const noexcept override { return static_cast<int32_t>(errors.size()); }
+  ErrorCode getErrorCode(int32_t i) const noexcept override { return errors[static_cast<size_t>(i)].first; }
+  ErrorDesc getErrorDesc(int32_t i) const noexcept override { return errors[static_cast<size_t>(i)].second.c_str(); }
+  bool hasOverflowed() const noexcept override { return false; }
+  void clear() noexcept override { errors.clear(); }
+  RefCount incRefCount() noexcept override { return ++refs; }
+  RefCount decRefCount() noexcept override { return --refs; }
 };
 
 struct Logger : ILogger {
@@ -69,17 +85,27 @@ struct Context : IPluginResourceContext {
   IErrorRecorder* getErrorRecorder() const noexcept override { return rec; }
 };
 
-struct Expr : IDimensionExpr {
-  int64_t v;
-  explicit Expr(int64_t x) : v(x) {}
-  bool isConstant() const noexcept override { return v >= 0; }
-  int64_t getConstantValue() const noexcept override { return v; }
+// TensorRT's IDimensionExpr and IExprBuilder are handles whose methods forward to an implementation object
+// (apiv::VDimensionExpr, apiv::VExprBuilder in NvInferImpl.h) that only libnvinfer creates. The test
+// provides the implementation of a dimension (a constant, or -1 for a dynamic extent) and sets the
+// handle's mImpl to it.
+struct ExprImpl : apiv::VDimensionExpr {
+  int64_t v = 0;
+  bool isConstant() const override { return v >= 0; }
+  int64_t getConstantValue() const override { return v; }
+  bool isSizeTensor() const override { return false; }
 };
-struct Builder : IExprBuilder {
-  IDimensionExpr const* constant(int64_t) noexcept override { return nullptr; }
-  IDimensionExpr const* operation(DimensionOperation, IDimensionExpr const&, IDimensionExpr const&) noexcept override {
-    return nullptr;
+struct Expr : IDimensionExpr {
+  ExprImpl impl;
+  Expr(int64_t x) {  // NOLINT(google-explicit-constructor): lets `Expr e[] = {1, 2}` build in place (INoCopy)
+    impl.v = x;
+    mImpl = &impl;
   }
+};
+// The plugin's output shape is u's own expressions, so it never calls the builder: a handle without an
+// implementation (a call would crash the test, which is the failure wanted).
+struct Builder : IExprBuilder {
+  Builder() { mImpl = nullptr; }
 };
 
 static Dims dims(std::vector<int64_t> const& v) {
@@ -243,7 +269,7 @@ int main() {
     CHECK(p->getOutputDataTypes(&out, 1, in8, 8) != 0);
     CHECK(p->getOutputDataTypes(&out, 1, in8, 4) != 0);
 
-    Expr e[6] = {Expr(-1), Expr(3072), Expr(197), Expr(16), Expr(4), Expr(-1)};
+    Expr e[6] = {-1, 3072, 197, 16, 4, -1};
     DimsExprs ins[8];
     auto set = [&](DimsExprs& d, std::vector<int> idx) {
       d.nbDims = static_cast<int32_t>(idx.size());
