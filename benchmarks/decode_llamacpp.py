@@ -27,12 +27,10 @@ Writes benchmarks/results/decode_llamacpp.{json,md}.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from decoder_graph import profile_md  # noqa: E402  (benchmarks/decoder_graph.py)
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 LLAMA = "llama_cpp_q4_1"
@@ -119,39 +118,15 @@ def summarize(runs: list[dict], tokens: int) -> dict:
 
 def profile_decode(bundle: Path, ids: list[int], tokens: int, threads: int) -> dict:
     """ORT profile of the bundle decoder's decode steps (after the prefill): % of kernel time per op type."""
-    import onnxruntime as ort
+    from decoder_graph import op_profile, session  # benchmarks/decoder_graph.py
 
-    from emrrg.runtime.engine import Runtime, _TimedStep
-    from emrrg.runtime.generation import DecodeSettings, greedy
+    from emrrg.runtime.engine import Runtime
 
     rt = Runtime.from_pretrained(bundle, threads=threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
-        so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "prof")
-        art = rt.manifest["artifacts"]["decoder"]["path"]
-        dec = rt.decoder
-        dec.sess = ort.InferenceSession(str(bundle / art), so, providers=["CPUExecutionProvider"])
-        dec._clear_state()
-
-        s = DecodeSettings(num_beams=1, repetition_penalty=1.0, min_new_tokens=tokens, max_new_tokens=tokens,
-                           eos_token_id=int(rt.special["eos_token_id"]))
-        dec.reserve(1, len(ids) + tokens)
-        greedy(_TimedStep(dec), dec.embed[np.asarray(ids)][None], s)
-        events = json.loads(Path(dec.sess.end_profiling()).read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-    start = runs[0]["ts"] + runs[0]["dur"]                       # after the prefill
-    per_op, count = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
-            per_op[e["args"]["op_name"]] += e["dur"]
-            count[e["args"]["op_name"]] += 1
-    steps = len(runs) - 1
-    total = sum(per_op.values())
-    return {"threads": threads, "decode_steps": steps,
-            "run_us_per_step": sum(r["dur"] for r in runs[1:]) / steps, "kernel_us_per_step": total / steps,
-            "ops": {op: {"share": round(v / total, 4), "us_per_step": round(v / steps, 1),
-                         "nodes_per_step": count[op] // steps} for op, v in per_op.most_common()}}
+    dec = rt.decoder
+    dec.sess = session(bundle / rt.manifest["artifacts"]["decoder"]["path"], threads, profile=True)
+    dec._clear_state()
+    return {"threads": threads, **op_profile(dec, ids, tokens)}
 
 
 def main(argv=None) -> None:
@@ -249,11 +224,7 @@ def main(argv=None) -> None:
                 f"{x['name']} top-1 {x['top1']} / KL {x['kl_mean']}{' ✓' if x['passed'] else ''}" for x in d["attempts"])]
     if a.profile:
         for t, prof in out["profile_built"].items():
-            md += ["", f"Where the built decoder's decode time goes ({t} threads, ORT profiler, {prof['decode_steps']} "
-                       f"steps, {prof['run_us_per_step']:.0f} µs per step, kernels {prof['kernel_us_per_step']:.0f} µs):", "",
-                   "| op | share of kernel time | µs per step | nodes per step |", "|---|---:|---:|---:|"]
-            md += [f"| {op} | {100 * v['share']:.1f}% | {v['us_per_step']:.0f} | {v['nodes_per_step']} |"
-                   for op, v in list(prof["ops"].items())[:10]]
+            md += profile_md(f"Where the built decoder's decode time goes ({t} threads, ORT profiler)", prof)
     (a.out_dir / "decode_llamacpp.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

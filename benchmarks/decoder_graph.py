@@ -19,10 +19,12 @@ Writes benchmarks/results/decoder_graph.{json,md}.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,21 +36,61 @@ sys.path.insert(0, str(ROOT))
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 
-def load(folder: Path, threads: int):
+def load(folder: Path, threads: int, profile: bool = False):
     import onnx
 
     from emrrg.export.decoder_eval import decoder_metadata
-    from emrrg.export.decoder_onnx import ort_session
     from emrrg.runtime.decoder import OrtDecoder
     from emrrg.runtime.decoder_shared import SharedCacheDecoder
 
     meta = decoder_metadata(folder / "decoder.onnx")
     cls = SharedCacheDecoder if meta.get("cache") == "shared" else OrtDecoder
     nodes = len(onnx.load(str(folder / "decoder.onnx"), load_external_data=False).graph.node)
-    dec = cls(ort_session(folder / "decoder.onnx", threads=threads), np.load(folder / "embed_tokens.npy"),
+    dec = cls(session(folder / "decoder.onnx", threads, profile), np.load(folder / "embed_tokens.npy"),
               meta["num_layers"], meta["kv_heads"], meta["head_dim"], max_len=2048, max_rows=8)
     return dec, {"cache": meta.get("cache", "concat"), "nodes": nodes,
                  "quantization": json.loads(json.dumps(meta.get("quantization", {}))).get("config", {}).get("name")}
+
+
+def session(path: Path, threads: int, profile: bool = False, prefix: str | None = None):
+    """An ORT CPU session as the benchmarks use it (ort_session's settings), optionally with the profiler on."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = prefix or str(Path(tempfile.gettempdir()) / "emrrg_decoder_profile")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def op_profile(dec, ids: list[int], tokens: int) -> dict:
+    """Run one report on a StepModel whose session profiles, then: % of decode kernel time per op type."""
+    run(dec, ids, tokens)
+    prof = Path(dec.sess.end_profiling())
+    events = json.loads(prof.read_text())
+    prof.unlink()
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    start = runs[0]["ts"] + runs[0]["dur"]                       # after the prefill
+    per_op, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            per_op[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    steps = len(runs) - 1
+    total = sum(per_op.values())
+    return {"decode_steps": steps, "run_us_per_step": sum(r["dur"] for r in runs[1:]) / steps,
+            "kernel_us_per_step": total / steps,
+            "ops": {op: {"share": round(v / total, 4), "us_per_step": round(v / steps, 1),
+                         "nodes_per_step": count[op] // steps} for op, v in per_op.most_common()}}
+
+
+def profile_md(title: str, prof: dict) -> list[str]:
+    return ["", f"{title} ({prof['decode_steps']} decode steps, {prof['run_us_per_step']:.0f} µs per step, of which "
+                f"kernels {prof['kernel_us_per_step']:.0f} µs):", "",
+            "| op | share of kernel time | µs per step | nodes per step |", "|---|---:|---:|---:|",
+            *[f"| {op} | {100 * v['share']:.1f}% | {v['us_per_step']:.0f} | {v['nodes_per_step']} |"
+              for op, v in list(prof["ops"].items())[:10]]]
 
 
 def run(dec, ids: list[int], tokens: int) -> dict:
@@ -70,6 +112,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="add an ORT profile of each decoder's decode steps (1 thread)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     folders = dict(d.split("=", 1) for d in a.decoder)
@@ -98,6 +141,8 @@ def main(argv=None) -> None:
     out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "prompt_tokens": a.prompt_tokens, "tokens": a.tokens,
            "repeats": a.repeats, "decoders": {k: {"dir": str(folders[k]), **info[k]} for k in folders},
            "onnxruntime": __import__("onnxruntime").__version__, "by_threads": by_threads}
+    if a.profile:
+        out["profile_1_thread"] = {k: op_profile(load(Path(f), 1, profile=True)[0], ids, a.tokens) for k, f in folders.items()}
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / "decoder_graph.json").write_text(json.dumps(out, indent=2) + "\n")
     names = list(folders)
@@ -117,6 +162,8 @@ def main(argv=None) -> None:
                       f"**{b['prefill_ms'] / e['prefill_ms']:.2f}×** |")
     md += ["", "Load average after each thread count: " + ", ".join(f"{t}: {r['load_average']}" for t, r in by_threads.items())
            + "."]
+    for k, prof in out.get("profile_1_thread", {}).items():
+        md += profile_md(f"Where `{k}`'s decode time goes (ORT profiler, 1 thread)", prof)
     (a.out_dir / "decoder_graph.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
