@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from tests import scan_reference as ref  # noqa: E402
 from tests.gpu import scan_cases as sc  # noqa: E402
 
 SHAPES = {"base-b1": (1, 4 * 768), "base-b2": (2, 4 * 768), "large-b8": (8, 4 * 1024)}
@@ -86,8 +87,8 @@ def main() -> int:
     rows = []
     for shape in args.shapes:
         batch, dim = SHAPES[shape]
-        case = sc.Case(shape, batch, dim, 4, 16, args.seqlen, seed=1)
-        host = sc.make_inputs(case)
+        case = ref.Case(shape, batch, dim, 4, 16, args.seqlen, seed=1)
+        host = ref.make_inputs(case)
         for dtype in args.dtypes:
             t = sc.to_device(host, dtype)
             y = torch.empty_like(t["u"])

@@ -1,13 +1,13 @@
 """The SelectiveScan CUDA kernel on a GPU, through libemrrg_scan_shim.so (ctypes on torch.cuda tensors).
 
-Every case of the CPU tests (tests/gpu/scan_cases.py) for f32, f16 and bf16 activations:
-  * truth: a float64 loop on the device from the same (already rounded) inputs;
-  * f32: the kernel against the truth, with the CPU op's tolerances, and no worse than 2x the project's
-    f32 PyTorch reference (selective_scan_ref) + atol;
+Every case of tests/scan_reference.py for f32, f16 and bf16 activations, with its truth (a float64 loop from
+the same, already rounded, inputs) and its per-dtype tolerances:
+  * f32: the kernel against the truth, and no worse than 2x the project's f32 PyTorch reference
+    (selective_scan_ref) + slack;
   * f16 / bf16: err(kernel vs f32 reference) <= 2 * err(same-precision PyTorch reference vs f32 reference)
-    + atol, as mamba's test_layernorm_gated does; the f32 reference runs on the same rounded inputs, so both
+    + slack, as mamba's test_layernorm_gated does; the f32 reference runs on the same rounded inputs, so both
     low-precision paths only differ from it by their output rounding;
-  * every case: NaN/inf check and an NMSE bound per dtype; max and mean errors are printed first.
+  * every case: NaN/inf check and the dtype's NMSE bound against the truth; errors are printed first.
 Plus: launch-time argument errors come back as cudaErrorInvalidValue (nothing launched), a non-default
 stream is honoured, and the kernel matches the CPU op (libemrrg_ops.so, same core) bit for bit, as
 plugins/selective_scan/README.md claims.
@@ -22,24 +22,14 @@ import os
 import numpy as np
 import pytest
 
+from tests import scan_reference as ref
+
 from . import scan_cases as sc
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
-# ---- named tolerances (scaled by max(1, max|truth|)) -------------------------------------------------
-# f32: the CPU op's bounds (tests/plugins/test_scan_cpu_op.py): measured 2.5e-7 x max|y| there; the GPU
-# runs the same core with --fmad=false, so the same bits are expected.
-RTOL_F32, ATOL_F32 = 1e-4, 2e-6
-# f16 / bf16: the output rounding of an f32-accumulated result is <= 0.5 ulp: 2^-11 (f16) and 2^-8 (bf16)
-# relative to the largest elements; atol = 2 ulps of that scale on top of the 2x bound.
-ATOL_LOW = {"f16": 2 * 2.0 ** -11, "bf16": 2 * 2.0 ** -8}
-WORSE_THAN_REF_FACTOR = 2.0
-# NMSE = sum (y - truth)^2 / sum truth^2. f32 measured ~1e-14 on the CPU; a semantic slip (wrong group,
-# lost bias, shifted step) is >= 1e-4. For f16 / bf16 the rounding alone gives ~(ulp/3)^2: 3e-8 and 2e-6.
-MAX_NMSE = {"f32": 1e-10, "f16": 1e-6, "bf16": 1e-4}
-
-CASES = sc.all_cases()
+CASES = ref.CASES
 DTYPES = ("f32", "f16", "bf16")
 
 
@@ -55,42 +45,31 @@ def shim():
     return lib
 
 
-def _stats(y, truth):
-    err = (y.double() - truth).abs()
-    nmse = float(((y.double() - truth) ** 2).sum() / (truth ** 2).sum().clamp_min(1e-300))
-    return err, nmse
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_kernel_vs_reference(shim, case, dtype):
-    t = sc.to_device(sc.make_inputs(case), dtype)
+    t = sc.to_device(ref.make_inputs(case), dtype)
     y = shim.run(t, case.softplus, dtype)
     torch.cuda.synchronize()
-    truth = sc.scan_torch64(t, case.softplus)
-    scale = max(1.0, float(truth.abs().max()))
+    truth = ref.truth(t, case.softplus)
     assert y.dtype == t["u"].dtype and y.shape == t["u"].shape
     assert bool(torch.isfinite(y).all()), f"NaN/inf in the kernel's output [{case.name} {dtype}]"
-    err_k, nmse = _stats(y, truth)
+    err, scale, nmse = ref.errors(y, truth)
     if dtype == "f32":
-        ref = sc.scan_ref(t, case.softplus)
-        err_ref, _ = _stats(ref, truth)
-        print(f"\n[{case.name} f32] max|y|={scale:.3g} kernel-f64 max {err_k.max():.3g} mean {err_k.mean():.3g} | "
-              f"ref-f64 max {err_ref.max():.3g} | NMSE {nmse:.3g}")
-        torch.testing.assert_close(y.double(), truth, rtol=RTOL_F32, atol=ATOL_F32 * scale)
-        assert err_k.max() <= WORSE_THAN_REF_FACTOR * err_ref.max() + ATOL_F32 * scale
+        err_k = ref.assert_matches_truth(y, truth, f"kernel {case.name}")
+        err_ref = float(ref.errors(sc.scan_ref(t, case.softplus), truth)[0].max())
+        print(f"ref-f64 max {err_ref:.3g}")
+        ref.assert_no_worse_than(err_k, err_ref, scale, dtype, case.name)
     else:
         ref32 = sc.scan_ref(t, case.softplus, upcast=True)           # f32 reference on the same rounded inputs
         ref_lp = sc.scan_ref(t, case.softplus)                       # same-precision PyTorch reference
-        err_kernel = (y.float() - ref32).abs()
-        err_lp = (ref_lp.float() - ref32).abs()
-        print(f"\n[{case.name} {dtype}] max|y|={scale:.3g} kernel-ref32 max {err_kernel.max():.3g} "
-              f"mean {err_kernel.mean():.3g} | torch-{dtype}-ref32 max {err_lp.max():.3g} | kernel-f64 NMSE {nmse:.3g}")
-        bound = WORSE_THAN_REF_FACTOR * float(err_lp.max()) + ATOL_LOW[dtype] * scale
-        assert float(err_kernel.max()) <= bound, (
-            f"{dtype} kernel error {float(err_kernel.max()):.3g} > 2 x torch {dtype} error {float(err_lp.max()):.3g} + atol "
-            f"[{case.name}]")
-    assert nmse <= MAX_NMSE[dtype], f"NMSE {nmse:.3g} > {MAX_NMSE[dtype]:g} [{case.name} {dtype}]"
+        err_kernel = float((y.float() - ref32).abs().max())
+        err_lp = float((ref_lp.float() - ref32).abs().max())
+        print(f"\n[{case.name} {dtype}] max|y|={scale:.3g} kernel-ref32 max {err_kernel:.3g} | "
+              f"torch-{dtype}-ref32 max {err_lp:.3g} | kernel-f64 max {err.max():.3g} NMSE {nmse:.3g}")
+        ref.assert_no_worse_than(err_kernel, err_lp, scale, dtype, case.name)
+        tol = ref.TOLERANCES[dtype]
+        assert nmse <= tol.max_nmse, f"NMSE {nmse:.3g} > {tol.max_nmse:g} [{case.name} {dtype}]"
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
@@ -106,9 +85,7 @@ def test_kernel_equals_cpu_op_bitwise(shim, dtype):
         pytest.skip(f"{oplib.LIBRARY_NAME} not built (the CPU op to compare with)")
     assert ort is not None
     for case in (c for c in CASES if c.name in ("base-layer", "opt-D1z1b1-sp1", "opt-D0z1b0-sp0", "N64", "L197-G4-b2-sp1")):
-        feeds = sc.make_inputs(case)
-        if dtype == "f16":
-            feeds = {k: (v.astype(np.float16) if k in sc.ACTIVATIONS else v) for k, v in feeds.items()}
+        feeds = ref.cast_activations(ref.make_inputs(case), dtype)
         y_cpu = cpu_tests.run_op(lib, feeds, int(case.softplus))
         t = sc.to_device(feeds, dtype)
         y_gpu = shim.run(t, case.softplus, dtype).cpu().numpy()
@@ -134,10 +111,8 @@ def test_ort_cuda_execution_provider(shim):
     from tests.plugins import test_scan_cpu_op as cpu_tests
 
     for f16 in (False, True):
-        case = sc.Case("ort-cuda", 2, sc.SMALL_DIM, 4, 16, 197, seed=5)
-        feeds = sc.make_inputs(case)
-        if f16:
-            feeds = {k: (v.astype(np.float16) if k in sc.ACTIVATIONS else v) for k, v in feeds.items()}
+        case = ref.Case("ort-cuda", 2, ref.SMALL_DIM, 4, 16, 197, seed=5)
+        feeds = ref.cast_activations(ref.make_inputs(case), "f16" if f16 else "f32")
         so = ort.SessionOptions()
         so.register_custom_ops_library(str(lib))
         # The CPU kernel gives the same bits, so make sure the node is not silently on the CPU EP.
@@ -153,8 +128,8 @@ def test_ort_cuda_execution_provider(shim):
 
 
 def test_invalid_arguments_launch_nothing(shim):
-    c = sc.Case("bad", 1, sc.SMALL_DIM, 4, 16, 10)
-    t = sc.to_device(sc.make_inputs(c), "f32")
+    c = ref.Case("bad", 1, ref.SMALL_DIM, 4, 16, 10)
+    t = sc.to_device(ref.make_inputs(c), "f32")
     y = torch.full_like(t["u"], 7.0)
     for dims, what in (((1, 88, 10, 65, 4), "N = 65 > 64"), ((1, 90, 10, 16, 4), "D % G != 0"),
                        ((1, 88, 10, 16, 0), "G = 0")):
@@ -166,8 +141,8 @@ def test_invalid_arguments_launch_nothing(shim):
 
 
 def test_non_default_stream(shim):
-    c = sc.Case("stream", 2, sc.SMALL_DIM, 4, 16, 197, seed=3)
-    t = sc.to_device(sc.make_inputs(c), "f32")
+    c = ref.Case("stream", 2, ref.SMALL_DIM, 4, 16, 197, seed=3)
+    t = sc.to_device(ref.make_inputs(c), "f32")
     y_default = shim.run(t, True, "f32")
     s = torch.cuda.Stream()
     y = torch.empty_like(t["u"])

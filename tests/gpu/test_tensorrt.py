@@ -18,6 +18,8 @@ import os
 import numpy as np
 import pytest
 
+from tests import scan_reference as ref
+
 from . import scan_cases as sc
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
@@ -27,8 +29,6 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from emrrg.runtime import tensorrt as trtb  # noqa: E402
 
-RTOL_F32, ATOL_F32 = 1e-4, 2e-6           # as the CPU op / kernel tests (x max|truth|)
-ATOL_F16 = 2 * 2.0 ** -11                 # 2 f16 ulps of the output scale
 ENCODER_F32_MAX_NMSE = 1e-8               # fp32 engine (TF32 off) vs PyTorch f32: the exporter's F32 bound
 BUNDLE_MAX_NMSE = 1e-2                    # auto precision (fp16 / int8 on TensorRT 10) vs ORT: the INT8 bound
 
@@ -103,24 +103,24 @@ def test_single_node_engine(plugin, tmp_path, present, gap, f16):
     shim = sc.load_shim()
     dtype = "f16" if f16 else "f32"
     for batch, seqlen in ((1, 1), (2, 37), (3, 197)):
-        case = sc.Case("trt", batch, 88, 4, 16, seqlen, present["D"], present["z"], present["delta_bias"], seed=seqlen)
-        feeds = sc.make_inputs(case)
-        if f16:
-            feeds = {k: (v.astype(np.float16) if k in sc.ACTIVATIONS else v) for k, v in feeds.items()}
+        case = ref.Case("trt", batch, ref.SMALL_DIM, 4, 16, seqlen, present["D"], present["z"], present["delta_bias"],
+                        seed=seqlen)
+        feeds = ref.cast_activations(ref.make_inputs(case), dtype)
         y = sess.run(feeds)["y"]
         assert np.array_equal(y, again.run(feeds)["y"], equal_nan=True)
         t = sc.to_device(feeds, dtype)
-        truth = sc.scan_torch64(t, True).cpu().numpy()
-        scale = max(1.0, float(np.abs(truth).max()))
-        err = np.abs(y.astype(np.float64) - truth)
-        print(f"\n[{precision} {present} gap={gap} b={batch} L={seqlen}] engine-f64 max {err.max():.3g} mean {err.mean():.3g}")
-        assert np.isfinite(y).all()
+        truth = ref.truth(feeds, True)
+        label = f"{precision} {present} gap={gap} b={batch} L={seqlen}"
         if f16:
+            err, scale, _ = ref.errors(y, truth)
+            print(f"\n[{label}] engine-f64 max {err.max():.3g} mean {err.mean():.3g}")
+            assert np.isfinite(y).all()
             ref32 = sc.scan_ref(t, True, upcast=True).cpu().numpy()
             ref_lp = sc.scan_ref(t, True).float().cpu().numpy()
-            assert np.abs(y.astype(np.float32) - ref32).max() <= 2 * np.abs(ref_lp - ref32).max() + ATOL_F16 * scale
+            ref.assert_no_worse_than(float(np.abs(y.astype(np.float32) - ref32).max()),
+                                     float(np.abs(ref_lp - ref32).max()), scale, dtype, label)
         else:
-            np.testing.assert_allclose(y.astype(np.float64), truth, rtol=RTOL_F32, atol=ATOL_F32 * scale)
+            ref.assert_matches_truth(y, truth, label)
         if shim is not None:  # the engine runs the same kernel: the same bits
             direct = shim.run(t, True, dtype).cpu().numpy()
             assert np.array_equal(y, direct), "engine output differs from the kernel run directly"

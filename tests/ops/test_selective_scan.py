@@ -1,122 +1,96 @@
-"""selective_scan_ref against an independent naive loop (scalar per channel, per state, per step).
+"""The PyTorch SelectiveScan paths against the float64 truth of tests/scan_reference.py, and the dispatcher.
 
-Tolerances: both sides accumulate in f32 but in a different order (einsum over N vs a scalar sum,
-exp of a product computed once vs per step), so they agree to f32 rounding of an L-step recurrence:
-RTOL_F32 / ATOL_F32. f16 inputs are upcast to f32 inside, so the only extra error is the final cast
-of y back to f16: half an f16 ulp relative, i.e. ~5e-4 (RTOL_F16).
+* selective_scan_ref (the reference), selective_scan_fast (training's fast path, emrrg/ops/scan_fast.py) and
+  selective_scan_onnx_scan (the body of the pure-ONNX export, export/onnx_ops.py) on every case of
+  tests/scan_reference.py, in the case's dtype, under the per-dtype tolerances there.
+* selective_scan's dispatch to mamba-ssm: mamba-ssm cannot be installed here (it needs CUDA to build), so a
+  fake `mamba_ssm.ops.selective_scan_interface` module with a recording `selective_scan_fn` is put where the
+  soft import finds it, and emrrg.ops.selective_scan is re-imported.
 """
+import functools
+import importlib.util
 import math
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from emrrg.ops import selective_scan as scan_module
+from emrrg.ops.scan_fast import selective_scan_fast
 from emrrg.ops.selective_scan import selective_scan, selective_scan_ref
+from tests import scan_reference as ref
 
-RTOL_F32, ATOL_F32 = 1e-5, 1e-5
-RTOL_F16, ATOL_F16 = 1e-3, 1e-3
-
-
-def naive_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
-    """Independent reference in float64 with explicit loops; deliberately shares no code with the op."""
-    b, d, L = u.shape
-    n, g = A.shape[1], B.shape[1]
-    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
-    y = torch.zeros(b, d, L, dtype=torch.float64)
-    for bi in range(b):
-        for c in range(d):
-            grp = c // (d // g)
-            h = [0.0] * n
-            for t in range(L):
-                dt = delta[bi, c, t].item() + (delta_bias[c].item() if delta_bias is not None else 0.0)
-                if delta_softplus:
-                    dt = dt if dt > 20 else math.log1p(math.exp(dt))
-                acc = 0.0
-                for s in range(n):
-                    h[s] = math.exp(dt * A[c, s].item()) * h[s] + dt * B[bi, grp, s, t].item() * u[bi, c, t].item()
-                    acc += C[bi, grp, s, t].item() * h[s]
-                if D is not None:
-                    acc += D[c].item() * u[bi, c, t].item()
-                if z is not None:
-                    zz = z[bi, c, t].item()
-                    acc *= zz / (1 + math.exp(-zz))
-                y[bi, c, t] = acc
-    return y
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def make_inputs(b, d, L, n, g, dtype=torch.float32, big_delta=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    u = r(b, d, L).to(dtype)
-    delta = (r(b, d, L) * 0.5 + (20.0 if big_delta else -1.0)).to(dtype)
-    A = -torch.rand(d, n, generator=gen) * 2 - 0.1
-    B, C = r(b, g, n, L).to(dtype), r(b, g, n, L).to(dtype)
-    D, z, bias = r(d), r(b, d, L).to(dtype), r(d) * 0.1
-    return u, delta, A, B, C, D, z, bias
+def torch_inputs(case: ref.Case, dtype: str | None = None) -> dict[str, torch.Tensor]:
+    dt = TORCH_DTYPES[dtype or case.dtype]
+    return {k: torch.from_numpy(v).to(dt if k in ref.ACTIVATIONS else torch.float32)
+            for k, v in ref.make_inputs(case).items()}
 
 
-def report(name, got, want):
-    diff = (got.double() - want.double()).abs()
-    print(f"{name}: max |diff| {diff.max().item():.3e}, mean {diff.mean().item():.3e}")
+@functools.lru_cache(maxsize=None)
+def _truth(name: str, dtype: str) -> np.ndarray:
+    c = ref.case(name)
+    return ref.truth(torch_inputs(c, dtype), c.softplus)
 
 
-@pytest.mark.parametrize("L", [1, 197])
-@pytest.mark.parametrize("g", [1, 4])
-@pytest.mark.parametrize("use_D,use_z,use_bias", [(True, True, True), (False, False, False), (True, False, True), (False, True, False)])
-@pytest.mark.parametrize("softplus", [True, False])
-def test_ref_matches_naive(L, g, use_D, use_z, use_bias, softplus):
-    if L == 197 and not (use_D and use_z and use_bias):
-        L = 13  # the long sequence once with every input on; the flag grid on a shorter one keeps the loop fast
-    u, delta, A, B, C, D, z, bias = make_inputs(2, 8, L, 4, g)
-    if not softplus:
-        delta = delta.abs()  # the raw delta is a step size: keep it positive as a real dt is
-    kw = dict(D=D if use_D else None, z=z if use_z else None, delta_bias=bias if use_bias else None, delta_softplus=softplus)
-    got = selective_scan_ref(u, delta, A, B, C, **kw)
-    want = naive_scan(u, delta, A, B, C, **kw)
-    report(f"L={L} g={g} D={use_D} z={use_z} bias={use_bias} softplus={softplus}", got, want)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), want, rtol=RTOL_F32, atol=ATOL_F32)
+def _onnx_scan_body():
+    onnx_ops = pytest.importorskip("emrrg.export.onnx_ops", reason="the exporter needs onnx / onnxscript")
+    return onnx_ops.selective_scan_onnx_scan
 
 
-def test_large_delta():
-    """delta ~ 20: softplus saturates (log1p(exp) overflow guard) and exp(dA) underflows to 0."""
-    u, delta, A, B, C, D, z, bias = make_inputs(1, 8, 31, 4, 4, big_delta=True)
-    got = selective_scan_ref(u, delta, A, B, C, D, z, bias)
-    want = naive_scan(u, delta, A, B, C, D, z, bias)
-    report("large delta", got, want)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), want, rtol=RTOL_F32, atol=ATOL_F32 * 10)  # |y| ~ 20x larger here
+IMPLEMENTATIONS = {"reference": lambda: selective_scan_ref, "fast": lambda: selective_scan_fast,
+                   "pure_onnx_body": _onnx_scan_body}
 
 
-def test_f16_inputs():
-    u, delta, A, B, C, D, z, bias = make_inputs(1, 8, 40, 4, 4, dtype=torch.float16)
-    got = selective_scan_ref(u, delta, A, B, C, D, z, bias)
-    assert got.dtype == torch.float16
-    want = naive_scan(u, delta, A, B, C, D, z, bias)
-    report("f16", got, want)
-    torch.testing.assert_close(got.double(), want, rtol=RTOL_F16, atol=ATOL_F16)
+def run(fn, t: dict, softplus: bool):
+    return fn(t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"), t.get("delta_bias"),
+              delta_softplus=softplus)
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("case", ref.CASES, ids=[c.name for c in ref.CASES])
+def test_matches_truth(impl, case):
+    fn = IMPLEMENTATIONS[impl]()
+    t = torch_inputs(case)
+    with torch.no_grad():
+        y = run(fn, t, case.softplus)
+    assert y.dtype == t["u"].dtype
+    ref.assert_matches_truth(y, _truth(case.name, case.dtype), f"{impl} {case.name}")
+
+
+@pytest.mark.parametrize("name", ["L197-G4-b2-sp1", "opt-D0z1b0-sp0", "N5"])
+def test_reference_in_bf16(name):
+    """bf16 activations (the GPU's third dtype): f32 inside, so only the output rounding differs."""
+    c = ref.case(name)
+    t = torch_inputs(c, "bf16")
+    y = run(selective_scan_ref, t, c.softplus)
+    assert y.dtype == torch.bfloat16
+    ref.assert_matches_truth(y, _truth(name, "bf16"), f"reference {name}")
 
 
 def test_grouped_equals_per_group_calls():
     """G=4 in one call == four G=1 calls on the channel slices (the fused four-direction contract)."""
-    u, delta, A, B, C, D, z, bias = make_inputs(2, 16, 23, 4, 4)
+    t = torch_inputs(ref.Case("groups", 2, 16, 4, 4, 23, seed=3))
+    u, delta, A, B, C, D, z, bias = (t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
     fused = selective_scan_ref(u, delta, A, B, C, D, z, bias)
     parts = []
     for k in range(4):
         s = slice(4 * k, 4 * k + 4)
         parts.append(selective_scan_ref(u[:, s], delta[:, s], A[s], B[:, k:k + 1], C[:, k:k + 1], D[s], z[:, s], bias[s]))
     # Same arithmetic, but einsum may block the N-reduction differently for other shapes: f32 rounding only.
-    torch.testing.assert_close(fused, torch.cat(parts, 1), rtol=RTOL_F32, atol=ATOL_F32)
-
-
-def test_dispatcher_uses_reference_on_cpu():
-    u, delta, A, B, C, D, z, bias = make_inputs(1, 4, 5, 2, 1)
-    torch.testing.assert_close(selective_scan(u, delta, A, B, C, D, z, bias), selective_scan_ref(u, delta, A, B, C, D, z, bias))
+    tol = ref.TOLERANCES["f32"]
+    torch.testing.assert_close(fused, torch.cat(parts, 1), rtol=tol.rtol, atol=tol.atol)
 
 
 @pytest.mark.parametrize("bad", ["u", "B", "groups", "D"])
 def test_shape_errors(bad):
-    u, delta, A, B, C, D, z, bias = make_inputs(1, 8, 5, 4, 4)
+    t = torch_inputs(ref.Case("bad", 1, 8, 4, 4, 5))
+    u, delta, A, B, C, D, z, bias = (t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
     if bad == "u":
         u = u[0]
     elif bad == "B":
@@ -133,3 +107,74 @@ def test_softplus_matches_torch():
     x = torch.linspace(-30, 30, 101)
     naive = torch.tensor([v if v > 20 else math.log1p(math.exp(v)) for v in x.tolist()])
     torch.testing.assert_close(F.softplus(x), naive, rtol=1e-6, atol=1e-6)
+
+
+# ---- the dispatcher ----------------------------------------------------------------------------------
+def test_dispatcher_uses_reference_on_cpu():
+    t = torch_inputs(ref.Case("dispatch", 1, 4, 1, 2, 5))
+    torch.testing.assert_close(run(selective_scan, t, True), run(selective_scan_ref, t, True), rtol=0, atol=0)
+
+
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that reports is_cuda: the dispatcher's only test of where the tensors live."""
+
+    @property
+    def is_cuda(self):  # noqa: D401
+        return True
+
+
+def _fresh_scan_module():
+    """emrrg/ops/selective_scan.py executed as a new module object, so its soft import runs again against the
+    current sys.modules while the imported emrrg.ops.selective_scan (that other modules hold) stays untouched."""
+    spec = importlib.util.spec_from_file_location("_selective_scan_under_test", scan_module.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fake_mamba(monkeypatch):
+    """A mamba_ssm.ops.selective_scan_interface whose selective_scan_fn records its calls, and the scan module
+    imported with it."""
+    calls = []
+
+    def selective_scan_fn(*args, **kwargs):
+        calls.append((args, kwargs))
+        return "mamba-ssm result"
+
+    names = ["mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[names[-1]].selective_scan_fn = selective_scan_fn
+    return _fresh_scan_module(), calls
+
+
+def test_mamba_ssm_dispatch_on_cuda_tensors(fake_mamba):
+    module, calls = fake_mamba
+    assert module.has_fast_path()
+    t = torch_inputs(ref.Case("dispatch", 1, 8, 4, 4, 5))
+    args = [t[k].as_subclass(_CudaLooking) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    out = module.selective_scan(*args, delta_softplus=False)
+    assert out == "mamba-ssm result"
+    assert len(calls) == 1
+    got_args, got_kwargs = calls[0]
+    # mamba-ssm's positional order: u, delta, A, B, C, D, z, delta_bias, delta_softplus
+    assert len(got_args) == 9 and not got_kwargs
+    assert all(a is b for a, b in zip(got_args[:8], args)) and got_args[8] is False
+
+
+def test_mamba_ssm_not_used_for_cpu_tensors(fake_mamba):
+    module, calls = fake_mamba
+    t = torch_inputs(ref.Case("dispatch", 1, 8, 4, 4, 5))
+    y = run(module.selective_scan, t, True)
+    assert calls == []
+    torch.testing.assert_close(y, run(selective_scan_ref, t, True), rtol=0, atol=0)
+
+
+def test_without_mamba_ssm_there_is_no_fast_path(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # `import mamba_ssm` raises ImportError
+    module = _fresh_scan_module()
+    assert not module.has_fast_path()
+    t = torch_inputs(ref.Case("dispatch", 1, 8, 4, 4, 5))
+    args = [t[k].as_subclass(_CudaLooking) for k in ("u", "delta", "A", "B", "C")]
+    torch.testing.assert_close(module.selective_scan(*args), selective_scan_ref(*args), rtol=0, atol=0)

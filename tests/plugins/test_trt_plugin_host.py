@@ -174,12 +174,14 @@ def test_ort_cuda_library_serves_the_cpu_ep():
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from emrrg.runtime import oplib
+    from tests import scan_reference as ref
     from tests.plugins import test_scan_cpu_op as cpu_tests
 
     if not OPS_CUDA.is_file() or oplib.find_op_library() is None:
         pytest.skip("libemrrg_ops_cuda.so / libemrrg_ops.so not built (bash scripts/build_plugins.sh with nvcc)")
     for f16 in (False, True):
-        feeds = cpu_tests.make_inputs(3, 2, cpu_tests.SMALL_DIM, 4, 16, 37, f16=f16)
+        feeds = ref.cast_activations(ref.make_inputs(ref.Case("ops-cuda", 2, ref.SMALL_DIM, 4, 16, 37, seed=3)),
+                                     "f16" if f16 else "f32")
         key = (True, True, True, f16, 1, True)
         so = ort.SessionOptions()
         so.register_custom_ops_library(str(OPS_CUDA))
