@@ -15,6 +15,7 @@ import json
 import sys
 import warnings
 from emrrg.runtime.helpfmt import DefaultsHelpFormatter
+from emrrg.runtime.extras import SR_MODULES, require_extra
 
 
 def run_main(argv: list[str] | None = None) -> None:
@@ -102,6 +103,7 @@ def run_main(argv: list[str] | None = None) -> None:
 def _sr_sources(path: str, images: list[str]) -> list:
     """The views' DICOM headers for --sr, read before the model loads, so a PNG / JPEG view or an unwritable
     output folder fails at once (SRError, a ValueError), not after the report is generated."""
+    require_extra("emrrg-run", "runtime", SR_MODULES, "--sr (DICOM SR output)")
     from .sr import check_output_path, read_headers
 
     check_output_path(path)

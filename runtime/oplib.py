@@ -1,7 +1,6 @@
 """Locate and register the SelectiveScan op library (libemrrg_ops.so) with ONNX Runtime.
 
-The exported encoder holds `com.emrrg::SelectiveScan` nodes (ARCHITECTURE.md, "The SelectiveScan
-contract"); ONNX Runtime runs them only after the op library is registered on the SessionOptions:
+The exported encoder holds `com.emrrg::SelectiveScan` nodes; ONNX Runtime runs them only after the op library is registered on the SessionOptions:
 
     import onnxruntime as ort
     from emrrg.runtime import oplib
@@ -11,9 +10,11 @@ contract"); ONNX Runtime runs them only after the op library is registered on th
     sess = ort.InferenceSession("encoder.onnx", so)
 
 Search order (first existing file wins):
-  1. $EMRRG_OPS_LIB (a file, or a folder holding the library). When set it is the only place looked.
-  2. build/plugins/ under the repository root (what `bash scripts/build_plugins.sh` makes).
-  3. next to this package (for installs that ship the library inside the wheel).
+  1. lib/ inside this package: what the platform wheel ships (`pip wheel .` compiles it, see setup.py).
+  2. $EMRRG_OPS_LIB (a file, or a folder holding the library). When set, the build tree is not looked in.
+  3. The build tree of a source checkout, $EMRRG_BUILD_DIR or build/plugins (what `bash scripts/build_plugins.sh`
+     makes). A checkout is recognised by plugins/CMakeLists.txt and pyproject.toml beside this package's
+     folder (an editable install); an installed package has no build tree.
 In each folder, under onnxruntime-gpu, libemrrg_ops_cuda.so first, then libemrrg_ops.so.
 
 Torch-free: numpy / onnxruntime only (tests/runtime/test_torch_free.py).
@@ -34,7 +35,8 @@ OP_TYPE = "SelectiveScan"
 OP_VERSION = 1
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _PACKAGE_DIR.parent
+PACKAGE_LIB_DIR = _PACKAGE_DIR / "lib"  # setup.py copies the built libraries here in the wheel
+BUILD_DIR_ENV_VAR = "EMRRG_BUILD_DIR"   # scripts/build_plugins.sh's build folder, when not build/plugins
 
 
 class OpLibraryMissingError(RuntimeError):
@@ -55,11 +57,28 @@ def candidate_paths(cuda: bool | None = None) -> list[Path]:
     library with the CUDA-EP kernel, libemrrg_ops_cuda.so, comes first in each place: it also holds the
     CPU-EP kernels, and with libemrrg_ops.so a CUDA session would copy every scan's tensors to the host."""
     names = ([CUDA_LIBRARY_NAME] if (ort_has_cuda() if cuda is None else cuda) else []) + [LIBRARY_NAME]
+    paths = [PACKAGE_LIB_DIR / n for n in names]
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         p = Path(env).expanduser()
-        return [p / n for n in names] if p.is_dir() else [p]
-    return [d / n for d in (_REPO_ROOT / "build" / "plugins", _PACKAGE_DIR) for n in names]
+        return paths + ([p / n for n in names] if p.is_dir() else [p])
+    build = build_tree()
+    return paths + ([build / n for n in names] if build is not None else [])
+
+
+def build_tree() -> Path | None:
+    """The plugin build folder of the source checkout this package runs from, or None for an installed package.
+
+    $EMRRG_BUILD_DIR when set (scripts/build_plugins.sh's own variable); else build/plugins of the checkout, which
+    is the parent of this package's folder only when it holds the plugin sources and pyproject.toml (an editable
+    install or PYTHONPATH on the sources)."""
+    env = os.environ.get(BUILD_DIR_ENV_VAR, "").strip()
+    if env:
+        return Path(env).expanduser()
+    checkout = _PACKAGE_DIR.parent
+    if (checkout / "plugins" / "CMakeLists.txt").is_file() and (checkout / "pyproject.toml").is_file():
+        return checkout / "build" / "plugins"
+    return None
 
 
 def find_op_library(cuda: bool | None = None) -> Path | None:
@@ -76,7 +95,8 @@ def _missing_message() -> str:
     hint = (f"{ENV_VAR}={env} does not name an existing file; fix or unset it"
             if env else f"or point {ENV_VAR} at a built {LIBRARY_NAME}")
     return (f"The ONNX Runtime op library for {OP_DOMAIN}::{OP_TYPE} ({LIBRARY_NAME}) was not found. Searched:\n"
-            f"{searched}\nBuild it from the repository root with:  {BUILD_COMMAND}\n({hint}).")
+            f"{searched}\nBuild it from the repository root with:  {BUILD_COMMAND}\n(or install the platform wheel, "
+            f"which ships it: pip wheel . in the repository; {hint}).")
 
 
 def register(session_options, path: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,65 @@
+"""Commands whose dependencies come through an extra, run where those are missing: one line naming the extra,
+exit 2, no traceback. Each runs in a subprocess whose import system refuses the modules (a meta-path finder
+raising ModuleNotFoundError, what a missing package raises), through the real entry point."""
+import subprocess
+import sys
+import textwrap
+
+from emrrg.assets import chest_dicom
+
+BLOCK = textwrap.dedent("""
+    import importlib, importlib.abc, sys
+    blocked = sys.argv[1].split(",")
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in blocked:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+    sys.meta_path.insert(0, Block())
+    mod, fn = sys.argv[2].split(":")
+    sys.argv = [mod] + sys.argv[3:]
+    getattr(importlib.import_module(mod), fn)()
+""")
+
+
+def run_blocked(modules: str, entry: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK, modules, entry, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def assert_one_line(r: subprocess.CompletedProcess, expected: str) -> None:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert expected in lines[0], lines[0]
+
+
+def test_serve_without_fastapi_names_the_serve_extra(tmp_path):
+    r = run_blocked("fastapi", "emrrg.runtime.extras:serve_main", str(tmp_path))
+    assert_one_line(r, "pip install 'emrrg[serve]'")
+    assert "fastapi" in r.stderr
+
+
+def test_serve_without_uvicorn_names_the_serve_extra(tmp_path):
+    assert_one_line(run_blocked("uvicorn", "emrrg.runtime.extras:serve_main", str(tmp_path)),
+                    "pip install 'emrrg[serve]'")
+
+
+def test_serve_entry_point_is_the_guarded_one():
+    """The installed emrrg-serve script goes through the guard, not straight into serve.py (FastAPI at import)."""
+    from importlib.metadata import entry_points
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "emrrg-serve"]
+    assert ep.value == "emrrg.runtime.extras:serve_main"
+
+
+def test_run_sr_without_highdicom_names_the_extra(tmp_path):
+    out = tmp_path / "sr.dcm"
+    r = run_blocked("highdicom", "emrrg.runtime.cli:run_main", str(tmp_path), str(chest_dicom()), "--sr", str(out))
+    assert_one_line(r, "pip install 'emrrg[runtime]'")
+    assert "--sr" in r.stderr and not out.exists()
+
+
+def test_serve_with_its_extra_gets_past_the_guard(tmp_path):
+    """With FastAPI present the guard lets the real CLI run: its own error for a missing bundle, not the extra's."""
+    r = run_blocked("nothing_blocked", "emrrg.runtime.extras:serve_main", str(tmp_path / "no-bundle"))
+    assert r.returncode == 2 and "emrrg[serve]" not in r.stderr, r.stderr
