@@ -27,6 +27,8 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}
 [ -n "$PY" ] || { [ -x .venv/bin/python ] && PY=.venv/bin/python; } || PY=python3
+# setuptools reuses build/lib*: a module deleted from the sources since the last wheel would ship again
+rm -rf build/lib.* build/bdist.*
 echo "[wheelhouse] emrrg[$EXTRAS] and its dependencies -> $OUT" >&2
 "$PY" -m pip --disable-pip-version-check wheel -q --wheel-dir "$OUT" ".[$EXTRAS]"
 if ! ls "$OUT"/emrrg-*.whl >/dev/null 2>&1; then
