@@ -63,8 +63,6 @@ WORKSPACE_BYTES = 1 << 30
 # Above this NMSE the engine is suspicious (a wrong plugin mapping gives ~1): warn loudly.
 WARN_NMSE = 1e-2
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _PACKAGE_DIR.parent
 
 
 class TensorRTBackendError(RuntimeError):
@@ -96,12 +94,16 @@ def trt_major(version: str | None = None) -> int:
 
 
 def plugin_candidates() -> list[Path]:
-    """Where find_plugin_library() looks, in order ($EMRRG_TRT_PLUGIN alone when set)."""
+    """Where find_plugin_library() looks, in order ($EMRRG_TRT_PLUGIN alone when set): the installed package's lib/,
+    then the build tree of a source checkout (the op library's places, emrrg.runtime.oplib)."""
+    from .oplib import PACKAGE_LIB_DIR, build_tree
+
     env = os.environ.get(PLUGIN_ENV_VAR, "").strip()
     if env:
         p = Path(env).expanduser()
         return [p / PLUGIN_LIBRARY_NAME if p.is_dir() else p]
-    return [_REPO_ROOT / "build" / "plugins" / PLUGIN_LIBRARY_NAME, _PACKAGE_DIR / PLUGIN_LIBRARY_NAME]
+    build = build_tree()
+    return [PACKAGE_LIB_DIR / PLUGIN_LIBRARY_NAME] + ([build / PLUGIN_LIBRARY_NAME] if build is not None else [])
 
 
 def find_plugin_library() -> Path | None:
