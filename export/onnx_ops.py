@@ -1,6 +1,6 @@
 """SelectiveScan in ONNX: the `com.emrrg::SelectiveScan` node, its torch custom op, and a standard-ONNX body.
 
-The scan of the MambaXray-VL mixer (ARCHITECTURE.md, "The SelectiveScan contract") reaches ONNX in one
+The scan of the MambaXray-VL mixer (the contract: emrrg/ops/scan_contract.py) reaches ONNX in one
 of two forms, and both come from one torch export:
 
 1. **custom_op** -- one `com.emrrg::SelectiveScan` v1 node per layer (the four directions fused, G=4).
@@ -41,9 +41,9 @@ import onnx
 import onnx.helper as oh
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from onnx.defs import OpSchema
 
+from emrrg.ops.scan_contract import epilogue, prologue
 from emrrg.ops.selective_scan import selective_scan_ref
 
 from .errors import ExportError
@@ -52,7 +52,7 @@ DOMAIN = "com.emrrg"
 OP_TYPE = "SelectiveScan"
 OP_VERSION = 1
 PLUGIN_VERSION = "1"        # TensorRT plugin lookup: IPluginCreatorV3One version
-PLUGIN_NAMESPACE = "emrrg"  # ... and namespace (ARCHITECTURE.md, implementation 5)
+PLUGIN_NAMESPACE = "emrrg"  # ... and namespace (plugins/selective_scan/selectiveScanPlugin.h)
 PURE_DOMAIN = "com.emrrg.pure"  # domain of the model-local standard-ONNX scan functions
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 DEFAULT_OPSET = 18  # the dynamo exporter's well-trodden opset; TensorRT 10.3 (JetPack 6) parses it
@@ -78,7 +78,7 @@ def register_schema() -> None:
     schema = OpSchema(
         OP_TYPE, DOMAIN, OP_VERSION,
         doc="Mamba selective scan with real A and grouped B/C (mamba-ssm selective_scan_ref semantics); "
-            "channel d uses group d // (D / G). See ARCHITECTURE.md, 'The SelectiveScan contract'.",
+            "channel d uses group d // (D / G). See emrrg/ops/scan_contract.py.",
         inputs=[
             fp("u", "T", "(batch, D, L)"),
             fp("delta", "T", "(batch, D, L)"),
@@ -181,11 +181,8 @@ def selective_scan_onnx_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     g, n = B.shape[1], B.shape[2]
     dpg = d // g
     dtype_in = u.dtype
-    u, delta, A = u.float(), delta.float(), A.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta = prologue(u, delta, delta_bias, delta_softplus)
+    A = A.float()
     dl = delta.permute(2, 0, 1)                                          # (L, b, D)
     dA = torch.exp(dl.unsqueeze(-1) * A)                                 # (L, b, D, N)
     Bt = B.float().permute(3, 0, 1, 2).unsqueeze(3)                      # (L, b, G, 1, N)
@@ -199,11 +196,7 @@ def selective_scan_onnx_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     _, ys = scan(step, torch.zeros_like(dBu[0]), (dA, dBu, Ct))          # ys: (L, b, D)
     y = ys.permute(1, 2, 0)                                              # (b, D, L)
-    if D is not None:
-        y = y + u * D.float()[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(dtype_in)
+    return epilogue(y, u, D, z, dtype_in)
 
 
 class _ScanBody(nn.Module):

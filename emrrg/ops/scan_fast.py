@@ -31,9 +31,8 @@ it per mixer with `mixer.scan_fn = selective_scan_fast` (emrrg-train does this b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .selective_scan import _check_shapes
+from .scan_contract import check_shapes, epilogue, prologue
 
 
 class LinearRecurrence(torch.autograd.Function):
@@ -68,14 +67,10 @@ def linear_recurrence(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = True):
     """Drop-in for `selective_scan_ref` (same arguments, shapes and f32 accumulation), fast to differentiate."""
-    b, d, L, n, g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    b, d, L, n, g = check_shapes(u, delta, A, B, C, D, z, delta_bias)
     dg = d // g
     dtype_in = u.dtype
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta = prologue(u, delta, delta_bias, delta_softplus)
     # Time-major layouts with the groups split out, so B/C broadcast over their D/G channels
     # without a repeat_interleave copy.
     dt = delta.permute(2, 0, 1).reshape(L, b, g, dg, 1)                  # (L, b, G, D/G, 1)
@@ -87,11 +82,7 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     x = dt * Bt * ut                                                     # (L, b, G, D/G, N)
     h = linear_recurrence(a, x)                                          # (L, b, G, D/G, N)
     y = (h * Ct).sum(-1).reshape(L, b, d).permute(1, 2, 0)               # (b, D, L)
-    if D is not None:
-        y = y + u * D.float()[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(dtype_in)
+    return epilogue(y, u, D, z, dtype_in)
 
 
 __all__ = ["LinearRecurrence", "linear_recurrence", "selective_scan_fast"]

@@ -7,7 +7,7 @@
  * maths: exp and log are our own polynomials built from +, *, fma and bit casts, which round the same
  * way on both sides (see "Bit-level agreement" below).
  *
- * Contract (ARCHITECTURE.md, "The SelectiveScan contract"; mamba-ssm selective_scan_ref with real A and
+ * Contract (the Python side: emrrg/ops/scan_contract.py; mamba-ssm selective_scan_ref with real A and
  * grouped B/C, arXiv 2312.00752):
  *
  *   dt_t = softplus(delta_t + delta_bias)       (softplus only if delta_softplus)

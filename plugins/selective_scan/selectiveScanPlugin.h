@@ -21,8 +21,8 @@
  * (0 or 1), else from the input count: 5 = none, 6 = D, 7 = D and z, 8 = all three. The index of each
  * input is resolved once (ScanInputLayout) and read through named accessors, never as a literal.
  * (TensorRT's ONNX parser passes only the present inputs for trailing absent ones; for an absent input
- * in the middle — an empty name in the ONNX node — export/tensorrt_engine.py drops the gap and writes
- * has_* attributes before parsing, see runtime/tensorrt.py::prepare_onnx_for_tensorrt.)
+ * in the middle — an empty name in the ONNX node — runtime/tensorrt.py::prepare_onnx_for_tensorrt, which
+ * build_engine runs before parsing, drops the gap and writes the has_* attributes.)
  *
  * Plugin fields (ONNX attributes of the node; the parser passes those named in getFieldNames()):
  *   delta_softplus  int32  0 or 1, default 1   dt = softplus(delta + delta_bias) when 1
