@@ -1,30 +1,10 @@
 """Commands whose dependencies come through an extra, run where those are missing: one line naming the extra,
-exit 2, no traceback. Each runs in a subprocess whose import system refuses the modules (a meta-path finder
-raising ModuleNotFoundError, what a missing package raises), through the real entry point."""
+exit 2, no traceback. Each runs through its real entry point in a subprocess that cannot import the modules
+(tests/import_blocker.py)."""
 import subprocess
-import sys
-import textwrap
 
 from emrrg.assets import chest_dicom
-
-BLOCK = textwrap.dedent("""
-    import importlib, importlib.abc, sys
-    blocked = sys.argv[1].split(",")
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in blocked:
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-    sys.meta_path.insert(0, Block())
-    mod, fn = sys.argv[2].split(":")
-    sys.argv = [mod] + sys.argv[3:]
-    getattr(importlib.import_module(mod), fn)()
-""")
-
-
-def run_blocked(modules: str, entry: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK, modules, entry, *args], capture_output=True, text=True,
-                          timeout=120)
+from tests.import_blocker import run_blocked
 
 
 def assert_one_line(r: subprocess.CompletedProcess, expected: str) -> None:
