@@ -2,7 +2,8 @@
 
 * selective_scan_ref (the reference), selective_scan_fast (training's fast path, emrrg/ops/scan_fast.py) and
   selective_scan_onnx_scan (the body of the pure-ONNX export, export/onnx_ops.py) on every case of
-  tests/scan_reference.py, in the case's dtype, under the per-dtype tolerances there.
+  tests/scan_reference.py, in the case's dtype, under the per-dtype tolerances there; the exported
+  pure-ONNX function itself in ONNX Runtime on three of them.
 * selective_scan's dispatch to mamba-ssm: mamba-ssm cannot be installed here (it needs CUDA to build), so a
   fake `mamba_ssm.ops.selective_scan_interface` module with a recording `selective_scan_fn` is put where the
   soft import finds it, and emrrg.ops.selective_scan is re-imported.
@@ -61,6 +62,27 @@ def test_matches_truth(impl, case):
         y = run(fn, t, case.softplus)
     assert y.dtype == t["u"].dtype
     ref.assert_matches_truth(y, _truth(case.name, case.dtype), f"{impl} {case.name}")
+
+
+@pytest.mark.parametrize("name", ["L197-G4-b2-sp1", "L7-G1-b2-sp0", "N5"])
+def test_pure_onnx_graph_matches_truth(name):
+    """The exported standard-ONNX function (one ONNX Scan) run by ONNX Runtime, no op library. The function
+    takes all eight inputs, so the cases are ones with D, z and delta_bias present."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    onnx_ops = pytest.importorskip("emrrg.export.onnx_ops", reason="the exporter needs onnx / onnxscript")
+    c = ref.case(name)
+    fn = onnx_ops.scan_function(c.dim, c.dstate, c.groups, int(c.softplus))
+    h = onnx.helper
+    call = h.make_node(fn.name, list(onnx_ops.INPUT_NAMES), ["y"], domain=onnx_ops.PURE_DOMAIN)
+    feeds = ref.make_inputs(c)
+    ins = [h.make_tensor_value_info(k, onnx.TensorProto.FLOAT, feeds[k].shape) for k in onnx_ops.INPUT_NAMES]
+    out = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, feeds["u"].shape)
+    model = h.make_model(h.make_graph([call], "scan", ins, [out]), functions=[fn], opset_imports=[
+        h.make_opsetid("", onnx_ops.DEFAULT_OPSET), h.make_opsetid(onnx_ops.PURE_DOMAIN, 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, feeds)
+    ref.assert_matches_truth(y, _truth(name, "f32"), f"pure_onnx graph {name}")
 
 
 @pytest.mark.parametrize("name", ["L197-G4-b2-sp1", "opt-D0z1b0-sp0", "N5"])
