@@ -12,7 +12,8 @@ from emrrg.model import EMRRG, PROMPT_AFTER, PROMPT_BEFORE, clean_report
 
 def test_upstream_generation_presets():
     assert vars(generation_config("iu")) == dict(num_beams=5, repetition_penalty=2.0, length_penalty=2.0,
-                                                 min_new_tokens=40, max_new_tokens=100)
+                                                 min_new_tokens=40, max_new_tokens=100,
+                                                 no_repeat_ngram_size=0)  # upstream does not ban n-grams
     for ds in ("mimic", "chexpert_plus"):
         g = generation_config(ds)
         assert (g.num_beams, g.min_new_tokens, g.max_new_tokens) == (3, 80, 120)
