@@ -407,6 +407,7 @@ def forward_sr(path: str | os.PathLike, host: str, port: int, ae_title: str,
 
 def scp_main(argv: list[str] | None = None) -> None:
     from .engine import BACKENDS
+    from .extras import SR_MODULES, require_extra
     from .gate import add_input_arguments
 
     p = argparse.ArgumentParser(prog="emrrg-scp", description=__doc__.split("\n")[0],
@@ -425,6 +426,7 @@ def scp_main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the bundle's setting)")
     add_input_arguments(p)
     a = p.parse_args(argv)
+    require_extra("emrrg-scp", "runtime", ("pynetdicom", *SR_MODULES), "the DICOM Storage SCP")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # its DEBUG level dumps whole datasets
     logging.getLogger("highdicom").setLevel(logging.WARNING)    # a line per copied module, per SR

@@ -43,3 +43,9 @@ def test_serve_with_its_extra_gets_past_the_guard(tmp_path):
     """With FastAPI present the guard lets the real CLI run: its own error for a missing bundle, not the extra's."""
     r = run_blocked("nothing_blocked", "emrrg.runtime.extras:serve_main", str(tmp_path / "no-bundle"))
     assert r.returncode == 2 and "emrrg[serve]" not in r.stderr, r.stderr
+
+
+def test_scp_without_pynetdicom_names_the_extra(tmp_path):
+    r = run_blocked("pynetdicom", "emrrg.runtime.scp:scp_main", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert_one_line(r, "pip install 'emrrg[runtime]'")
+    assert "pynetdicom" in r.stderr and not (tmp_path / "out").exists()
