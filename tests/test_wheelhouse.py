@@ -81,3 +81,11 @@ def test_offline_install_has_no_torch_and_no_server_stack(laptop_venv):
                            cwd=laptop_venv.parent, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, (module, r.stderr)
 
+
+def test_offline_install_serve_names_its_extra(laptop_venv, tiny_bundle):
+    """emrrg-serve is installed by the runtime extra, without FastAPI: one line naming the serve extra, exit 2."""
+    r = subprocess.run([str(laptop_venv / "bin" / "emrrg-serve"), str(tiny_bundle)], env=_clean_env(),
+                       cwd=laptop_venv.parent, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "pip install 'emrrg[serve]'" in lines[0], r.stderr
+
