@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,6 @@ def main(argv=None) -> None:
             row.update(params=params, bf16_mb=round(2 * params / 2**20), f32_mb=round(4 * params / 2**20))
             rows[name] = row
             print(name, row, flush=True)
-            import shutil
             shutil.rmtree(ck)
             shutil.rmtree(Path(tmp) / f"out-{name}")
     out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "load_average": round(os.getloadavg()[0], 2),

@@ -1,0 +1,94 @@
+"""Accuracy of the built decoder graph's 4-bit encodings on the real SmolLM2-135M (as shipped, and LoRA-merged).
+
+For each variant: the f32 PyTorch reference writes greedy continuations of `--prompts` real-text prompts
+(decoder_eval: EMRRG prompt + radlabels reports, 220 ids, 60 new tokens); each 4-bit encoding is built from
+the weights (decoder_builder.quantized_builder, as emrrg-export does) and scored teacher-forced (top-1, mean
+KL) and greedy, with the thresholds the export uses (quantize_decoder.TOP1_MIN / KL_MAX). The LoRA-merged
+variant (decoder_eval.merge_random_lora: rank 16 on q/v, ||dW|| / ||W|| = 0.15) also gets the activation-weighted
+refit, with statistics from separate calibration prompts.
+
+    .venv/bin/python benchmarks/decoder_graph_accuracy.py --variants shipped lora
+
+Writes benchmarks/results/decoder_graph_accuracy.{json,md}; `--render` rewrites the Markdown from the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
+
+
+def run_variant(variant: str, work: Path, prompts: int) -> dict:
+    from emrrg.config import decoder_config
+    from emrrg.decoder import load_base_decoder
+    from emrrg.export.decoder_builder import ModuleWeights, _module_shape, build_decoder, quantized_builder
+    from emrrg.export.decoder_eval import (DecoderEvaluator, TorchDecoder, build_reference, eval_prompts,
+                                           merge_random_lora, prefill_feeds)
+    from emrrg.export.quantize_decoder import QuantConfig, collect_activation_stats
+
+    llm, tok = load_base_decoder(decoder_config("smollm2-135m"))
+    llm = (merge_random_lora(llm) if variant == "lora" else llm).eval()
+    src, shape = ModuleWeights(llm), _module_shape(llm)
+    ref = build_reference(TorchDecoder(llm), eval_prompts(tok, n=prompts, prompt_tokens=220), 60)
+    embed = src.get("model.embed_tokens.weight")
+    configs = [QuantConfig("asym-b32-lm8", method="asym"), QuantConfig("affine-b32-lm8")]
+    stats = None
+    if variant == "lora":
+        f32 = build_decoder(src, shape, work / "f32")
+        stats = collect_activation_stats(f32.path, prefill_feeds(f32.spec, embed, eval_prompts(
+            tok, n=2, prompt_tokens=220, first_report=300)))
+        configs.append(QuantConfig("affine-b32-awq-lm8", refine=9, act_weighted=True))
+    quantize, rows = quantized_builder(src, shape), {}
+    for cfg in configs:
+        r = quantize(cfg, work / cfg.name, stats)
+        ev = DecoderEvaluator(ref, embed)(r.path)
+        rows[cfg.name] = {"top1": round(ev.top1, 4), "kl_mean": round(ev.kl_mean, 5),
+                          "greedy": ev.greedy_token_agreement, "bytes": r.bytes}
+        print(variant, cfg.name, rows[cfg.name], flush=True)
+    return rows
+
+
+def render(out: dict, path: Path) -> None:
+    from emrrg.export.quantize_decoder import KL_MAX, TOP1_MIN
+
+    md = ["# Built decoder graph, 4-bit encodings: accuracy vs f32 PyTorch, SmolLM2-135M", "",
+          f"{out['machine']}; {out['prompts']} prompts x 60 teacher-forced positions; thresholds top-1 >= {TOP1_MIN}, "
+          f"KL <= {KL_MAX}.", "",
+          "| variant | encoding | top-1 | mean KL | greedy token agreement | MiB | passes |", "|---|---|---:|---:|---:|---:|---|"]
+    for v, rows in out["variants"].items():
+        for name, r in rows.items():
+            ok = r["top1"] >= TOP1_MIN and r["kl_mean"] <= KL_MAX
+            md.append(f"| {v} | {name} | {r['top1']:.4f} | {r['kl_mean']:.5f} | {r['greedy']:.3f} | "
+                      f"{r['bytes'] / 2**20:.1f} | {'yes' if ok else 'no'} |")
+    path.write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main(argv=None) -> None:
+    import tempfile
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["shipped", "lora"], choices=["shipped", "lora"])
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    a = p.parse_args(argv)
+    js = a.out_dir / "decoder_graph_accuracy.json"
+    if not a.render:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "prompts": a.prompts,
+                   "variants": {v: run_variant(v, Path(tmp) / v, a.prompts) for v in a.variants}}
+        a.out_dir.mkdir(parents=True, exist_ok=True)
+        js.write_text(json.dumps(out, indent=2) + "\n")
+    render(json.loads(js.read_text()), a.out_dir / "decoder_graph_accuracy.md")
+
+
+if __name__ == "__main__":
+    main()
