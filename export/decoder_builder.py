@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -556,10 +557,12 @@ def build_cross_kv(src: WeightSource, shape: LlamaShape, out_dir: str | Path) ->
 
 # ---- the exporter entry point (same result type as the traced exporter) --------------------------------------
 
-def _module_shape(llm) -> LlamaShape:
+def _module_shape(llm, min_positions: int = 0) -> LlamaShape:
+    """The builder's shape of a transformers Llama; the rotary tables cover at least `min_positions`."""
     from .decoder_onnx import _hybrid_modules
 
-    return LlamaShape.from_config(llm.config, {i: x.heads for i, x in _hybrid_modules(llm)})
+    shape = LlamaShape.from_config(llm.config, {i: x.heads for i, x in _hybrid_modules(llm)})
+    return dataclasses.replace(shape, max_positions=max(shape.max_positions, int(min_positions)))
 
 
 def save_embed_table(src: WeightSource, shape: LlamaShape, out_dir: str | Path) -> Path:
@@ -569,7 +572,7 @@ def save_embed_table(src: WeightSource, shape: LlamaShape, out_dir: str | Path) 
 
 
 def export_decoder_built(llm, out_dir: str | Path, *, tokenizer=None, validate: bool = True, verbose: bool = True,
-                         **tol) -> DecoderExport:
+                         min_positions: int = 0, **tol) -> DecoderExport:
     """The builder's f32 decoder for an in-memory (merged) LlamaForCausalLM: decoder.onnx (+ .data),
     embed_tokens.npy, cross_kv.onnx for hybrid decoders, validated against PyTorch f32 like the traced one."""
     from .decoder_onnx import decoder_spec, validate_decoder
@@ -580,7 +583,7 @@ def export_decoder_built(llm, out_dir: str | Path, *, tokenizer=None, validate: 
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shape = _module_shape(llm)
+    shape = _module_shape(llm, min_positions)
     ids = decoder_spec(llm, tokenizer)
     src = ModuleWeights(llm)
     res = build_decoder(src, shape, out_dir, token_ids(ids), verbose=verbose)

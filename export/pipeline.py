@@ -186,7 +186,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             enc_data = share_external_data(tmp, [C.ENCODER_FILE, C.ENCODER_SCAN_FILE], C.ENCODER_DATA_FILE)
             # 5. decoder ---------------------------------------------------------------------------------
             bar.start("export decoder")
-            dec = _export_decoder(model, work / "decoder_f32", opts, log)
+            dec = _export_decoder(model, work / "decoder_f32", opts, log, min_positions=decoder_positions(model))
             val["decoder_f32"] = dec.validation
             bar.done()
             dec_dir, dec_precision, dec_choice = work / "decoder_f32", "fp32", None
@@ -320,7 +320,20 @@ def _ladder(values: dict):
     return (QuantConfig(name, method=method, **kw),)
 
 
-def _export_decoder(model, out: Path, opts: ExportOptions, log: Callable[[str], None]):
+def _max_positions_new(cfg) -> int:
+    """The KV cache's room for new tokens that the manifest promises the runtime (at least 512)."""
+    return max(512, cfg.generation.max_new_tokens)
+
+
+def decoder_positions(model) -> int:
+    """Every position a report through this bundle can reach (the runtime's cache length): the prompt with its
+    visual tokens plus max_positions_new. The built graph's rotary tables must cover it, even past the LLM's
+    max_position_embeddings (transformers computes rotary angles for any position, so the reference does too)."""
+    before, after = model.prompt_ids()
+    return len(before) + model.cfg.encoder.num_tokens + len(after) + _max_positions_new(model.cfg)
+
+
+def _export_decoder(model, out: Path, opts: ExportOptions, log: Callable[[str], None], min_positions: int = 0):
     """The f32 decoder: built from the weights (export/decoder_builder.py, the default) or traced with torch.onnx
     (--extra-options decoder_graph=traced). A decoder the builder does not know falls back to traced, with a log line."""
     from .decoder_builder import BuilderUnsupported, export_decoder_built
@@ -330,7 +343,8 @@ def _export_decoder(model, out: Path, opts: ExportOptions, log: Callable[[str], 
     llm = model.llama_model
     if value(opts.values(), "decoder_graph") == "built":
         try:
-            return export_decoder_built(llm, out, tokenizer=model.tokenizer, verbose=False)
+            return export_decoder_built(llm, out, tokenizer=model.tokenizer, verbose=False,
+                                        min_positions=min_positions)
         except BuilderUnsupported as e:
             log(f"decoder graph: {e}; exporting it with torch.onnx instead (decoder_graph=traced)")
     return export_decoder(llm, out, tokenizer=model.tokenizer, verbose=False)
@@ -367,7 +381,8 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
     if dec.spec.cache == C.CACHE_SHARED:  # built graph: each candidate is built from the weights
         from .decoder_builder import BUILT_LADDER, ModuleWeights, _module_shape, quantized_builder, token_ids
         ladder = ladder if ladder is not qd.DEFAULT_LADDER else BUILT_LADDER
-        quantize = quantized_builder(ModuleWeights(model.llama_model), _module_shape(model.llama_model),
+        quantize = quantized_builder(ModuleWeights(model.llama_model),
+                                     _module_shape(model.llama_model, min_positions=decoder_positions(model)),
                                      token_ids(dec.spec))
     try:
         choice = qd.choose_decoder_config(dec.decoder, work / "decoder_4bit",
@@ -403,7 +418,7 @@ def _manifest(model, dec, opts, src_sha, checkpoint, enc_info, enc_precision, de
         "source": {"checkpoint": str(checkpoint), "sha256": src_sha},
         "config": cfg.to_dict(),
         "prompt": C.Prompt(tuple(before), tuple(after), PROMPT_BEFORE, PROMPT_AFTER).to_dict(),
-        "generation": {**asdict(cfg.generation), "max_positions_new": max(512, cfg.generation.max_new_tokens)},
+        "generation": {**asdict(cfg.generation), "max_positions_new": _max_positions_new(cfg)},
         "tokens": C.Tokens(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                            unk_token_id=tok.unk_token_id, unk_token=tok.unk_token).to_dict(),
         "encoder": C.EncoderInfo(cfg.encoder.img_size, cfg.encoder.num_tokens, enc_info["hidden"]).to_dict(),

@@ -59,6 +59,20 @@ def test_beam_equals_transformers_first_40(runtime, reference):
     assert out["token_ids"][:40] == ref_ids[: len(out["token_ids"][:40])]
 
 
+def test_greedy_past_max_position_embeddings_equals_reference(runtime, reference):
+    """A report whose positions run past the LLM's max_position_embeddings (512 for tiny-llama; transformers
+    computes rotary angles for any position): the built graph's rotary tables cover the whole cache."""
+    limit = reference.llama_model.config.max_position_embeddings
+    prompt = runtime.prompt_embeds(runtime.encode(reference.pixel_values(study()).numpy())).shape[1]
+    new = limit - prompt + 20
+    assert prompt + new <= runtime.manifest["generation"]["max_positions_new"] + prompt, "the bundle admits it"
+    ref = reference.generate_ids(reference.pixel_values(study()), num_beams=1, min_new_tokens=new, max_new_tokens=new)
+    out = runtime.generate(study(), num_beams=1, min_new_tokens=new, max_new_tokens=new)
+    assert len(out["token_ids"]) == new and prompt + new > limit
+    # greedy argmax over f32 logits that match to ~1e-5: equal tokens, as in the 30-token test above
+    assert out["token_ids"] == ref[0].tolist()
+
+
 def test_kv_cache_is_sized_per_report_and_not_reallocated_per_token(runtime):
     """reserve() sizes the cache for (beams, prompt + max_new_tokens) once: a greedy report holds one row,
     not max_rows x max_len, and its decode steps never reallocate the buffers. The built decoder keeps ONE
