@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 
 from .config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
-from emrrg.runtime.helpfmt import DefaultsHelpFormatter
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -60,13 +60,14 @@ def _cli_errors(prog: str, needs_torch: bool = True):
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description,
+    return CommandParser(prog=prog, description=description,
                                    formatter_class=DefaultsHelpFormatter)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default="smollm2-135m", choices=list(DECODER_PRESETS), help="decoder preset")
-    p.add_argument("--decoder-path", default=None, help="local HF Llama folder (for --decoder llama2-7b)")
+    p.add_argument("--decoder-path", default=None, help="local HF Llama folder (for --decoder llama2-7b) (default: none; the preset's "
+                                                                   "own weights)")
     p.add_argument("--dataset", default="mimic", choices=list(GENERATION_PRESETS), help="decoding preset")
     p.add_argument("--llm-lora-rank", type=int, default=0, help="peft LoRA rank on q_proj/v_proj (0: none)")
 
@@ -80,7 +81,7 @@ def init_main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-rank", type=int, default=0, help="Partial LoRA rank on the encoder (0: none)")
     p.add_argument("--hybrid-layers", default="", help="comma-separated decoder layers with gated cross-attention, "
                                                        "'every8' for every 8th, '' for none")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the random initialisation")
     a = p.parse_args(argv)
     with _cli_errors(p.prog):
         import torch
@@ -112,7 +113,8 @@ def import_main(argv: list[str] | None = None) -> None:
     p = _parser("emrrg-import", "Convert upstream MambaXray-VL / EMRRG .pth files (read with weights_only=True) "
                                 "into an emrrg checkpoint directory.")
     p.add_argument("encoder_pth", help="MambaXrayCLIP-*.pth with {'model': {'visual_encoder.*': ...}}")
-    p.add_argument("--emrrg", default=None, help="EMRRG checkpoint .pth with the trainable parameters over the base")
+    p.add_argument("--emrrg", default=None, help="EMRRG checkpoint .pth with the trainable parameters over the base "
+                                                       "(default: none; the encoder .pth alone)")
     p.add_argument("-o", "--output", required=True, help="checkpoint directory to create (must not exist)")
     _model_args(p)
     a = p.parse_args(argv)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from emrrg.runtime.helpfmt import DefaultsHelpFormatter
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
 BLEU_CIDER_WEIGHTS = (0.8, 0.2)  # upstream EMRRG / R2GenGPT checkpoint selection: 0.8·BLEU-4 + 0.2·CIDEr
 
@@ -337,13 +337,14 @@ def _summary_line(name: str, s: dict) -> str:
 
 
 def eval_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="emrrg-eval", formatter_class=DefaultsHelpFormatter,
         description="BLEU-1..4, METEOR, ROUGE-L, CIDEr and CheXpert CE P/R/F1 of a checkpoint or a bundle on a split "
                     "of an R2Gen annotation.json; --iu scores the metrics on the real IU X-Ray reports.")
     p.add_argument("source", nargs="?", help="emrrg checkpoint directory or emrrg-export bundle")
-    p.add_argument("--data", help="R2Gen-style annotation.json (image paths relative to it)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--data", help="R2Gen-style annotation.json (image paths relative to it) (default: none; "
+                                  "required unless --iu)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split to score")
     p.add_argument("--limit", type=int, default=None, help="first N studies of the split (default: all)")
     p.add_argument("-o", "--output", default=None, help="write the JSON here (default: print a summary only)")
     p.add_argument("--iu", action="store_true", help="score the labeler and metrics on the real IU X-Ray reports "
@@ -356,11 +357,11 @@ def eval_main(argv: list[str] | None = None) -> None:
                                                                           "(default: the source's)")
     p.add_argument("--batch-size", type=int, default=8, help="studies per batch (PyTorch source)")
     p.add_argument("--backend", default="auto", help="runtime backend for a bundle source")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime) (default: all cores)")
     p.add_argument("--no-baseline", action="store_true", help="skip the most-common-training-report baseline")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     p.add_argument("--tokenizer", default="auto", choices=("auto", "ptb", "simple"), help="NLG tokenizer")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if not a.iu and (not a.source or not a.data):
         p.error("give a SOURCE and --data (or --iu)")

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from emrrg.runtime.helpfmt import DefaultsHelpFormatter
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
 TRAIN_STATE = "train_state.pt"
 STATE_VERSION = 1
@@ -627,62 +627,65 @@ def train(a, log=print) -> dict:
 def _parser() -> argparse.ArgumentParser:
     from .config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
 
-    p = argparse.ArgumentParser(prog="emrrg-train", formatter_class=DefaultsHelpFormatter,
+    p = CommandParser(prog="emrrg-train", formatter_class=DefaultsHelpFormatter,
                                 description="Partial LoRA fine-tuning of EMRRG on an R2Gen annotation.json "
                                             "(teacher-forced LM loss on the report tokens).")
-    p.add_argument("--data", help="R2Gen-style annotation.json (train / val / test; image paths relative to it)")
+    p.add_argument("--data", help="R2Gen-style annotation.json (train / val / test; image paths relative to it) "
+                                  "(default: none; required unless --resume)")
     p.add_argument("-o", "--output", required=True, help="run directory (run.json, log.jsonl, last/, best/)")
     p.add_argument("--resume", action="store_true", help="continue the run in -o from last/ with its saved arguments")
     m = p.add_argument_group("model")
-    m.add_argument("--init", default=None, help="start from this emrrg checkpoint (emrrg-init / emrrg-import / a run)")
-    m.add_argument("--encoder", default=None, choices=list(ENCODER_PRESETS), help="encoder preset (without --init)")
-    m.add_argument("--img-size", type=int, default=None, help="override the encoder preset's image size")
-    m.add_argument("--decoder", default=None, choices=list(DECODER_PRESETS), help="decoder preset (without --init)")
-    m.add_argument("--decoder-path", default=None, help="local HF Llama folder (for --decoder llama2-7b)")
+    m.add_argument("--init", default=None, help="start from this emrrg checkpoint (emrrg-init / emrrg-import / a run) "
+                                                   "(default: none; build from the presets)")
+    m.add_argument("--encoder", default=None, choices=list(ENCODER_PRESETS), help="encoder preset (default: none; required without --init)")
+    m.add_argument("--img-size", type=int, default=None, help="override the encoder preset's image size (default: the preset's)")
+    m.add_argument("--decoder", default=None, choices=list(DECODER_PRESETS), help="decoder preset (default: none; required without --init)")
+    m.add_argument("--decoder-path", default=None, help="local HF Llama folder (for --decoder llama2-7b) (default: none)")
     m.add_argument("--hybrid-layers", default="", help="decoder layers with gated cross-attention ('every8', '7,15')")
     m.add_argument("--dataset", default="mimic", choices=list(GENERATION_PRESETS), help="generation preset")
     m.add_argument("--lora-rank", type=int, default=8, help="encoder Partial LoRA rank (0: none)")
-    m.add_argument("--lora-alpha", type=float, default=16.0)
+    m.add_argument("--lora-alpha", type=float, default=16.0, help="encoder Partial LoRA scale numerator")
     m.add_argument("--llm-lora-rank", type=int, default=8, help="peft LoRA rank on q_proj/v_proj (0: none)")
-    m.add_argument("--llm-lora-alpha", type=float, default=16.0)
+    m.add_argument("--llm-lora-alpha", type=float, default=16.0, help="LLM LoRA (peft) alpha")
     m.add_argument("--train-encoder", default="lora", choices=("lora", "full"),
                    help="lora: Partial LoRA only (upstream); full: the whole encoder (no pre-trained encoder)")
     m.add_argument("--qlora", action="store_true", help="base LLM in bitsandbytes NF4 (QLoRA)")
     m.add_argument("--encoder-pretrain-steps", type=int, default=0,
                    help="before the LM loss: pre-train the encoder on the train reports' CheXpert labels (for an "
                         "encoder without pre-trained weights; 0: off)")
-    m.add_argument("--encoder-pretrain-batch-size", type=int, default=32)
+    m.add_argument("--encoder-pretrain-batch-size", type=int, default=32, help="images per label pre-training step")
     m.add_argument("--encoder-pretrain-lr", type=float, default=None, help="(default: --encoder-lr)")
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=0, help="optimizer steps (0: --epochs)")
-    o.add_argument("--epochs", type=int, default=1)
-    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--epochs", type=int, default=1, help="passes over the training split (when --steps is 0)")
+    o.add_argument("--batch-size", type=int, default=8, help="studies per optimizer step")
     o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (projector, LLM LoRA)")
     o.add_argument("--encoder-lr", type=float, default=None, help="peak learning rate of the encoder (default: --lr)")
-    o.add_argument("--weight-decay", type=float, default=0.05)
+    o.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     o.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (a fraction of the steps if < 1)")
     o.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of the peak")
     o.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     o.add_argument("--max-report-tokens", type=int, default=128, help="report + EOS truncated to this many tokens")
     o.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the LLM (f32 master weights)")
     o.add_argument("--scan", default="fast", choices=("fast", "ref"), help="SelectiveScan for training")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is often faster on a busy machine)")
+    o.add_argument("--seed", type=int, default=0, help="seed of sampling, dropout and initialisation")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is often faster on a busy machine) (default: torch's choice)")
     v = p.add_argument_group("validation and checkpoints")
     v.add_argument("--val-every", type=int, default=0, help="validate every N steps (and always at the end)")
     v.add_argument("--val-limit", type=int, default=-1, help="first N val studies (-1: all, 0: no validation)")
-    v.add_argument("--val-batch-size", type=int, default=16)
+    v.add_argument("--val-batch-size", type=int, default=16, help="studies per validation batch")
     v.add_argument("--val-max-new-tokens", type=int, default=None, help="(default: the generation preset's)")
     v.add_argument("--val-min-new-tokens", type=int, default=None, help="(default: the generation preset's)")
     v.add_argument("--save-every", type=int, default=100, help="write last/ every N steps (and at the end)")
     v.add_argument("--stop-after", type=int, default=0, help="save and stop after this step (the schedule keeps --steps)")
     g = p.add_argument_group("generation settings stored in the checkpoint (default: the --dataset preset)")
-    g.add_argument("--gen-num-beams", type=int, default=None)
-    g.add_argument("--gen-min-new-tokens", type=int, default=None)
-    g.add_argument("--gen-max-new-tokens", type=int, default=None)
-    g.add_argument("--gen-repetition-penalty", type=float, default=None)
-    g.add_argument("--gen-length-penalty", type=float, default=None)
-    g.add_argument("--gen-no-repeat-ngram-size", type=int, default=None, help="0 = off")
+    preset = "(default: the --dataset preset's)"
+    g.add_argument("--gen-num-beams", type=int, default=None, help=f"beam count {preset}")
+    g.add_argument("--gen-min-new-tokens", type=int, default=None, help=f"min new tokens {preset}")
+    g.add_argument("--gen-max-new-tokens", type=int, default=None, help=f"max new tokens {preset}")
+    g.add_argument("--gen-repetition-penalty", type=float, default=None, help=f"repetition penalty {preset}")
+    g.add_argument("--gen-length-penalty", type=float, default=None, help=f"length penalty {preset}")
+    g.add_argument("--gen-no-repeat-ngram-size", type=int, default=None, help=f"0 = off {preset}")
     p.add_argument("--progress", default="auto", choices=("auto", "bar", "log"),
                    help="tqdm bar on a terminal, log lines otherwise")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (--progress log)")

@@ -20,19 +20,19 @@ from typing import NoReturn
 from .errors import ExportError, disk_full_message, is_disk_full
 from .options import check_extra_options, extra_help, split_extra_options
 from .pipeline import TARGETS
-from emrrg.runtime.helpfmt import DefaultsHelpFormatter
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
 
 def export_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="emrrg-export", description=__doc__.split("\n")[0],
+    p = CommandParser(prog="emrrg-export", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("checkpoint", help="emrrg checkpoint directory (emrrg-init / emrrg-import / emrrg-train)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
     p.add_argument("--int8", action="store_true", help="INT8 encoder (explicit Q/DQ, calibrated on X-rays)")
     p.add_argument("--llm-bits", type=int, default=4, choices=(4, 32), help="decoder weight bits (32 = f32)")
     p.add_argument("--target", default="cpu", choices=TARGETS, help="where the bundle will run")
-    p.add_argument("--calib", default=None, help="folder of DICOM/PNG/JPEG calibration images; unset, the real X-rays "
-                                                 "shipped offline")
+    p.add_argument("--calib", default=None, help="folder of DICOM/PNG/JPEG calibration images (default: the real X-rays "
+                                                 "shipped offline in pydicom-data and pneumonia-model-package)")
     p.add_argument("--extra-options", nargs="*", default=[], metavar="K=V", help=extra_help())
     p.add_argument("--strict", action="store_true", help="fail when no quantization configuration meets its thresholds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only once the new one is complete)")

@@ -65,7 +65,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .extras import require_extra
-from .helpfmt import DefaultsHelpFormatter
+from .helpfmt import CommandParser, DefaultsHelpFormatter
 
 PROG = "emrrg-batch"
 BATCH_MODULES = ("ray", "pyarrow")   # the batch extra: ray[data], pyarrow
@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine import BACKENDS
     from .gate import add_input_arguments
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = CommandParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("bundle", help="bundle directory written by emrrg-export (same path on every node)")
     p.add_argument("input", help="a folder tree of DICOM files, or a .csv / .parquet manifest with columns study_id, path")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder: a Parquet dataset, one row per study")

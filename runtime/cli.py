@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import warnings
-from emrrg.runtime.helpfmt import DefaultsHelpFormatter
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 from emrrg.runtime.extras import SR_MODULES, require_extra
 
 
@@ -22,7 +22,7 @@ def run_main(argv: list[str] | None = None) -> None:
     from .engine import BACKENDS
     from .gate import add_input_arguments
 
-    p = argparse.ArgumentParser(prog="emrrg-run", description=__doc__.split("\n")[0],
+    p = CommandParser(prog="emrrg-run", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("bundle", help="bundle directory written by emrrg-export")
     p.add_argument("images", nargs="+", help="DICOM / PNG / JPEG views of ONE study (averaged as upstream)")
@@ -36,7 +36,8 @@ def run_main(argv: list[str] | None = None) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (greedy only streams live)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--sr", metavar="OUT.dcm", default=None,
-                   help="also write the report as a DICOM SR (Enhanced SR) to OUT.dcm; the views must be DICOM")
+                   help="also write the report as a DICOM SR (Enhanced SR) to OUT.dcm; the views must be DICOM "
+                        "(default: no SR)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files (sizes still checked)")
     add_input_arguments(p)
     a = p.parse_args(argv)

@@ -46,7 +46,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .helpfmt import DefaultsHelpFormatter
+from .helpfmt import CommandParser, DefaultsHelpFormatter
 
 log = logging.getLogger("emrrg.scp")
 
@@ -410,14 +410,14 @@ def scp_main(argv: list[str] | None = None) -> None:
     from .extras import SR_MODULES, require_extra
     from .gate import add_input_arguments
 
-    p = argparse.ArgumentParser(prog="emrrg-scp", description=__doc__.split("\n")[0],
+    p = CommandParser(prog="emrrg-scp", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("bundle", help="bundle directory written by emrrg-export")
     p.add_argument("--ae-title", default=DEFAULT_AE_TITLE, help="this SCP's AE title")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="DICOM port to listen on")
     p.add_argument("--out", default="emrrg-scp-out", help="folder for received images, SRs and status files")
-    p.add_argument("--forward", default=None, metavar="HOST:PORT:AET", help="C-STORE each SR to this PACS")
+    p.add_argument("--forward", default=None, metavar="HOST:PORT:AET", help="C-STORE each SR to this PACS (default: keep SRs in --out only)")
     p.add_argument("--quiet-period", type=float, default=DEFAULT_QUIET_PERIOD_S, metavar="S",
                    help="a study is complete after S seconds without a new instance (or at association release)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend")

@@ -123,7 +123,7 @@ from .bundle import BundleError, load_manifest
 from .engine import BACKENDS
 from .gate import InputPolicy, ViewInfo, add_input_arguments, check_study, policy_from_args, read_view
 from .preprocess import ImageError, RefusedInputError, load_image
-from emrrg.runtime.helpfmt import DefaultsHelpFormatter
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
 log = logging.getLogger("emrrg.serve")
 
@@ -1142,7 +1142,7 @@ def _port(s: str) -> int:
 
 
 def serve_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="emrrg-serve", formatter_class=DefaultsHelpFormatter,
+    p = CommandParser(prog="emrrg-serve", formatter_class=DefaultsHelpFormatter,
                                 description="HTTP report service for an X-ray console: POST /v1/reports (DICOM/PNG/"
                                             "JPEG, or multipart 'views'), GET /healthz, GET /v1/model, /openapi.json.")
     p.add_argument("bundle", help="bundle directory written by emrrg-export")
@@ -1151,23 +1151,23 @@ def serve_main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="ONNX Runtime intra-op threads (None: all cores)")
+                   help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--queue-size", type=_non_negative_int, default=DEFAULT_QUEUE_SIZE,
                    help="requests that may wait while one runs; more get 503 with Retry-After")
     p.add_argument("--max-request-mb", type=_positive_float, default=DEFAULT_MAX_REQUEST_MB,
                    help="largest accepted request body in MiB (413 above)")
     p.add_argument("--upload-budget-mb", type=_positive_float, default=None,
                    help=f"MiB of request bodies that may be read at once, apart from the queue; each reserves its "
-                        f"Content-Length, a chunked one --max-request-mb; more get 503 (None: {UPLOAD_BUDGET_FACTOR} x "
+                        f"Content-Length, a chunked one --max-request-mb; more get 503 (default: {UPLOAD_BUDGET_FACTOR} x "
                         f"--max-request-mb)")
     p.add_argument("--body-timeout", type=_positive_float, default=DEFAULT_BODY_TIMEOUT_S,
                    help="seconds for a whole request body to arrive after its head (408 and close after)")
     p.add_argument("--header-timeout", type=_positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
                    help="seconds for a whole request head (line + headers) to arrive; the connection is closed after")
     p.add_argument("--beams", type=_positive_int, default=None,
-                   help="default beam count (None: the bundle's setting; 1 = greedy)")
+                   help="beam count for requests that give none (default: the bundle's setting; 1 = greedy)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                   help="default max new tokens (None: the bundle's setting)")
+                   help="max new tokens for requests that give none (default: the bundle's setting)")
     add_input_arguments(p)
     p.add_argument("--graceful-timeout", type=_positive_float, default=DEFAULT_GRACEFUL_TIMEOUT_S,
                    help="seconds to let running and queued requests finish on SIGTERM/SIGINT")
