@@ -1,7 +1,7 @@
 """SelectiveScan on one base encoder layer: torch reference vs the ORT CPU op vs a plain-C lower bound.
 
 Shape (defaults): batch 1, D = 3072 channels (4 directions x 768, stacked as G = 4 groups), N 16, L 197:
-what one ARM/MambaXray-VL base layer hands the op in one call (ARCHITECTURE.md, "The SelectiveScan contract").
+what one ARM/MambaXray-VL base layer hands the op in one call (the contract in emrrg/ops/scan_contract.py).
 
   (a) ref    emrrg.ops.selective_scan.selective_scan_ref (torch f32 loop over L, torch's own threads)
   (b) op     com.emrrg::SelectiveScan in an onnxruntime InferenceSession of a single node (libemrrg_ops.so)

@@ -1,4 +1,4 @@
-"""Locate the offline assets that ship inside PyPI packages (see ARCHITECTURE.md).
+"""Locate the offline assets that ship inside PyPI packages (the README lists them).
 
 Torch-free on purpose: the runtime and the tests use it too. Nothing here touches the network;
 a missing package gives an error that names the pip command that installs it.

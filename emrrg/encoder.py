@@ -4,7 +4,7 @@
     -> depth x [h + mixer(norm1 h); h + SwiGLU(norm2 h)] -> norm_f -> (b, 197, D)
 
 Several views of one study are encoded separately and their token sequences averaged.
-The state-dict keys are the upstream `visual_encoder.*` ones (ARCHITECTURE.md).
+The state-dict keys are the upstream `visual_encoder.*` ones (README, "The model in PyTorch").
 """
 from __future__ import annotations
 

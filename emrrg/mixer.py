@@ -9,7 +9,7 @@ token stream in four orders:
 
 Column order takes the middle cls token out at L//2, transposes the square patch grid and puts
 the cls token back at L//2. All four scans run as ONE SelectiveScan call with G=4 groups over
-4·D channels (the contract in ARCHITECTURE.md); the reorders are index Gathers outside the op.
+4·D channels (the contract in emrrg/ops/scan_contract.py); the reorders are index Gathers outside the op.
 
     out = out_proj(((a + flip(b)) + untranspose(c + flip(d))) / 4)
 

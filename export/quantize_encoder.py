@@ -8,7 +8,7 @@ stay float, and so (by default) do x_proj / dt_proj, which compute the scan's de
 mixer's depthwise conv1d, which computes its u. Before calibration, SmoothQuant (`smooth_activations`,
 f32-exact) moves per-channel activation outliers into the per-channel-quantized weights.
 
-Calibration around a custom op (the pitfall in ARCHITECTURE.md): ORT's `quantize_static` runs the
+Calibration around a custom op (a pitfall): ORT's `quantize_static` runs the
 calibration in its own InferenceSession built from a bare SessionOptions, which cannot load
 libemrrg_ops.so, so a graph holding com.emrrg::SelectiveScan cannot be calibrated as it is. We quantize
 the pure_onnx twin instead and then put the custom op back:

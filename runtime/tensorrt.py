@@ -13,7 +13,7 @@ TensorRT's pip wheels, JetPack and the CUDA toolkit) and the SelectiveScan plugi
 plugins/selective_scan/README.md). `tensorrt` is imported lazily inside functions; device memory goes
 through the CUDA runtime via ctypes, so neither torch nor pycuda / cuda-python is needed.
 
-Engines are built on the GPU that runs them (ARCHITECTURE.md, "Quantization and targets"):
+Engines are built on the GPU that runs them (README, "GPU machines"):
   * TensorRT >= 11: a strongly typed network (weak typing is gone in 11); the types come from the ONNX
     file: "int8" = the explicit Q/DQ graph, "fp32" = f32 graph. An f16 engine needs an f16 ONNX file.
   * TensorRT 10.x: explicit quantization with builder flags: "int8" = Q/DQ graph + INT8 + FP16 flags,

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Fetch ONNX Runtime's C/C++ API headers (Debian trixie's libonnxruntime-dev, ~85 KB) into
-# build/ort-headers/ without touching the system's apt state (see ARCHITECTURE.md, "ONNX Runtime
-# op library"). The C API is ABI-stable: the 1.21 headers build a library that loads into pip's
+# build/ort-headers/ without touching the system's apt state (plugins/selective_scan/README.md). The C API is ABI-stable: the 1.21 headers build a library that loads into pip's
 # onnxruntime >= 1.21.
 #
 # The mirror is the machine's own: copied at run time from /etc/apt/sources.list.d/debian.sources

@@ -16,7 +16,7 @@ RTOL_FUSED, ATOL_FUSED = 1e-5, 1e-5
 
 
 def upstream_keys(D: int, depth: int, N: int = 16, img: int = 224, patch: int = 16) -> dict[str, tuple]:
-    """The upstream `visual_encoder.*` key -> shape table, written out from ARCHITECTURE.md by hand."""
+    """The upstream `visual_encoder.*` key -> shape table, written out by hand from the upstream release (emrrg/encoder.py lists the keys)."""
     r, H, L = math.ceil(D / 16), D * 4 * 2 // 3, (img // patch) ** 2 + 1
     keys = {"patch_embed.proj.weight": (D, 3, patch, patch), "patch_embed.proj.bias": (D,),
             "cls_token": (1, 1, D), "pos_embed": (1, L, D), "norm_f.weight": (D,), "norm_f.bias": (D,)}
