@@ -59,9 +59,11 @@ def test_beam_equals_transformers_first_40(runtime, reference):
     assert out["token_ids"][:40] == ref_ids[: len(out["token_ids"][:40])]
 
 
-def test_greedy_past_max_position_embeddings_equals_reference(runtime, reference):
+def test_greedy_past_max_position_embeddings_equals_reference(tiny_bundle, reference):
     """A report whose positions run past the LLM's max_position_embeddings (512 for tiny-llama; transformers
-    computes rotary angles for any position): the built graph's rotary tables cover the whole cache."""
+    computes rotary angles for any position): the built graph's rotary tables cover the whole cache.
+    Its own Runtime: the long report would grow the shared fixture's cache, which another test sizes."""
+    runtime = Runtime.from_pretrained(tiny_bundle)
     limit = reference.llama_model.config.max_position_embeddings
     prompt = runtime.prompt_embeds(runtime.encode(reference.pixel_values(study()).numpy())).shape[1]
     new = limit - prompt + 20

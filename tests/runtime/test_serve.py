@@ -362,31 +362,39 @@ def test_queue_full_gets_503_with_retry_after(server):
 
 
 def test_request_abandoned_while_queued_is_skipped(server):
-    # A long job holds the model; B gives up while waiting behind it. B's generation must never run:
-    # its log line says 499 (client gone) with no tokens.
+    # Two long jobs hold the model (one running, one waiting); B gives up while waiting behind them. B's
+    # generation must never run: its log line says 499 (client gone) with no tokens. Two jobs, not one: the
+    # built decoder writes 8 x 400 tiny-model tokens in ~0.3 s, about B's patience.
     body = jpeg_path().read_bytes()
     before = server.log().count("status=499")
     out: list = []
-    a = threading.Thread(target=lambda: out.append(httpx.post(
-        server.url + "/v1/reports", params={"beams": 8, "max_new_tokens": 400}, content=body,
-        headers={"Content-Type": "image/jpeg"}, timeout=120)), daemon=True)
-    a.start()
+
+    def long_job():
+        out.append(httpx.post(server.url + "/v1/reports", params={"beams": 8, "max_new_tokens": 400}, content=body,
+                              headers={"Content-Type": "image/jpeg"}, timeout=120))
+
+    jobs = [threading.Thread(target=long_job, daemon=True) for _ in range(2)]
+    for j in jobs:
+        j.start()
     deadline = time.monotonic() + 20
-    for _ in range(1000):  # until A runs
-        if time.monotonic() > deadline or httpx.get(server.url + "/healthz", timeout=5).json()["queue"]["running"]:
+    for _ in range(2000):  # until one runs and the other waits
+        q = httpx.get(server.url + "/healthz", timeout=5).json()["queue"]
+        if time.monotonic() > deadline or (q["running"] and q["waiting"] >= 1):
             break
-        time.sleep(0.01)
+        time.sleep(0.005)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/reports", params={"beams": 8, "max_new_tokens": 400}, content=body,
                    headers={"Content-Type": "image/jpeg"}, timeout=0.3)
-    a.join(timeout=120)
-    assert out and out[0].status_code == 200
-    for _ in range(50):  # B's line is written once A's job has ended and B's job was skipped
+    for j in jobs:
+        j.join(timeout=120)
+    assert len(out) == 2 and all(r.status_code == 200 for r in out)
+    for _ in range(50):  # B's line is written once the long jobs have ended and B's job was skipped
         lines = [ln for ln in server.log().splitlines() if "status=499" in ln]
         if len(lines) > before:
             break
         time.sleep(0.1)
-    assert len(lines) == before + 1 and "tokens=" not in lines[-1] and "error=client_gone" in lines[-1]
+    assert len(lines) == before + 1 and "tokens=" not in lines[-1] and "error=client_gone" in lines[-1], \
+        server.log()[-3000:]
 
 
 # --------------------------------------------------------------------------- privacy
