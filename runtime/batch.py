@@ -65,7 +65,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .extras import require_extra
-from .helpfmt import CommandParser, DefaultsHelpFormatter
+from .helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments, count_int, positive_int
 
 PROG = "emrrg-batch"
 BATCH_MODULES = ("ray", "pyarrow")   # the batch extra: ray[data], pyarrow
@@ -613,22 +613,6 @@ def run_batch(a) -> PartWriter:
     return writer
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return n
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .engine import BACKENDS
     from .gate import add_input_arguments
@@ -640,18 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on: auto (the one started on this machine by `ray start`), HOST:PORT or "
                         "ray://HOST:PORT (default: start Ray embedded on this machine)")
-    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="model actors, each with one Runtime (default: cores / threads per worker)")
-    p.add_argument("--threads-per-worker", dest="threads", type=_positive, default=None, metavar="T",
+    p.add_argument("--threads-per-worker", dest="threads", type=positive_int, default=None, metavar="T",
                    help="ONNX Runtime threads and Ray CPUs per actor (default: cores / workers, or 1)")
-    p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="B",
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="B",
                    help="studies per actor call and per Parquet part")
-    p.add_argument("--retries", type=_count, default=DEFAULT_RETRIES, metavar="N",
+    p.add_argument("--retries", type=count_int, default=DEFAULT_RETRIES, metavar="N",
                    help="retries of a batch whose worker process died (the worker itself is always restarted)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend of every actor")
-    p.add_argument("--beams", type=_positive, default=None, help="beam count (default: the bundle's setting)")
-    p.add_argument("--max-new-tokens", type=_positive, default=None, help="(default: the bundle's setting)")
-    p.add_argument("--min-new-tokens", type=_count, default=None, help="(default: the bundle's setting)")
+    add_decoding_arguments(p)
     p.add_argument("--sr", action="store_true", help=f"also write each report as a DICOM SR into OUT/{SR_DIR}/")
     p.add_argument("--resume", action="store_true",
                    help="skip the studies OUT already holds for this bundle (study_id + bundle sha256)")

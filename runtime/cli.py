@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import warnings
-from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments
 from emrrg.runtime.extras import SR_MODULES, require_extra
 
 
@@ -27,9 +27,7 @@ def run_main(argv: list[str] | None = None) -> None:
     p.add_argument("bundle", help="bundle directory written by emrrg-export")
     p.add_argument("images", nargs="+", help="DICOM / PNG / JPEG views of ONE study (averaged as upstream)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend")
-    p.add_argument("--beams", type=int, default=None, help="beam count (default: the bundle's setting; 1 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the bundle's setting)")
-    p.add_argument("--min-new-tokens", type=int, default=None, help="(default: the bundle's setting)")
+    add_decoding_arguments(p)
     p.add_argument("--no-repeat-ngram-size", type=int, default=None,
                    help="ban any repeated n-gram of this many tokens, 0 = off (default: the bundle's setting)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")

@@ -22,3 +22,31 @@ class CommandParser(argparse.ArgumentParser):
         from emrrg import __version__
 
         self.add_argument("--version", action="version", version=f"%(prog)s (emrrg {__version__})")
+
+
+# ---- argument types and options shared by the runtime commands (emrrg-run, -serve, -scp, -batch) ----------
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
+def count_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser, min_new_tokens: bool = True) -> None:
+    """--beams / --max-new-tokens [/ --min-new-tokens]: per-run overrides of the bundle's decoding settings."""
+    p.add_argument("--beams", type=positive_int, default=None,
+                   help="beam count (default: the bundle's setting; 1 = greedy)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="(default: the bundle's setting)")
+    if min_new_tokens:
+        p.add_argument("--min-new-tokens", type=count_int, default=None, help="(default: the bundle's setting)")

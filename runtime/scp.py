@@ -46,7 +46,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .helpfmt import CommandParser, DefaultsHelpFormatter
+from .helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments
 
 log = logging.getLogger("emrrg.scp")
 
@@ -422,8 +422,7 @@ def scp_main(argv: list[str] | None = None) -> None:
                    help="a study is complete after S seconds without a new instance (or at association release)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--beams", type=int, default=None, help="beam count (default: the bundle's setting; 1 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the bundle's setting)")
+    add_decoding_arguments(p, min_new_tokens=False)
     add_input_arguments(p)
     a = p.parse_args(argv)
     require_extra("emrrg-scp", "runtime", ("pynetdicom", *SR_MODULES), "the DICOM Storage SCP")

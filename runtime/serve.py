@@ -123,7 +123,7 @@ from .bundle import BundleError, load_manifest
 from .engine import BACKENDS
 from .gate import InputPolicy, ViewInfo, add_input_arguments, check_study, policy_from_args, read_view
 from .preprocess import ImageError, RefusedInputError, load_image
-from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, count_int, positive_int
 
 log = logging.getLogger("emrrg.serve")
 
@@ -1113,20 +1113,6 @@ def head_timeout_protocol(timeout_s: float):
     return HeadTimeoutProtocol
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _non_negative_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
 def _positive_float(s: str) -> float:
     v = float(s)
     if not (v > 0 and math.isfinite(v)):
@@ -1150,9 +1136,9 @@ def serve_main(argv: list[str] | None = None) -> None:
                                                         "no authentication, no TLS)")
     p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="execution backend")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--queue-size", type=_non_negative_int, default=DEFAULT_QUEUE_SIZE,
+    p.add_argument("--queue-size", type=count_int, default=DEFAULT_QUEUE_SIZE,
                    help="requests that may wait while one runs; more get 503 with Retry-After")
     p.add_argument("--max-request-mb", type=_positive_float, default=DEFAULT_MAX_REQUEST_MB,
                    help="largest accepted request body in MiB (413 above)")
@@ -1164,9 +1150,9 @@ def serve_main(argv: list[str] | None = None) -> None:
                    help="seconds for a whole request body to arrive after its head (408 and close after)")
     p.add_argument("--header-timeout", type=_positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
                    help="seconds for a whole request head (line + headers) to arrive; the connection is closed after")
-    p.add_argument("--beams", type=_positive_int, default=None,
+    p.add_argument("--beams", type=positive_int, default=None,
                    help="beam count for requests that give none (default: the bundle's setting; 1 = greedy)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="max new tokens for requests that give none (default: the bundle's setting)")
     add_input_arguments(p)
     p.add_argument("--graceful-timeout", type=_positive_float, default=DEFAULT_GRACEFUL_TIMEOUT_S,
