@@ -150,8 +150,7 @@ def route_file(path: Path, on_dicom: Callable[[bool], T], on_pillow: Callable[[b
         return on_pillow(head)
     except _Unidentified:  # not PNG/JPEG magic and pillow does not know it either
         if head[:2] not in (b"\x02\x00", b"\x08\x00"):
-            kind = "a text file" if _is_text(head) else "unrecognised binary data"
-            raise _fail(path, f"not a PNG, JPEG or DICOM image ({kind})") from None
+            raise _fail(path, f"not a PNG, JPEG or DICOM image ({describe_unknown(head)})") from None
     return on_dicom(True)
 
 
@@ -177,12 +176,27 @@ def _read_head(path: Path) -> bytes:
     return head
 
 
-def _is_text(head: bytes) -> bool:
+def sniff(data: bytes | bytearray) -> str | None:
+    """'dicom', 'png', 'jpeg' by the leading bytes (DICOM with or without the 128-byte preamble), or None.
+    The one magic-byte sniffer of uploads (emrrg-serve) and SR sources (emrrg.runtime.sr)."""
+    head = bytes(data[:132])
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00"):
+        return "dicom"
+    return None
+
+
+def describe_unknown(data: bytes | bytearray) -> str:
+    """What a file that is no image looks like, for error messages: 'a text file' or 'unrecognised binary data'."""
+    head = bytes(data[:512])
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
-        return False
-    return b"\x00" not in head
+        return "unrecognised binary data"
+    return "a text file" if b"\x00" not in head else "unrecognised binary data"
 
 
 class _Unidentified(Exception):

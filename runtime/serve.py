@@ -122,7 +122,7 @@ from starlette.requests import ClientDisconnect
 from .bundle import BundleError, load_manifest
 from .engine import BACKENDS
 from .gate import InputPolicy, ViewInfo, add_input_arguments, check_study, policy_from_args, read_view
-from .preprocess import ImageError, RefusedInputError, load_image
+from .preprocess import ImageError, RefusedInputError, describe_unknown, load_image, sniff
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, count_int, positive_int
 
 log = logging.getLogger("emrrg.serve")
@@ -145,7 +145,6 @@ BEAMS_CAP, MAX_NEW_TOKENS_CAP = 64, 4096   # schema bounds; the bundle's own lim
 RAW_TYPES = ("application/dicom", "image/png", "image/jpeg", "application/octet-stream")
 _KNOWN_PATHS = ("/v1/reports", "/healthz", "/v1/model", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}/[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
-_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 _SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
 _SCRATCH_PREFIX = "emrrg-serve-"
 
@@ -272,28 +271,6 @@ def _check_declared(label: str, media_type: str, multipart_part: bool) -> None:
                    f"application/dicom, image/png, image/jpeg or application/octet-stream")
 
 
-def sniff(data: bytes | bytearray) -> str | None:
-    """'dicom', 'png', 'jpeg' by the leading bytes, or None."""
-    head = bytes(data[:132])
-    if head.startswith(_PNG_MAGIC):
-        return "png"
-    if head.startswith(_JPEG_MAGIC):
-        return "jpeg"
-    if head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00"):  # with / without the preamble
-        return "dicom"
-    return None
-
-
-def _describe_unknown(data: bytes | bytearray) -> str:
-    head = bytes(data[:512])
-    try:
-        head.decode("utf-8")
-        text = b"\x00" not in head
-    except UnicodeDecodeError:
-        text = False
-    return "a text file" if text else "unrecognised binary data"
-
-
 def _scratch_root(nbytes: int) -> str | None:
     """Where private temp dirs go: $TMPDIR when set, else /dev/shm (RAM) when it has room, else the default."""
     if os.environ.get("TMPDIR"):
@@ -322,7 +299,7 @@ def decode_views(views: list[_View], policy: InputPolicy | None = None) -> tuple
         kinds.append(sniff(v.data))
         if kinds[-1] is None:
             raise ApiError(415, "unsupported_media_type",
-                           f"{v.label}: not a PNG, JPEG or DICOM image ({_describe_unknown(v.data)})")
+                           f"{v.label}: not a PNG, JPEG or DICOM image ({describe_unknown(v.data)})")
     with tempfile.TemporaryDirectory(prefix=_SCRATCH_PREFIX, dir=_scratch_root(sum(len(v.data) for v in views))) as td:
         paths = [Path(td) / f"view{i + 1}{_SUFFIX[kind]}" for i, kind in enumerate(kinds)]
         for v, path in zip(views, paths):

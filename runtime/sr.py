@@ -42,6 +42,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
+from .preprocess import sniff
+
 SRSource = Union[str, os.PathLike, bytes, bytearray, "pydicom.Dataset"]  # noqa: F821
 
 SR_SERIES_NUMBER = 9001     # high, so viewers that sort series by number list the SR after the images
@@ -59,7 +61,6 @@ _IMPRESSION = re.compile(r"\bimpressions?\s*:\s*", re.IGNORECASE)
 # UT text (TextValue) may hold no control characters but LF, FF, CR (and ESC, for ISO 2022 only: not in UTF-8)
 # (PS3.5 6.2); a model can emit any. The others, TAB included, become spaces.
 _CONTROL = re.compile(r"[\x00-\x09\x0b\x0e-\x1f\x7f]")
-_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 
 class SRError(ValueError):
@@ -116,13 +117,13 @@ def _read_one(src: SRSource, label: str):
             except OSError as e:
                 raise SRError(f"{label}: cannot read the file ({e.strerror or type(e).__name__})") from None
             fp = src
-        kind = "PNG" if head.startswith(_PNG_MAGIC) else "JPEG" if head.startswith(_JPEG_MAGIC) else None
-        if kind:
-            raise NotDicomError(f"{label}: a {kind} image has no DICOM header, and a DICOM SR must reference the DICOM "
-                          "instances it reports on; give the DICOM files (or leave out the SR output)")
-        has_marker = head[128:132] == b"DICM"
-        if not has_marker and head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        kind = sniff(head)
+        if kind in ("png", "jpeg"):
+            raise NotDicomError(f"{label}: a {kind.upper()} image has no DICOM header, and a DICOM SR must reference "
+                                "the DICOM instances it reports on; give the DICOM files (or leave out the SR output)")
+        if kind is None:
             raise NotDicomError(f"{label}: not a DICOM file; a DICOM SR must reference DICOM source images")
+        has_marker = head[128:132] == b"DICM"
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_marker)
         except Exception as e:
