@@ -1,15 +1,9 @@
 """The four-direction Mamba mixer of MambaXray-VL / ARM (arXiv 2510.16776, after Vim/ARM).
 
 One `in_proj` (D -> 2D, no bias) gives the x and z halves. Four directions, each with its own
-conv1d / x_proj / dt_proj / A_log / D under the suffixes '', '_b', '_c', '_c_b', see the
-token stream in four orders:
-
-    (a) token order          (b) token order, flipped
-    (c) column order         (d) column order, flipped
-
-Column order takes the middle cls token out at L//2, transposes the square patch grid and puts
-the cls token back at L//2. All four scans run as ONE SelectiveScan call with G=4 groups over
-4·D channels (the contract in emrrg/ops/scan_contract.py); the reorders are index Gathers outside the op.
+conv1d / x_proj / dt_proj / A_log / D under the suffixes '', '_b', '_c', '_c_b', see the token stream
+in four orders; emrrg/ops/directions.py owns that layout (the orders, the stacking, the one G=4
+SelectiveScan call's inputs, the inverse), and the encoder export runs the same code.
 
     out = out_proj(((a + flip(b)) + untranspose(c + flip(d))) / 4)
 
@@ -21,35 +15,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .config import EncoderConfig
-from .lora import LoraXAdapter, PartialLoRA
-from .ops.selective_scan import selective_scan
-
-DIRECTIONS = ("", "_b", "_c", "_c_b")
-
-
-def column_order(num_tokens: int) -> torch.Tensor:
-    """Index that reads a (cls-in-the-middle) token sequence in column order. An involution."""
-    mid = num_tokens // 2
-    grid = math.isqrt(num_tokens - 1)
-    if grid * grid != num_tokens - 1:
-        raise ValueError(f"{num_tokens} tokens are not a square patch grid plus one cls token")
-    patches = torch.cat([torch.arange(mid), torch.arange(mid + 1, num_tokens)])  # (L-1,) without cls
-    cols = patches.view(grid, grid).t().reshape(-1)                              # transpose the grid
-    return torch.cat([cols[:mid], torch.tensor([mid]), cols[mid:]])
-
-
-def direction_orders(num_tokens: int) -> torch.Tensor:
-    """(4, L) gather indices for the directions (a), (b), (c), (d)."""
-    tok = torch.arange(num_tokens)
-    col = column_order(num_tokens)
-    return torch.stack([tok, tok.flip(0), col, col.flip(0)])
-
-
-def inverse_orders(orders: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(orders, dim=1)
+from emrrg.config import EncoderConfig
+from emrrg.lora import LoraXAdapter, PartialLoRA
+from emrrg.ops import directions
+from emrrg.ops.directions import DIRECTIONS
+from emrrg.ops.selective_scan import selective_scan
 
 
 class ARMMixer(nn.Module):
@@ -69,9 +40,8 @@ class ARMMixer(nn.Module):
         # Partial LoRA on the x half of in_proj (paper) and the release's lora_X adapter.
         self.in_proj_lora = PartialLoRA(cfg.d_model, d, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else None
         self.lora_X = LoraXAdapter(cfg.d_model, cfg.lora_x_rank) if cfg.lora_x_rank else None
-        orders = direction_orders(cfg.num_tokens)
-        self.register_buffer("orders", orders, persistent=False)                  # (4, L)
-        self.register_buffer("inv_orders", inverse_orders(orders), persistent=False)
+        self.register_buffer("gather_rows", directions.gather_rows(cfg.num_tokens), persistent=False)    # (4L,)
+        self.register_buffer("inverse_rows", directions.inverse_rows(cfg.num_tokens), persistent=False)  # (4L,)
         self.scan_fn = selective_scan  # swapped by the exporter for the ONNX custom op
         self.reset_parameters()
 
@@ -84,45 +54,17 @@ class ARMMixer(nn.Module):
             dt = torch.exp(torch.rand(d) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
             getattr(self, f"dt_proj{s}").bias.data.copy_(dt + torch.log(-torch.expm1(-dt)))
 
+    def stacked_weights(self) -> dict[str, torch.Tensor]:
+        """The four directions' conv / x_proj / dt_proj weights stacked (the export freezes them)."""
+        return directions.stacked_weights(self)
+
     def scan_inputs(self, hs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything up to the fused scan: the G=4 stacked inputs of one SelectiveScan call."""
-        b, L, _ = hs.shape
-        n, r = self.cfg.d_state, self.cfg.dt_rank
-        x, z = self.in_proj(hs).chunk(2, dim=-1)                              # (b, L, D) each
-        if self.in_proj_lora is not None:
-            x = x + self.in_proj_lora(hs)
-        us, dts, Bs, Cs, zs = [], [], [], [], []
-        for k, s in enumerate(DIRECTIONS):
-            order = self.orders[k]
-            xk = x.index_select(1, order).transpose(1, 2)                     # (b, D, L)
-            zk = z.index_select(1, order).transpose(1, 2)                     # (b, D, L)
-            xk = F.silu(getattr(self, f"conv1d{s}")(xk)[..., :L])             # causal depthwise conv
-            dbl = getattr(self, f"x_proj{s}")(xk.transpose(1, 2))             # (b, L, r + 2N)
-            dt, Bk, Ck = dbl.split([r, n, n], dim=-1)
-            dt = F.linear(dt, getattr(self, f"dt_proj{s}").weight)            # (b, L, D); bias goes to the scan
-            us.append(xk)
-            dts.append(dt.transpose(1, 2))
-            Bs.append(Bk.transpose(1, 2))                                     # (b, N, L)
-            Cs.append(Ck.transpose(1, 2))
-            zs.append(zk)
-        return dict(
-            u=torch.cat(us, 1),                                               # (b, 4D, L)
-            delta=torch.cat(dts, 1),                                          # (b, 4D, L)
-            A=-torch.exp(torch.cat([getattr(self, f"A{s}_log") for s in DIRECTIONS]).float()),  # (4D, N)
-            B=torch.stack(Bs, 1),                                             # (b, 4, N, L)
-            C=torch.stack(Cs, 1),                                             # (b, 4, N, L)
-            D=torch.cat([getattr(self, f"D{s}") for s in DIRECTIONS]).float(),  # (4D,)
-            z=torch.cat(zs, 1),                                               # (b, 4D, L)
-            delta_bias=torch.cat([getattr(self, f"dt_proj{s}").bias for s in DIRECTIONS]).float(),  # (4D,)
-        )
+        return directions.scan_inputs(self, hs, self.stacked_weights())
 
     def combine(self, y: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
         """(b, 4D, L) scan output -> (b, L, D_model): undo each order, average, out_proj."""
-        b, _, L = y.shape
-        d = self.cfg.d_inner
-        ys = y.view(b, 4, d, L)
-        out = sum(ys[:, k].index_select(2, self.inv_orders[k]) for k in range(4)) / 4  # (b, D, L)
-        out = self.out_proj(out.transpose(1, 2))                              # (b, L, D)
+        out = self.out_proj(directions.combine(self, y))                      # (b, L, D_model)
         if self.lora_X is not None:
             out = self.lora_X(hs, out)
         return out

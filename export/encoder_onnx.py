@@ -13,7 +13,7 @@ function (emrrg.export.onnx_ops). The variant is recorded in the model's metadat
 Export-only rewrites (context managers; each docstring says what it avoids), all with the reference's
 arithmetic and checked against it before the export:
   - onnx_ops.scan_as_custom_op: the scan as one opaque custom-op call (no unrolled loop, no fixed L);
-  - fused_mixer_layout: the four directions as batched ops (one Gather before the scan, one after);
+  - fused_mixer_layout: the mixer's stacked direction weights (emrrg/ops/directions.py) as initializers;
   - fused_swiglu: w1 and w2 as one MatMul (so ORT CPU fuses its INT8 form).
 
 Every export ends with `validate_encoder`: ONNX Runtime against the f32 PyTorch reference on the same
@@ -146,94 +146,31 @@ def fused_swiglu(module: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def fused_mixer_layout(module: nn.Module) -> Iterator[nn.Module]:
-    """Export-only rewrite of ARMMixer.scan_inputs / combine: the four directions as batched tensor ops.
+    """Export-only: each ARMMixer's stacked direction weights frozen as parameters of their own.
 
-    Avoids: the reference's per-direction code exports to ~60 small nodes per layer: 8 Gathers on x and z,
-    4 depthwise Convs, 8 x_proj/dt_proj MatMuls, and 4 inverse Gathers along the last axis of a (b, D, L)
-    tensor (4-byte strided copies, ~10% of ORT CPU time for the base encoder). Rewritten, with the same
-    arithmetic per direction:
-
-        in_proj (b, L, 2D) --Gather 4L rows--> (b, 4, L, 2D) --transpose, split--> x4, z4 (b, 4, D, L)
-        x4 -> (b, 4D, L) -> one depthwise Conv (4D channels) -> silu = u
-        x_proj (4, r+2N, D) @ u (b, 4, D, L) -> dt, B, C (b, 4, ., L);  dt_proj (4, D, r) @ dt -> delta (b, 4D, L)
-        scan y (b, 4D, L) -> (b, 4L, D) rows l*4+k --Gather inverse rows--> (b, L, 4, D) -> sum / 4 -> out_proj
+    The mixer runs the four directions batched (emrrg/ops/directions.py) on weights it stacks on every call.
+    Exported as they are, those stacks are Concat nodes over the per-direction initializers, and the INT8
+    quantizer (and ORT's constant folding of MatMul weights) wants each MatMul / Conv weight to be one
+    initializer. Here stacked_weights returns copies made once, registered on the mixer, so that the export
+    sees them as initializers; the arithmetic is the same.
     """
-    from emrrg.mixer import DIRECTIONS, ARMMixer
+    from emrrg.mixer import ARMMixer
+    from emrrg.ops.directions import WEIGHTS
 
     mixers = [m for m in module.modules() if isinstance(m, ARMMixer)]
     try:
         for m in mixers:
-            d, L = m.cfg.d_inner, m.orders.shape[1]
-            conv = nn.Conv1d(4 * d, 4 * d, m.cfg.d_conv, groups=4 * d, padding=m.cfg.d_conv - 1, bias=True)
             with torch.no_grad():
-                conv.weight.copy_(torch.cat([getattr(m, f"conv1d{s}").weight for s in DIRECTIONS]))  # (4D, 1, K)
-                conv.bias.copy_(torch.cat([getattr(m, f"conv1d{s}").bias for s in DIRECTIONS]))
-            m._export_conv = conv
-            m._export_xproj = nn.Parameter(torch.stack([getattr(m, f"x_proj{s}").weight for s in DIRECTIONS]).detach().clone(),
-                                           requires_grad=False)                 # (4, r + 2N, D)
-            m._export_dtproj = nn.Parameter(torch.stack([getattr(m, f"dt_proj{s}").weight for s in DIRECTIONS]).detach().clone(),
-                                            requires_grad=False)                # (4, D, r)
-            inv = m.inv_orders                                                   # (4, L)
-            flat_inv = (inv.t() * 4 + torch.arange(4)[None, :]).reshape(-1)     # (L*4,): row of (l, k)
-            m.register_buffer("_export_orders", m.orders.reshape(-1).clone(), persistent=False)  # (4L,)
-            m.register_buffer("_export_inv", flat_inv, persistent=False)
-            m.scan_inputs = types.MethodType(_batched_scan_inputs, m)
-            m.combine = types.MethodType(_batched_combine, m)
+                stacked = m.stacked_weights()
+            for k in WEIGHTS:
+                m.register_parameter(f"_export_{k}", nn.Parameter(stacked[k].detach().clone(), requires_grad=False))
+            m.stacked_weights = types.MethodType(lambda self: {k: getattr(self, f"_export_{k}") for k in WEIGHTS}, m)
         yield module
     finally:
         for m in mixers:
-            m.__dict__.pop("scan_inputs", None)
-            m.__dict__.pop("combine", None)
-            for k in ("_export_conv",):
-                m._modules.pop(k, None)
-            for k in ("_export_xproj", "_export_dtproj"):
-                m._parameters.pop(k, None)
-            for k in ("_export_orders", "_export_inv"):
-                m._buffers.pop(k, None)
-
-
-def _batched_scan_inputs(self, hs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """ARMMixer.scan_inputs with the four directions batched (see fused_mixer_layout).
-
-    Channel-major from the gather on, so the projections land in the scan's layout without transposes:
-    x_proj^T (4, r+2N, D) @ u (b, 4, D, L) gives dt, B, C as (b, 4, ., L); dt_proj^T (4, D, r) @ dt gives delta.
-    """
-    from emrrg.mixer import DIRECTIONS
-
-    b, L, _ = hs.shape
-    d, n, r = self.cfg.d_inner, self.cfg.d_state, self.cfg.dt_rank
-    xz = self.in_proj(hs)                                                   # (b, L, 2D)
-    if self.in_proj_lora is not None:
-        x, z = xz.chunk(2, dim=-1)
-        xz = torch.cat([x + self.in_proj_lora(hs), z], dim=-1)
-    g = xz.index_select(1, self._export_orders).view(b, 4, L, 2 * d)        # (b, 4, L, 2D), direction-major
-    x4, z4 = g.transpose(2, 3).split(d, dim=2)                              # (b, 4, D, L) each
-    u = F.silu(self._export_conv(x4.reshape(b, 4 * d, L))[..., :L])        # (b, 4D, L) causal depthwise conv
-    dbl = torch.matmul(self._export_xproj, u.view(b, 4, d, L))             # (b, 4, r + 2N, L)
-    dt, Bk, Ck = dbl.split([r, n, n], dim=2)                                # (b, 4, r|N|N, L)
-    delta = torch.matmul(self._export_dtproj, dt)                           # (b, 4, D, L); bias goes to the scan
-    return dict(
-        u=u,
-        delta=delta.reshape(b, 4 * d, L),                                   # (b, 4D, L)
-        A=-torch.exp(torch.cat([getattr(self, f"A{s}_log") for s in DIRECTIONS]).float()),  # (4D, N)
-        B=Bk,                                                               # (b, 4, N, L)
-        C=Ck,                                                               # (b, 4, N, L)
-        D=torch.cat([getattr(self, f"D{s}") for s in DIRECTIONS]).float(),  # (4D,)
-        z=z4.reshape(b, 4 * d, L),                                          # (b, 4D, L)
-        delta_bias=torch.cat([getattr(self, f"dt_proj{s}").bias for s in DIRECTIONS]).float(),  # (4D,)
-    )
-
-
-def _batched_combine(self, y: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
-    """ARMMixer.combine with one row Gather for the four inverse orders (see fused_mixer_layout)."""
-    b, _, L = y.shape
-    d = self.cfg.d_inner
-    rows = y.view(b, 4, d, L).permute(0, 3, 1, 2).reshape(b, L * 4, d)     # (b, 4L, D): row l*4 + k
-    out = rows.index_select(1, self._export_inv).view(b, L, 4, d).sum(2) / 4  # (b, L, D)
-    out = self.out_proj(out)                                                # (b, L, D_model)
-    if self.lora_X is not None:
-        out = self.lora_X(hs, out)
-    return out
+            m.__dict__.pop("stacked_weights", None)
+            for k in WEIGHTS:
+                m._parameters.pop(f"_export_{k}", None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -156,7 +156,8 @@ def test_export_rewrites_keep_the_arithmetic_and_restore_the_module(tiny):
     torch.testing.assert_close(after, want, rtol=0, atol=0)
     assert set(tiny.state_dict()) == keys
     mixer = tiny.encoder.layers[0].mixer
-    assert "scan_inputs" not in vars(mixer) and "forward" not in vars(tiny.encoder.layers[0].mlp)
+    assert "stacked_weights" not in vars(mixer) and "forward" not in vars(tiny.encoder.layers[0].mlp)
+    assert not any(k.startswith("_export_") for k in mixer._parameters)
     assert mixer.scan_fn is not torch.ops.emrrg.selective_scan
 
 

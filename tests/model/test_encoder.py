@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from emrrg.config import ENCODER_PRESETS, encoder_config
 from emrrg.encoder import MambaXrayEncoder
-from emrrg.mixer import column_order, direction_orders
+from emrrg.ops.directions import column_order
 from emrrg.ops.selective_scan import selective_scan_ref
 
 # Fused (one G=4 call + gathers) vs four separate calls on flipped / transposed copies: the same f32
