@@ -26,10 +26,10 @@ from typing import Iterator
 
 import torch
 
-from .config import DECODER_PRESETS, EMRRGConfig, EncoderConfig, UnknownPresetError, decoder_config, generation_config
-from .decoder import decoder_layers
-from .lora import load_encoder_adapter, save_encoder_adapter
-from .model import EMRRG
+from emrrg.config import DECODER_PRESETS, EMRRGConfig, EncoderConfig, UnknownPresetError, decoder_config, generation_config
+from emrrg.decoder import decoder_layers
+from emrrg.lora import load_encoder_adapter, save_encoder_adapter
+from emrrg.model import EMRRG
 
 FORMAT = "emrrg-checkpoint"
 FORMAT_VERSION = 1

@@ -11,17 +11,17 @@ import sys
 import time
 from contextlib import contextmanager
 
-from .config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
+from emrrg.config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .assets import MissingAssetError
-    from .checkpoint import CheckpointError
-    from .config import UnknownPresetError
-    from .decoder import DecoderLoadError
-    from .lora import AdapterMismatchError
-    from .runtime.preprocess import ImageError
+    from emrrg.assets import MissingAssetError
+    from emrrg.checkpoint import CheckpointError
+    from emrrg.config import UnknownPresetError
+    from emrrg.decoder import DecoderLoadError
+    from emrrg.lora import AdapterMismatchError
+    from emrrg.runtime.preprocess import ImageError
 
     return (CheckpointError, UnknownPresetError, DecoderLoadError, AdapterMismatchError, ImageError,
             MissingAssetError, FileExistsError, FileNotFoundError)
@@ -46,7 +46,7 @@ def require_torch(prog: str) -> None:
 def _cli_errors(prog: str, needs_torch: bool = True):
     if needs_torch:
         require_torch(prog)
-    from .export.cli import quiet_library_warnings
+    from emrrg.export.cli import quiet_library_warnings
 
     quiet_library_warnings()
     try:
@@ -86,10 +86,10 @@ def init_main(argv: list[str] | None = None) -> None:
     with _cli_errors(p.prog):
         import torch
 
-        from .checkpoint import save_checkpoint
-        from .config import make_config
-        from .decoder import default_hybrid_layers, load_base_decoder
-        from .model import EMRRG, count_parameters
+        from emrrg.checkpoint import save_checkpoint
+        from emrrg.config import make_config
+        from emrrg.decoder import default_hybrid_layers, load_base_decoder
+        from emrrg.model import EMRRG, count_parameters
 
         torch.manual_seed(a.seed)
         dec = {"lora_rank": a.llm_lora_rank}
@@ -119,7 +119,7 @@ def import_main(argv: list[str] | None = None) -> None:
     _model_args(p)
     a = p.parse_args(argv)
     with _cli_errors(p.prog):
-        from .checkpoint import import_upstream
+        from emrrg.checkpoint import import_upstream
 
         out = import_upstream(a.encoder_pth, a.output, decoder=a.decoder, decoder_path=a.decoder_path,
                               emrrg_pth=a.emrrg, dataset=a.dataset, llm_lora_rank=a.llm_lora_rank)
@@ -142,14 +142,14 @@ def generate_main(argv: list[str] | None = None) -> None:
     with _cli_errors(p.prog):
         import torch
 
-        from .checkpoint import load_checkpoint
+        from emrrg.checkpoint import load_checkpoint
 
         if a.threads:
             torch.set_num_threads(a.threads)
         t0 = time.perf_counter()
         model = load_checkpoint(a.checkpoint)
         if a.llm_4bit == "nf4":
-            from .decoder import quantize_llm_nf4
+            from emrrg.decoder import quantize_llm_nf4
 
             model.merge_adapters()
             n = quantize_llm_nf4(model.llama_model)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DecoderConfig
+from emrrg.config import DecoderConfig
 
 SMOLLM2_ROPE_THETA = 100000.0  # transformers 4.57 silently reads 10000 from a 5.x config; we check it
 
@@ -61,7 +61,7 @@ def _load_smollm2():
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import smollm2_gguf
+    from emrrg.assets import smollm2_gguf
 
     cached = cache_dir() / "smollm2-135m-f32"
     if not (cached / "model.safetensors").is_file():

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import EncoderConfig
-from .mixer import ARMMixer
+from emrrg.config import EncoderConfig
+from emrrg.mixer import ARMMixer
 
 
 class PatchEmbed(nn.Module):

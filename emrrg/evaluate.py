@@ -61,7 +61,7 @@ class Split:
 
 
 def load_split(annotation: str | Path, split: str, limit: int | None = None) -> Split:
-    from .data.annotation import SPLITS, load_annotation
+    from emrrg.data.annotation import SPLITS, load_annotation
 
     annotation = Path(annotation)
     if not annotation.is_file():
@@ -92,8 +92,8 @@ def selection_score(nlg: dict) -> float:
 
 def score_reports(preds: Sequence[str], refs: Sequence[str], meteor: bool = True, tokenizer: str = "auto") -> dict:
     """NLG + CE + the selection score of predictions against references (one reference each)."""
-    from .metrics.labeler import ce_scores
-    from .metrics.nlg import nlg_scores
+    from emrrg.metrics.labeler import ce_scores
+    from emrrg.metrics.nlg import nlg_scores
 
     nlg = nlg_scores(list(preds), list(refs), meteor=meteor, tokenizer=tokenizer)
     ce = ce_scores(list(preds), list(refs))
@@ -133,7 +133,7 @@ class TorchGenerator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, batch_size: int = 8) -> "TorchGenerator":
-        from .checkpoint import load_checkpoint
+        from emrrg.checkpoint import load_checkpoint
         return cls(load_checkpoint(path), batch_size)
 
     def settings(self, over: dict) -> dict:
@@ -141,7 +141,7 @@ class TorchGenerator:
         return _resolve(asdict(self.model.cfg.generation), over)
 
     def pixels(self, images: Sequence[Path]) -> np.ndarray:
-        from .runtime.preprocess import preprocess_study
+        from emrrg.runtime.preprocess import preprocess_study
         return preprocess_study(list(images), size=self.image_size)          # (V, 3, S, S)
 
     def generate(self, studies: Sequence[Sequence[Path]], over: dict,
@@ -185,7 +185,7 @@ class BundleGenerator:
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "BundleGenerator":
-        from .runtime.engine import Runtime
+        from emrrg.runtime.engine import Runtime
         return cls(Runtime.from_pretrained(path, backend=backend, threads=threads))
 
     def settings(self, over: dict) -> dict:
@@ -289,7 +289,7 @@ IU_MESH_TO_CHEXPERT: dict[str, str] = {
 
 
 def iu_mesh_labels(mesh: Sequence[str]) -> dict[str, int]:
-    from .metrics.labeler import CHEXPERT_CLASSES
+    from emrrg.metrics.labeler import CHEXPERT_CLASSES
 
     out = {c: 0 for c in CHEXPERT_CLASSES}
     for term in mesh:
@@ -301,7 +301,7 @@ def iu_mesh_labels(mesh: Sequence[str]) -> dict[str, int]:
 
 def iu_evaluation(limit: int | None = None, meteor: bool = True, tokenizer: str = "auto", seed: int = 0) -> dict:
     """The labeler against MeSH, and trivial-predictor reference points, on the real IU reports."""
-    from .metrics.labeler import ce_from_labels, iu_records, label_reports
+    from emrrg.metrics.labeler import ce_from_labels, iu_records, label_reports
 
     recs = [r for r in iu_records() if r.mesh and r.mesh != ("No Indexing",)]
     if limit:
@@ -365,7 +365,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if not a.iu and (not a.source or not a.data):
         p.error("give a SOURCE and --data (or --iu)")
-    from .cli import _cli_errors
+    from emrrg.cli import _cli_errors
 
     # A bundle is scored through the torch-free runtime; a checkpoint (config.json) needs PyTorch.
     needs_torch = bool(a.source) and (Path(a.source) / "config.json").is_file()
@@ -393,7 +393,7 @@ def _run_eval(a) -> None:
         print(_summary_line("most common report", res["baseline_most_common"]))
         print(_summary_line("shuffled report", res["baseline_shuffled"]))
     else:
-        from .data.annotation import load_annotation
+        from emrrg.data.annotation import load_annotation
 
         src = Path(a.source)
         if not src.exists():

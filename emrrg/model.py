@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import EMRRGConfig, GenerationConfig
-from .decoder import add_hybrid_layers, add_llm_lora, decoder_layers, load_base_decoder
-from .encoder import MambaXrayEncoder
-from .lora import merge_partial_lora
+from emrrg.config import EMRRGConfig, GenerationConfig
+from emrrg.decoder import add_hybrid_layers, add_llm_lora, decoder_layers, load_base_decoder
+from emrrg.encoder import MambaXrayEncoder
+from emrrg.lora import merge_partial_lora
 
 PROMPT_BEFORE = "Human: <Img>"
 PROMPT_AFTER = "</Img> Generate a comprehensive and detailed diagnosis report for this chest xray image. \nAssistant:"
@@ -90,7 +90,7 @@ class EMRRG(nn.Module):
     # ---- generation ------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence) -> torch.Tensor:
         """Image paths / arrays of ONE study (its views) -> (1, V, 3, S, S) through the shared preprocessing."""
-        from .runtime.preprocess import preprocess_study
+        from emrrg.runtime.preprocess import preprocess_study
 
         views = preprocess_study(list(images), size=self.cfg.encoder.img_size)  # (V, 3, S, S) numpy
         return torch.from_numpy(np.ascontiguousarray(views)).unsqueeze(0)

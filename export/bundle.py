@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import __version__
-from ..runtime.bundle import file_entry
-from ..runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, BundleError, check_embedding, check_paths,
+from emrrg import __version__
+from emrrg.runtime.bundle import file_entry
+from emrrg.runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, BundleError, check_embedding, check_paths,
                                 parse_manifest)
-from .errors import ExportError, disk_full_message, is_disk_full  # ExportError stays importable from here
+from emrrg.export.errors import ExportError, disk_full_message, is_disk_full  # ExportError stays importable from here
 
 TMP_MARK = ".tmp-"
 

@@ -89,7 +89,7 @@ class OrtDecoder:
 
     def __init__(self, decoder_onnx: str | Path, embed: str | Path | np.ndarray | None = None, threads: int = 2,
                  visual_kv: dict[str, np.ndarray] | None = None, session=None):
-        from .decoder_onnx import EMBED_TOKENS_NPY, DecoderSpec, ort_session
+        from emrrg.export.decoder_onnx import EMBED_TOKENS_NPY, DecoderSpec, ort_session
 
         self.path = Path(decoder_onnx)
         self.spec = DecoderSpec.from_dict(decoder_metadata(self.path))
@@ -129,7 +129,7 @@ class OrtDecoder:
     def _all_positions(self) -> "OrtDecoder":
         """The all-positions variant of a built decoder (decoder_builder.with_all_logits), made on first use."""
         if getattr(self, "_all", None) is None:
-            from .decoder_builder import with_all_logits
+            from emrrg.export.decoder_builder import with_all_logits
 
             self._all = OrtDecoder(with_all_logits(self.path), self.embed, threads=self.threads, visual_kv=self.visual_kv)
         return self._all
@@ -186,7 +186,7 @@ class TorchDecoder:
         import torch
         from transformers import DynamicCache
 
-        from .decoder_onnx import cache_kwarg
+        from emrrg.export.decoder_onnx import cache_kwarg
 
         cache = DynamicCache()
         x = torch.tensor([list(ids)])
@@ -305,7 +305,7 @@ class DecoderEvaluator:
 
     def __call__(self, decoder_onnx: str | Path) -> EvalResult:
         if decoder_metadata(decoder_onnx).get("cache", "concat") != "concat":   # built graph: one session, the
-            from .decoder_builder import with_all_logits                          # all-positions twin, scores both
+            from emrrg.export.decoder_builder import with_all_logits                          # all-positions twin, scores both
 
             decoder_onnx = with_all_logits(decoder_onnx)
         dec = OrtDecoder(decoder_onnx, self.embed, threads=self.threads, visual_kv=self.visual_kv)

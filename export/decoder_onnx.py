@@ -66,8 +66,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..runtime import contract as C
-from .errors import ExportError, ValidationError
+from emrrg.runtime import contract as C
+from emrrg.export.errors import ExportError, ValidationError
 
 DECODER_FORMAT = "emrrg-decoder-onnx"
 DECODER_FORMAT_VERSION = 1

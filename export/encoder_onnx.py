@@ -39,9 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime.contract import ENCODER_INPUT, ENCODER_OUTPUT
-from . import onnx_ops
-from .errors import ValidationError
+from emrrg.runtime.contract import ENCODER_INPUT, ENCODER_OUTPUT
+from emrrg.export import onnx_ops
+from emrrg.export.errors import ValidationError
 
 VARIANTS = ("custom_op", "pure_onnx")
 INPUT_NAME, OUTPUT_NAME = ENCODER_INPUT, ENCODER_OUTPUT   # the bundle contract's names (emrrg.runtime.contract)

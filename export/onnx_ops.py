@@ -46,7 +46,7 @@ from onnx.defs import OpSchema
 from emrrg.ops.scan_contract import epilogue, prologue
 from emrrg.ops.selective_scan import selective_scan_ref
 
-from .errors import ExportError
+from emrrg.export.errors import ExportError
 
 DOMAIN = "com.emrrg"
 OP_TYPE = "SelectiveScan"

@@ -20,8 +20,8 @@ import difflib
 from dataclasses import dataclass, fields
 from typing import Iterable, Mapping
 
-from .errors import OptionError
-from .quantize_decoder import QuantConfig
+from emrrg.export.errors import OptionError
+from emrrg.export.quantize_decoder import QuantConfig
 
 # MatMulNBits' contract (ORT's operator schema): block_size is a power of two >= 16. All of these run
 # (and re-encode weights correctly) on ORT 1.32 CPU at every accuracy_level; a block beyond 1024 would

@@ -37,9 +37,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 
-from . import onnx_ops
-from .errors import ExportError, QuantizationError
-from .encoder_onnx import METADATA_VARIANT, get_metadata, op_counts, save_model, set_metadata
+from emrrg.export import onnx_ops
+from emrrg.export.errors import ExportError, QuantizationError
+from emrrg.export.encoder_onnx import METADATA_VARIANT, get_metadata, op_counts, save_model, set_metadata
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")

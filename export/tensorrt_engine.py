@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..runtime import tensorrt as trt_backend
-from ..runtime.bundle import BundleError, open_bundle
-from ..runtime.tensorrt import TensorRTBackendError
+from emrrg.runtime import tensorrt as trt_backend
+from emrrg.runtime.bundle import BundleError, open_bundle
+from emrrg.runtime.tensorrt import TensorRTBackendError
 from emrrg.runtime.helpfmt import DefaultsHelpFormatter
 
 MAX_CHECK_IMAGES = 8  # calibration images run through both ONNX Runtime (CPU, slow) and the engine
@@ -43,7 +43,7 @@ def calibration_pixels(image_size: int, images: Sequence | None = None, calib_di
     The export's calibration source: the given paths, a folder (emrrg-export --calib), else the real
     X-rays shipped in the offline asset packages.
     """
-    from ..runtime.preprocess import preprocess_study
+    from emrrg.runtime.preprocess import preprocess_study
 
     if images is None:
         if calib_dir:
@@ -51,7 +51,7 @@ def calibration_pixels(image_size: int, images: Sequence | None = None, calib_di
             images = sorted(p for p in Path(calib_dir).rglob("*") if p.suffix.lower() in exts)
             source = f"calibration folder {calib_dir}"
         else:
-            from ..assets import real_xrays
+            from emrrg.assets import real_xrays
             images = real_xrays()
             source = "the calibration X-rays (emrrg.assets.real_xrays)"
     else:

@@ -64,8 +64,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .extras import require_extra
-from .helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments, count_int, positive_int
+from emrrg.runtime.extras import require_extra
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments, count_int, positive_int
 
 PROG = "emrrg-batch"
 BATCH_MODULES = ("ray", "pyarrow")   # the batch extra: ray[data], pyarrow
@@ -133,7 +133,7 @@ def list_files(root: Path) -> list[str]:
 def scan_headers(paths: Sequence[str]) -> list[dict]:
     """path -> StudyInstanceUID (None when the gate's reader finds none or cannot read the file: that
     file becomes a study of its own, and its error row comes from the gate when the study runs)."""
-    from .gate import read_view
+    from emrrg.runtime.gate import read_view
 
     rows = []
     for p in paths:
@@ -231,7 +231,7 @@ class PartWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .sr import atomic_write
+        from emrrg.runtime.sr import atomic_write
 
         rows = [r for r in rows if (r["study_id"], r["bundle_sha256"]) not in self.done]
         fresh: dict[tuple[str, str], dict] = {}
@@ -264,7 +264,7 @@ def gray_views(paths: Sequence[str], size: int, max_megapixels: float) -> np.nda
     [0, 1]. `preprocess` of one of these (S, S) arrays at size S gives exactly `preprocess(path, S)`."""
     from PIL import Image
 
-    from .preprocess import load_image
+    from emrrg.runtime.preprocess import load_image
 
     out = np.empty((len(paths), size, size), np.float32)
     for i, p in enumerate(paths):
@@ -281,7 +281,7 @@ def _one_line(e: BaseException) -> str:
 def prepare_study(study_id: str, paths: Sequence[str], size: int, policy) -> dict:
     """The input gate (headers, then the study checks) and the pixels of one study; never raises: a refused or
     unreadable study comes back with `error` set."""
-    from .gate import check_study, read_views
+    from emrrg.runtime.gate import check_study, read_views
 
     t0 = time.perf_counter()
     row = {"study_id": study_id, "paths": list(paths), "error": None, "inputs": None, "warnings": [],
@@ -325,11 +325,11 @@ class ReportWorker:
     """One Runtime per actor. Called with a batch of prepared studies, returns one result row per study."""
 
     def __init__(self, bundle: str, threads: int, backend: str, bundle_sha256: str, decode: dict, sr: bool):
-        from .engine import Runtime
+        from emrrg.runtime.engine import Runtime
 
         self.rt = Runtime.from_pretrained(bundle, backend=backend, threads=threads)
         if self.rt.sha256 != bundle_sha256:
-            from .bundle import BundleError
+            from emrrg.runtime.bundle import BundleError
 
             raise BundleError(f"{bundle}: this node's bundle (sha256 {self.rt.sha256[:12]}) is not the driver's "
                               f"({bundle_sha256[:12]}); give every node the same bundle")
@@ -394,7 +394,7 @@ class ReportWorker:
         row["preprocess_ms"] = r["preprocess_ms"] + t["preprocess"]
         if self.sr:
             try:
-                from .sr import build_sr, sr_bytes
+                from emrrg.runtime.sr import build_sr, sr_bytes
 
                 row["sr"] = sr_bytes(build_sr(r["paths"], out))
             except Exception as e:  # noqa: BLE001 - the report stands without its SR
@@ -555,8 +555,8 @@ def _cluster_split(ray, a) -> tuple[int, int]:
 
 def run_batch(a) -> PartWriter:
     """The whole job (argparse namespace `a`, see batch_main); returns the writer with its counts."""
-    from .bundle import bundle_digest, open_bundle
-    from .gate import policy_from_args
+    from emrrg.runtime.bundle import bundle_digest, open_bundle
+    from emrrg.runtime.gate import policy_from_args
 
     ray = _import_ray()
     manifest = open_bundle(a.bundle)                  # every file's sha256, once, before any worker starts
@@ -614,8 +614,8 @@ def run_batch(a) -> PartWriter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import BACKENDS
-    from .gate import add_input_arguments
+    from emrrg.runtime.engine import BACKENDS
+    from emrrg.runtime.gate import add_input_arguments
 
     p = CommandParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("bundle", help="bundle directory written by emrrg-export (same path on every node)")
@@ -643,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def batch_main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    from .bundle import BundleError
-    from .oplib import OpLibraryMissingError
+    from emrrg.runtime.bundle import BundleError
+    from emrrg.runtime.oplib import OpLibraryMissingError
 
     try:
         run_batch(a)

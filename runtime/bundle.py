@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .contract import (FORMAT, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, BundleError, Manifest, check_embedding,
+from emrrg.runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, BundleError, Manifest, check_embedding,
                        check_paths, parse_manifest, resolve_inside)
 
 _CHUNK = 1 << 20

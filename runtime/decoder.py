@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .contract import ATTENTION_MASK, INPUTS_EMBEDS, KV, LOGITS, POSITION_IDS, past_name, present_name
+from emrrg.runtime.contract import ATTENTION_MASK, INPUTS_EMBEDS, KV, LOGITS, POSITION_IDS, past_name, present_name
 
 
 class OrtDecoder:

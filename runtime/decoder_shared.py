@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contract import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, past_name, present_name
-from .decoder import OrtDecoder
+from emrrg.runtime.contract import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, past_name, present_name
+from emrrg.runtime.decoder import OrtDecoder
 
 
 class SharedCacheDecoder(OrtDecoder):

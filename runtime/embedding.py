@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .contract import EMBED_FP32, EMBED_Q8, BundleError
+from emrrg.runtime.contract import EMBED_FP32, EMBED_Q8, BundleError
 
 Q8_BLOCK = 32
 # The round trip's error bound per element, relative to its block's amax: half a step (amax / 254) plus

@@ -36,17 +36,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bundle import BundleError, bundle_digest, open_bundle
-from .contract import (CACHE_SHARED, CROSS_KV, CROSS_KV_INPUT, DECODER, EMBED_TOKENS, ENCODER, ENCODER_FALLBACK,
+from emrrg.runtime.bundle import BundleError, bundle_digest, open_bundle
+from emrrg.runtime.contract import (CACHE_SHARED, CROSS_KV, CROSS_KV_INPUT, DECODER, EMBED_TOKENS, ENCODER, ENCODER_FALLBACK,
                        ENCODER_INPUT, ENCODER_OUTPUT, TOKENIZER, Manifest, check_io)
-from .decoder import DecoderPool, OrtDecoder
-from .decoder_shared import SharedCacheDecoder
-from .embedding import load_embedding
-from .generation import DecodeSettings, generate
-from ..config import DECODE_KEYS
-from .oplib import OpLibraryMissingError, find_op_library, register
-from .gate import InputPolicy, load_study
-from .preprocess import DEFAULT_MAX_MEGAPIXELS
+from emrrg.runtime.decoder import DecoderPool, OrtDecoder
+from emrrg.runtime.decoder_shared import SharedCacheDecoder
+from emrrg.runtime.embedding import load_embedding
+from emrrg.runtime.generation import DecodeSettings, generate
+from emrrg.config import DECODE_KEYS
+from emrrg.runtime.oplib import OpLibraryMissingError, find_op_library, register
+from emrrg.runtime.gate import InputPolicy, load_study
+from emrrg.runtime.preprocess import DEFAULT_MAX_MEGAPIXELS
 
 log = logging.getLogger("emrrg.runtime")
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "cpu-pure")
@@ -161,7 +161,7 @@ class Runtime:
 
         chosen, providers, trt_encoder = None, ["CPUExecutionProvider"], None
         if backend in ("auto", "tensorrt"):
-            from . import tensorrt as trt_backend
+            from emrrg.runtime import tensorrt as trt_backend
 
             ok, reason = trt_backend.available()
             if ok:

@@ -38,6 +38,6 @@ def require_extra(prog: str, extra: str, modules: Sequence[str], what: str) -> N
 def serve_main(argv: list[str] | None = None) -> None:
     """Entry point of emrrg-serve."""
     require_extra("emrrg-serve", "serve", SERVE_MODULES, "the HTTP service")
-    from .serve import serve_main as main
+    from emrrg.runtime.serve import serve_main as main
 
     main(argv)

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .preprocess import (
+from emrrg.runtime.preprocess import (
     DEFAULT_MAX_MEGAPIXELS, ImageError, ImageSource, RefusedInputError, check_dicom_header, check_max_megapixels,
     check_pixel_budget, dicom_dims, no_pixels_error, open_pillow, pillow_format, preprocess_study, read_dicom, route_file,
     _short,

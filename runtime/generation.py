@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from ..config import DECODE_KEYS, GenerationConfig
+from emrrg.config import DECODE_KEYS, GenerationConfig
 
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for masked beams
 

@@ -13,8 +13,8 @@ Search order (first existing file wins):
   1. lib/ inside this package: what the platform wheel ships (`pip wheel .` compiles it, see setup.py).
   2. $EMRRG_OPS_LIB (a file, or a folder holding the library). When set, the build tree is not looked in.
   3. The build tree of a source checkout, $EMRRG_BUILD_DIR or build/plugins (what `bash scripts/build_plugins.sh`
-     makes). A checkout is recognised by plugins/CMakeLists.txt and pyproject.toml beside this package's
-     folder (an editable install); an installed package has no build tree.
+     makes). emrrg.source_checkout() says whether this is one (a plain checkout or an editable install); an
+     installed package has no build tree.
 In each folder, under onnxruntime-gpu, libemrrg_ops_cuda.so first, then libemrrg_ops.so.
 
 Torch-free: numpy / onnxruntime only (tests/runtime/test_torch_free.py).
@@ -69,16 +69,15 @@ def candidate_paths(cuda: bool | None = None) -> list[Path]:
 def build_tree() -> Path | None:
     """The plugin build folder of the source checkout this package runs from, or None for an installed package.
 
-    $EMRRG_BUILD_DIR when set (scripts/build_plugins.sh's own variable); else build/plugins of the checkout, which
-    is the parent of this package's folder only when it holds the plugin sources and pyproject.toml (an editable
-    install or PYTHONPATH on the sources)."""
+    $EMRRG_BUILD_DIR when set (scripts/build_plugins.sh's own variable); else build/plugins of the checkout
+    that emrrg.source_checkout() finds (an editable install or the sources on sys.path)."""
+    from emrrg import source_checkout
+
     env = os.environ.get(BUILD_DIR_ENV_VAR, "").strip()
     if env:
         return Path(env).expanduser()
-    checkout = _PACKAGE_DIR.parent
-    if (checkout / "plugins" / "CMakeLists.txt").is_file() and (checkout / "pyproject.toml").is_file():
-        return checkout / "build" / "plugins"
-    return None
+    checkout = source_checkout()
+    return checkout / "build" / "plugins" if checkout is not None else None
 
 
 def find_op_library(cuda: bool | None = None) -> Path | None:

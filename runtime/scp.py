@@ -46,7 +46,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments
 
 log = logging.getLogger("emrrg.scp")
 
@@ -113,7 +113,7 @@ class StudyStore:
             stale.unlink(missing_ok=True)
 
     def stage(self, data: bytes) -> Path:
-        from .sr import atomic_write
+        from emrrg.runtime.sr import atomic_write
 
         return atomic_write(self.incoming / f"{uuid.uuid4().hex}.dcm", data)
 
@@ -140,12 +140,12 @@ class StudyStore:
             return {}
 
     def write_status(self, study_uid: str, **status) -> None:
-        from .sr import atomic_write
+        from emrrg.runtime.sr import atomic_write
 
         atomic_write(self.study_dir(study_uid) / STATUS_NAME, json.dumps(status, indent=1).encode())
 
     def write_reason(self, study_uid: str, name: str, reason: str | None) -> None:
-        from .sr import atomic_write
+        from emrrg.runtime.sr import atomic_write
 
         path = self.study_dir(study_uid) / name
         if reason is None:
@@ -188,7 +188,7 @@ class StorageSCP:
     def __init__(self, runtime, out: str | os.PathLike, ae_title: str = DEFAULT_AE_TITLE,
                  forward: tuple[str, int, str] | None = None, quiet_period: float = DEFAULT_QUIET_PERIOD_S,
                  policy=None, beams: int | None = None, max_new_tokens: int | None = None):
-        from .gate import InputPolicy
+        from emrrg.runtime.gate import InputPolicy
 
         self.runtime, self.store, self.ae_title = runtime, StudyStore(out), ae_title
         self.forward, self.quiet_period = forward, float(quiet_period)
@@ -240,8 +240,8 @@ class StorageSCP:
             t.join(timeout)
 
     def handle_store(self, event):
-        from .gate import check_study, read_view
-        from .preprocess import ImageError
+        from emrrg.runtime.gate import check_study, read_view
+        from emrrg.runtime.preprocess import ImageError
 
         calling = event.assoc.requestor.ae_title
         try:
@@ -319,7 +319,7 @@ class StorageSCP:
 
     def process(self, study_uid: str) -> dict:
         """Report, SR and forwarding for one study; returns the status written to status.json."""
-        from .sr import write_sr
+        from emrrg.runtime.sr import write_sr
 
         tag, images = study_tag(study_uid), self.store.images(study_uid)
         if not images:
@@ -406,9 +406,9 @@ def forward_sr(path: str | os.PathLike, host: str, port: int, ae_title: str,
 # --------------------------------------------------------------------------- CLI
 
 def scp_main(argv: list[str] | None = None) -> None:
-    from .engine import BACKENDS
-    from .extras import SR_MODULES, require_extra
-    from .gate import add_input_arguments
+    from emrrg.runtime.engine import BACKENDS
+    from emrrg.runtime.extras import SR_MODULES, require_extra
+    from emrrg.runtime.gate import add_input_arguments
 
     p = CommandParser(prog="emrrg-scp", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
@@ -430,10 +430,10 @@ def scp_main(argv: list[str] | None = None) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # its DEBUG level dumps whole datasets
     logging.getLogger("highdicom").setLevel(logging.WARNING)    # a line per copied module, per SR
 
-    from .bundle import BundleError
-    from .engine import BackendUnavailableError, Runtime
-    from .gate import policy_from_args
-    from .oplib import OpLibraryMissingError
+    from emrrg.runtime.bundle import BundleError
+    from emrrg.runtime.engine import BackendUnavailableError, Runtime
+    from emrrg.runtime.gate import policy_from_args
+    from emrrg.runtime.oplib import OpLibraryMissingError
 
     try:
         if len(a.ae_title) > 16 or not a.ae_title.strip():

@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
-from .preprocess import sniff
+from emrrg.runtime.preprocess import sniff
 
 SRSource = Union[str, os.PathLike, bytes, bytearray, "pydicom.Dataset"]  # noqa: F821
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .contract import ENCODER, ENCODER_FALLBACK, ENCODER_INPUT, ENCODER_OUTPUT, MANIFEST, Manifest, resolve_inside
+from emrrg.runtime.contract import ENCODER, ENCODER_FALLBACK, ENCODER_INPUT, ENCODER_OUTPUT, MANIFEST, Manifest, resolve_inside
 
 log = logging.getLogger("emrrg.runtime.tensorrt")
 
@@ -96,7 +96,7 @@ def trt_major(version: str | None = None) -> int:
 def plugin_candidates() -> list[Path]:
     """Where find_plugin_library() looks, in order ($EMRRG_TRT_PLUGIN alone when set): the installed package's lib/,
     then the build tree of a source checkout (the op library's places, emrrg.runtime.oplib)."""
-    from .oplib import PACKAGE_LIB_DIR, build_tree
+    from emrrg.runtime.oplib import PACKAGE_LIB_DIR, build_tree
 
     env = os.environ.get(PLUGIN_ENV_VAR, "").strip()
     if env:
@@ -689,8 +689,8 @@ def _default_check_pixels(image_size: int, n: int = 4) -> tuple[np.ndarray, str]
     """Real X-rays from the offline asset packages when installed (the export's calibration source), else
     seeded synthetic pixels; (N, 1, 3, S, S) f32 and a description."""
     try:
-        from ..assets import real_xrays
-        from .preprocess import preprocess_study
+        from emrrg.assets import real_xrays
+        from emrrg.runtime.preprocess import preprocess_study
         imgs = real_xrays()[:n]
         if imgs:
             return np.stack([preprocess_study([p], size=image_size) for p in imgs]).astype(np.float32), \
@@ -706,7 +706,7 @@ def _reference_session(onnx_path: Path, fallback_path: Path | None):
     """ONNX Runtime on the CPU: the custom-op file with the op library, else the pure-ONNX twin."""
     import onnxruntime as ort
 
-    from . import oplib
+    from emrrg.runtime import oplib
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if oplib.find_op_library() is not None:
@@ -833,7 +833,7 @@ class TensorRTEncoder:
     def from_bundle(cls, bundle_dir: str | os.PathLike, manifest: Manifest | None = None, precision: str = "auto",
                     **kw) -> "TensorRTEncoder":
         """The encoder of a bundle; `manifest`: its checked manifest (emrrg.runtime.bundle.open_bundle), else read here."""
-        from .bundle import read_manifest
+        from emrrg.runtime.bundle import read_manifest
 
         bundle_dir = Path(bundle_dir)
         m = manifest or read_manifest(bundle_dir)
@@ -857,7 +857,7 @@ class TensorRTEncoder:
 def _read_manifest(bundle_dir: Path) -> Manifest | None:
     """The folder's manifest, checked against the contract (a defect is a BundleError); None without one
     (an ONNX file that is not in a bundle)."""
-    from .bundle import read_manifest
+    from emrrg.runtime.bundle import read_manifest
 
     return read_manifest(bundle_dir) if os.path.lexists(Path(bundle_dir) / MANIFEST) else None
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .scan_contract import check_shapes, epilogue, prologue
+from emrrg.ops.scan_contract import check_shapes, epilogue, prologue
 
 
 class LinearRecurrence(torch.autograd.Function):

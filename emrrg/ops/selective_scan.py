@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .scan_contract import check_shapes, epilogue, prologue
+from emrrg.ops.scan_contract import check_shapes, epilogue, prologue
 
 try:  # optional GPU fast path; a CPU machine never needs it
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
