@@ -20,8 +20,8 @@ Engines are built on the GPU that runs them (README, "GPU machines"):
     "fp16" = FP16 flag, "fp32" = no flag.
 A timing cache per (GPU, TensorRT version) speeds up rebuilds. The engine cache key is the GPU name and
 compute capability, the TensorRT version, the precision, the optimization profile and the ONNX file's
-sha256; engines live in <bundle>/engines/ when that is writable, else $EMRRG_ENGINE_CACHE or
-~/.cache/emrrg/engines. After a build the engine is checked against ONNX Runtime on the CPU (the
+sha256; engines live in $EMRRG_ENGINE_CACHE when it is set, else in <bundle>/engines/ when that is
+writable, else in $XDG_CACHE_HOME/emrrg/engines (~/.cache/emrrg/engines); see engine_cache_dir. After a build the engine is checked against ONNX Runtime on the CPU (the
 reference): reference ms, engine ms and max |Δ| are logged and stored next to the plan (<plan>.json).
 """
 from __future__ import annotations
@@ -455,7 +455,8 @@ class EngineKey:
 
 
 def engine_cache_dir(bundle_dir: str | os.PathLike | None = None) -> Path:
-    """$EMRRG_ENGINE_CACHE, else <bundle>/engines when writable, else ~/.cache/emrrg/engines."""
+    """The first writable of: $EMRRG_ENGINE_CACHE (when set; the bundle's folder is then not tried), else
+    <bundle>/engines; then $XDG_CACHE_HOME/emrrg/engines (~/.cache/emrrg/engines without it)."""
     env = os.environ.get(ENGINE_CACHE_ENV_VAR, "").strip()
     candidates = [Path(env).expanduser()] if env else []
     if bundle_dir is not None and not env:
