@@ -9,7 +9,7 @@ import importlib.util
 import sys
 from typing import Sequence
 
-SERVE_MODULES = ("fastapi", "uvicorn", "python_multipart")  # the serve extra: fastapi, uvicorn, python-multipart
+SERVE_MODULES = ("fastapi", "uvicorn", "python_multipart", "prometheus_client")  # the serve extra (pyproject.toml)
 SR_MODULES = ("highdicom",)                                  # DICOM SR output: in the runtime extra
 
 

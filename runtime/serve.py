@@ -4,6 +4,7 @@
                 [--queue-size 4] [--max-request-mb 64] [--beams N] [--max-new-tokens N]
                 [--upload-budget-mb 4 x max-request-mb] [--body-timeout 30] [--header-timeout 10]
                 [--graceful-timeout 30] [--max-megapixels 64] [--allow-modality MOD ...] [--strict-inputs]
+                [--api-key KEY (or $EMRRG_API_KEY)] [--ssl-certfile CERT.pem --ssl-keyfile KEY.pem]
 
 API (OpenAPI schema at /openapi.json, interactive docs at /docs):
 
@@ -48,6 +49,8 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
   GET /healthz    200 {"status": "ok", "model_loaded": bool, "state": "loading|ready|failed|stopping",
                        "backend": str|null, "queue": {"capacity", "queue_size", "active", "running", "waiting",
                        "uploads", "upload_bytes", "upload_budget_bytes", "mean_generation_s", "retry_after_s"}}
+  GET /metrics    Prometheus text format: requests by route and status, queue depth, seconds per stage
+                  (load, preprocess, encode, prefill, decode, queue_wait), tokens and tokens/s (ServeMetrics)
   GET /v1/model   200 Runtime.summary(): bundle_sha256, backend, versions, artifacts, generation,
                       validation (503 until the model is loaded)
   Every response carries an X-Request-ID header (a server-made id; client ids are not adopted).
@@ -79,8 +82,12 @@ Design:
   status, byte counts, views and timings (/healthz at DEBUG). Never pixel data, DICOM tags, upload
   file names or query strings; errors name the view ("view 2"), never the client's file name.
   Warnings raised while decoding are counted, not printed (they could quote DICOM values).
-- Binds to 127.0.0.1 by default and warns loudly when bound elsewhere: there is no TLS and no
-  authentication here; put it behind a TLS-terminating, authenticating proxy if it must be reachable.
+- Authentication: with --api-key (or $EMRRG_API_KEY) every request but /healthz, /openapi.json and the docs
+  pages must present the key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'), compared in constant time
+  (hmac.compare_digest) before the body is read; else 401 unauthorized with WWW-Authenticate. The key is never
+  logged. TLS: --ssl-certfile / --ssl-keyfile (PEM) make uvicorn serve HTTPS; the pair is loaded once at
+  start-up so a wrong file is one line and exit 2.
+- Binds to 127.0.0.1 by default and warns loudly when bound elsewhere without an API key or without TLS.
 - SIGTERM / SIGINT: stop accepting, let running and queued requests finish (up to
   --graceful-timeout seconds), stop the worker threads, exit 0.
 """
@@ -88,6 +95,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import ipaddress
 import json
 import logging
@@ -143,10 +151,19 @@ FIRST_GENERATION_GUESS_S = 2.0  # Retry-After's seconds per queued request befor
 RETRY_AFTER_CAP_S = 3600
 BEAMS_CAP, MAX_NEW_TOKENS_CAP = 64, 4096   # schema bounds; the bundle's own limits are checked too
 RAW_TYPES = ("application/dicom", "image/png", "image/jpeg", "application/octet-stream")
-_KNOWN_PATHS = ("/v1/reports", "/healthz", "/v1/model", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+_KNOWN_PATHS = ("/v1/reports", "/healthz", "/v1/model", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                "/redoc")
+# Paths answered without the API key: liveness for load balancers and orchestrators, and the API's own description
+# (the docs page must fetch /openapi.json); neither says anything about patients or reports.
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+API_KEY_ENV = "EMRRG_API_KEY"
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}/[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
 _SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
 _SCRATCH_PREFIX = "emrrg-serve-"
+# Histogram buckets of /metrics. Stage times: from a tiny model's milliseconds to a slow CPU's minute-long
+# beam search. Tokens/s: from a slow CPU with 8 beams (~1/s) to a GPU's thousands.
+STAGE_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 # --------------------------------------------------------------------------- API models
@@ -625,6 +642,58 @@ class ReportService:
         return await asyncio.wrap_future(fut)
 
 
+# --------------------------------------------------------------------------- metrics
+
+class ServeMetrics:
+    """Prometheus metrics of one app, in its own registry (two apps in one process do not share counters).
+
+    emrrg_requests_total{route,method,status}  answers, counted by the access log (routes as logged)
+    emrrg_stage_seconds{stage}                 per report: load (reading + checking + decoding the upload),
+                                               preprocess (resize / normalize), encode, prefill, decode,
+                                               queue_wait (decoded upload -> generation start)
+    emrrg_generated_tokens_total               tokens written
+    emrrg_tokens_per_second                    per report: tokens / (prefill + decode) seconds
+    emrrg_queue_depth, emrrg_queue_running, emrrg_queue_capacity, emrrg_uploads_in_progress,
+    emrrg_model_ready                          read from the service at each scrape
+    """
+
+    def __init__(self, service: "ReportService"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = reg = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("emrrg_requests", "HTTP answers by route, method and status",
+                                ["route", "method", "status"], registry=reg)
+        self.stage = Histogram("emrrg_stage_seconds", "time per stage of a report", ["stage"],
+                               buckets=STAGE_BUCKETS_S, registry=reg)
+        self.tokens = Counter("emrrg_generated_tokens", "tokens generated", registry=reg)
+        self.tokens_per_s = Histogram("emrrg_tokens_per_second", "tokens / (prefill + decode) seconds, per report",
+                                      buckets=TOKENS_PER_S_BUCKETS, registry=reg)
+        for name, doc, fn in (
+                ("emrrg_queue_depth", "admitted requests not yet finished (waiting + running)", lambda: service._active),
+                ("emrrg_queue_running", "1 while a generation runs", lambda: int(service._running)),
+                ("emrrg_queue_capacity", "--queue-size + 1", lambda: service.capacity),
+                ("emrrg_uploads_in_progress", "request bodies being read (no queue slot yet)",
+                 lambda: len(service._uploads)),
+                ("emrrg_model_ready", "1 once the model is loaded and serving", lambda: int(service.state == "ready"))):
+            Gauge(name, doc, registry=reg).set_function(fn)
+
+    def observe_report(self, timings_ms: dict, load_ms: float, queue_wait_ms: float, tokens: int) -> None:
+        for stage, ms in (("load", load_ms), ("preprocess", timings_ms["preprocess"] - load_ms),
+                          ("encode", timings_ms["encoder"]), ("prefill", timings_ms["prefill"]),
+                          ("decode", timings_ms["decode"]), ("queue_wait", queue_wait_ms)):
+            self.stage.labels(stage).observe(max(0.0, ms) / 1e3)
+        self.tokens.inc(tokens)
+        gen_s = (timings_ms["prefill"] + timings_ms["decode"]) / 1e3
+        if tokens and gen_s > 0:
+            self.tokens_per_s.observe(tokens / gen_s)
+
+    def exposition(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST,
+                        headers={"Cache-Control": "no-store"})
+
+
 # --------------------------------------------------------------------------- the app
 
 _REQUEST_BODY = {
@@ -644,6 +713,7 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying 
 _ERRORS = {
     200: {"description": "the report: JSON, or with Accept: application/dicom a DICOM SR (Enhanced SR)",
           "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}},
+    401: {"model": ErrorResponse, "description": "no or wrong API key (only when the server has --api-key)"},
     406: {"model": ErrorResponse, "description": "Accept: application/dicom, but a view is not DICOM"},
     400: {"model": ErrorResponse, "description": "empty body, malformed multipart, no or empty views, too many views"},
     408: {"model": ErrorResponse, "description": "the body did not arrive within --body-timeout"},
@@ -698,6 +768,35 @@ def _framing_refusal(scope: dict) -> ApiError | None:
     return None
 
 
+def presented_key(scope: dict) -> bytes | None:
+    """The API key a request presents: `Authorization: Bearer KEY` (as OpenAI-style clients send it) or
+    `X-API-Key: KEY`; None when it presents neither."""
+    for name, value in scope.get("headers") or []:
+        name = name.lower()
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                return token.strip()
+        elif name == b"x-api-key":
+            return value.strip()
+    return None
+
+
+def _auth_refusal(scope: dict, api_key: bytes) -> ApiError | None:
+    """401 unless the request presents the API key; compared in constant time (hmac.compare_digest), so the
+    answer's timing does not tell how much of a guess was right."""
+    given = presented_key(scope)
+    challenge = {"WWW-Authenticate": 'Bearer realm="emrrg-serve"'}
+    if given is None:
+        return ApiError(401, "unauthorized", "no API key: send the header 'Authorization: Bearer <key>' "
+                                             "(or 'X-API-Key: <key>') with the key the server was started with",
+                        challenge)
+    if not hmac.compare_digest(given, api_key):
+        return ApiError(401, "unauthorized", "wrong API key: send the key the server was started with "
+                                             f"(--api-key or ${API_KEY_ENV})", challenge)
+    return None
+
+
 async def _send_error(send, exc: ApiError, rid: str) -> None:
     """An error answer written straight to ASGI (below FastAPI's exception handlers)."""
     body = json.dumps({"error": exc.code, "detail": exc.detail, "request_id": rid}).encode()
@@ -710,8 +809,9 @@ async def _send_error(send, exc: ApiError, rid: str) -> None:
 class _AccessLog:
     """Pure ASGI middleware: request id, X-Request-ID header, one log line per request, last-resort 500."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, api_key: str | None = None, metrics: ServeMetrics | None = None):
+        self.app, self.metrics = app, metrics
+        self.api_key = api_key.encode("latin-1") if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -739,6 +839,8 @@ class _AccessLog:
 
         try:
             refusal = _framing_refusal(scope)
+            if refusal is None and self.api_key is not None and scope.get("path", "") not in OPEN_PATHS:
+                refusal = _auth_refusal(scope, self.api_key)
             if refusal is not None:
                 ctx["fields"]["error"] = refusal.code
                 await _send_error(send_logged, refusal, rid)
@@ -753,6 +855,8 @@ class _AccessLog:
         path = scope.get("path", "")
         route = path if path in _KNOWN_PATHS else "<other>"
         status = counts["status"] or 499  # 499: the client left before an answer
+        if self.metrics is not None:
+            self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
         extra = "".join(f" {k}={v}" for k, v in ctx["fields"].items())
         level = logging.DEBUG if route == "/healthz" and status == 200 else logging.INFO
         log.log(level, "%s %s id=%s status=%d in_bytes=%d out_bytes=%d wall_ms=%.1f%s", scope.get("method"), route,
@@ -850,8 +954,9 @@ def _sr_response(headers: list, out: dict) -> Response:
                              "Content-Disposition": f'attachment; filename="{sr.SOPInstanceUID}.dcm"'})
 
 
-def create_app(service: ReportService) -> FastAPI:
-    """The FastAPI app around a ReportService; the service starts and stops with the app's lifespan."""
+def create_app(service: ReportService, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app around a ReportService; the service starts and stops with the app's lifespan.
+    With `api_key`, every path except OPEN_PATHS answers 401 unless the request presents it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -864,10 +969,12 @@ def create_app(service: ReportService) -> FastAPI:
             log.info("stopped")
 
     app = FastAPI(title="emrrg-serve", version=_version(), lifespan=lifespan,
-                  description="Chest X-ray report generation (EMRRG edge runtime). One model, a bounded queue; "
-                              "no authentication or TLS: keep it on loopback or behind an authenticating proxy.")
+                  description="Chest X-ray report generation (EMRRG edge runtime). One model, a bounded queue. "
+                              "Started with --api-key, it needs 'Authorization: Bearer KEY' on every path but "
+                              "/healthz, /openapi.json and /docs.")
     app.state.service = service
-    app.add_middleware(_AccessLog)
+    app.state.metrics = metrics = ServeMetrics(service)
+    app.add_middleware(_AccessLog, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -901,6 +1008,11 @@ def create_app(service: ReportService) -> FastAPI:
         if service.runtime is None:
             raise ApiError(503, "unavailable", f"the model is not loaded (state: {service.state})", {"Retry-After": "5"})
         return service.runtime.summary()
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)",
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus_metrics() -> Response:
+        return metrics.exposition()
 
     @app.post("/v1/reports", response_model=ReportResponse, responses=_ERRORS, openapi_extra={"requestBody": _REQUEST_BODY},
               summary="Write a report for one study (one or more views)")
@@ -959,6 +1071,7 @@ def create_app(service: ReportService) -> FastAPI:
         t = out["timings_ms"]
         t["preprocess"] += load_ms
         t["total"] += load_ms
+        metrics.observe_report(t, load_ms, out["queue_wait_ms"], out["tokens"])
         ctx.update(beams=beams if beams is not None else "default",
                    max_new_tokens=max_new_tokens if max_new_tokens is not None else "default", tokens=out["tokens"],
                    queue_ms=f"{out['queue_wait_ms']:.1f}", preprocess_ms=f"{t['preprocess']:.1f}",
@@ -1008,17 +1121,44 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def warn_if_exposed(host: str) -> bool:
-    """Log a loud warning when the service would be reachable from other machines; True when it warned."""
-    if is_loopback(host):
+def warn_if_exposed(host: str, auth: bool = False, tls: bool = False) -> bool:
+    """Log a loud warning when the service would be reachable from other machines without an API key or
+    without TLS; True when it warned."""
+    if is_loopback(host) or (auth and tls):
         return False
     where = "ALL network interfaces" if host in ("0.0.0.0", "::", "") else f"{host}"
+    lacks = " and ".join(x for x, have in (("NO authentication (--api-key)", auth), ("NO TLS (--ssl-certfile)", tls))
+                         if not have)
+    risk = ("anyone who can reach this port can upload patient\n!! images and read reports" if not auth else
+            "images, reports and the API key cross the network\n!! in clear text")
     bar = "!" * 78
     log.warning("\n%s\n!! emrrg-serve is bound to %s, not to loopback.\n"
-                "!! It has NO authentication and NO TLS: anyone who can reach this port can upload patient\n"
-                "!! images and read reports. Bind to 127.0.0.1 and put an authenticating TLS proxy in front,\n"
-                "!! or make sure a firewall limits this port to the X-ray console.\n%s", bar, where, bar)
+                "!! It has %s: %s. Bind to 127.0.0.1 behind an\n"
+                "!! authenticating TLS proxy, or give --api-key and --ssl-certfile/--ssl-keyfile, and let a\n"
+                "!! firewall limit this port to the X-ray console.\n%s", bar, where, lacks, risk, bar)
     return True
+
+
+def api_key_text(s: str) -> str:
+    """argparse type of --api-key: printable ASCII without spaces (it travels in an HTTP header)."""
+    if not s or not all(33 <= ord(c) <= 126 for c in s):
+        raise argparse.ArgumentTypeError("must be 1 or more printable ASCII characters without spaces "
+                                         f"(set it with --api-key or ${API_KEY_ENV})")
+    return s
+
+
+def check_tls_files(certfile: str, keyfile: str) -> None:
+    """Load the certificate and key as uvicorn will, so a wrong path or a mismatched pair is one line at
+    start-up, not a traceback from the server."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as e:
+        raise ValueError(f"no such file: {e.filename or certfile}") from None
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"cannot use --ssl-certfile {certfile} with --ssl-keyfile {keyfile} "
+                         f"({getattr(e, 'reason', None) or e}): give a PEM certificate and its unencrypted PEM key") from None
 
 
 def _setup_logging() -> None:
@@ -1134,7 +1274,23 @@ def serve_main(argv: list[str] | None = None) -> None:
     add_input_arguments(p)
     p.add_argument("--graceful-timeout", type=_positive_float, default=DEFAULT_GRACEFUL_TIMEOUT_S,
                    help="seconds to let running and queued requests finish on SIGTERM/SIGINT")
+    env_key = os.environ.get(API_KEY_ENV) or None
+    p.add_argument("--api-key", type=api_key_text, default=None,
+                   help=f"require this key on every request but {', '.join(sorted(OPEN_PATHS))}: 'Authorization: "
+                        f"Bearer KEY' or 'X-API-Key: KEY', else 401. Prefer ${API_KEY_ENV}: a command line is "
+                        f"visible to other local users (default: ${API_KEY_ENV} when set, else no authentication)")
+    p.add_argument("--ssl-certfile", default=None,
+                   help="PEM certificate (chain) to serve HTTPS with; needs --ssl-keyfile (default: none, plain HTTP)")
+    p.add_argument("--ssl-keyfile", default=None,
+                   help="PEM private key (unencrypted) of --ssl-certfile (default: none, plain HTTP)")
     a = p.parse_args(argv)
+    if a.api_key is None and env_key is not None:
+        try:
+            a.api_key = api_key_text(env_key)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"${API_KEY_ENV}: {e}")
+    if (a.ssl_certfile is None) != (a.ssl_keyfile is None):
+        p.error("--ssl-certfile and --ssl-keyfile go together: give both (or neither, for plain HTTP)")
     if a.upload_budget_mb is not None and a.upload_budget_mb < a.max_request_mb:
         p.error(f"--upload-budget-mb {a.upload_budget_mb:g} is below --max-request-mb {a.max_request_mb:g}: "
                 "a body of the largest accepted size could never be read; raise it")
@@ -1144,18 +1300,21 @@ def serve_main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         load_manifest(a.bundle)  # fail fast on a wrong path; the full check runs while loading
-    except BundleError as e:
+        if a.ssl_certfile:
+            check_tls_files(a.ssl_certfile, a.ssl_keyfile)
+    except (BundleError, ValueError) as e:
         print(f"emrrg-serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    warn_if_exposed(a.host)
+    warn_if_exposed(a.host, auth=a.api_key is not None, tls=a.ssl_certfile is not None)
     service = ReportService(a.bundle, backend=a.backend, threads=a.threads, queue_size=a.queue_size,
                             max_request_bytes=int(a.max_request_mb * 2**20), beams=a.beams,
                             upload_budget_bytes=int(a.upload_budget_mb * 2**20) if a.upload_budget_mb else None,
                             body_timeout_s=a.body_timeout,
                             max_new_tokens=a.max_new_tokens, policy=policy_from_args(a))
-    config = uvicorn.Config(create_app(service), host=a.host, port=a.port, log_config=None, access_log=False,
+    config = uvicorn.Config(create_app(service, api_key=a.api_key), host=a.host, port=a.port, log_config=None, access_log=False,
                             lifespan="on", server_header=False, timeout_graceful_shutdown=int(math.ceil(a.graceful_timeout)),
-                            http=head_timeout_protocol(a.header_timeout), h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+                            http=head_timeout_protocol(a.header_timeout), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                            ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile)
     server = uvicorn.Server(config)
     service.on_fatal = lambda: setattr(server, "should_exit", True)
 

@@ -24,6 +24,7 @@ APT_PKGS=()
 command -v dciodvfy >/dev/null || APT_PKGS+=(dicom3tools)
 command -v dsrdump >/dev/null || APT_PKGS+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || APT_PKGS+=(orthanc)
+command -v openssl >/dev/null || APT_PKGS+=(openssl)   # makes the HTTPS test's self-signed certificate
 if [ ${#APT_PKGS[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"

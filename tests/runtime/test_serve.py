@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -52,15 +53,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, bundle: Path, workdir: Path, *extra: str):
+    """`env` adds environment variables; `ca` (a CA / self-signed certificate file) makes it an HTTPS server
+    whose certificate is verified against that file."""
+
+    def __init__(self, bundle: Path, workdir: Path, *extra: str, env: dict | None = None, ca: Path | None = None):
         self.workdir = workdir
+        self.verify = ssl.create_default_context(cafile=str(ca)) if ca else True
         self.scratch = workdir / "scratch"
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "server.log"
-        env = {**os.environ, "TMPDIR": str(self.scratch), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "TMPDIR": str(self.scratch), "PYTHONUNBUFFERED": "1", **(env or {})}
         for attempt in range(3):  # the free port may be taken between probing and binding
             self.port = free_port()
-            self.url = f"http://{HOST}:{self.port}"
+            self.url = f"{'https' if ca else 'http'}://{HOST}:{self.port}"
             self._log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "emrrg.runtime.serve", str(bundle), "--host", HOST, "--port", str(self.port),
@@ -78,7 +83,7 @@ class Server:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 return False
             try:
-                h = httpx.get(self.url + "/healthz", timeout=2.0).json()
+                h = httpx.get(self.url + "/healthz", timeout=2.0, verify=self.verify).json()
                 if h["model_loaded"]:
                     return True
             except httpx.TransportError:

@@ -1,0 +1,102 @@
+"""emrrg-serve's /metrics (Prometheus), token streaming (SSE), offline docs and /v1/model, on a real server process.
+
+Metrics are read with prometheus-client's own parser of the text format; streams are read as the bytes of
+a text/event-stream and split into events as the SSE specification says (blank-line separated, `event:`
+and `data:` fields). Every wait is a bounded loop; nothing asserts a timing.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from emrrg.assets import chest_dicom
+from tests.runtime.test_serve import Server, assert_error, check_report, dicom_bytes, jpeg_path
+
+LIVENESS_S = 60.0               # bound on waiting for something that must happen (not a timing assertion)
+SLOW = {"beams": 8, "max_new_tokens": 300}   # long enough to be seen running by a scrape loop
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    srv = Server(tiny_bundle, tmp_path_factory.mktemp("serve-obs"), "--queue-size", "3")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60.0) as c:
+        yield c
+
+
+def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def post_jpeg(client: httpx.Client, **params) -> httpx.Response:
+    return client.post("/v1/reports", params=params, content=jpeg_path().read_bytes(),
+                       headers={"Content-Type": "image/jpeg"})
+
+
+# --------------------------------------------------------------------------- /metrics
+
+def test_metrics_count_requests_stages_and_tokens(client):
+    before = scrape(client)
+    outs = [check_report(post_jpeg(client, beams=1, max_new_tokens=n), views=1) for n in (5, 9)]
+    assert_error(client.post("/v1/reports", content=b"plain text, not an image",
+                             headers={"Content-Type": "application/octet-stream"}), 415)
+    after = scrape(client)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("emrrg_requests_total", route="/v1/reports", method="POST", status="200") == 2
+    assert delta("emrrg_requests_total", route="/v1/reports", method="POST", status="415") == 1
+    assert delta("emrrg_generated_tokens_total") == sum(o["tokens"] for o in outs) == 14
+    for stage in ("load", "preprocess", "encode", "prefill", "decode", "queue_wait"):
+        assert delta("emrrg_stage_seconds_count", stage=stage) == 2, stage
+        assert delta("emrrg_stage_seconds_sum", stage=stage) >= 0, stage
+    assert delta("emrrg_stage_seconds_sum", stage="decode") == pytest.approx(
+        sum(o["timings_ms"]["decode"] for o in outs) / 1e3, rel=0.05, abs=2e-3)   # the JSON rounds to 0.01 ms
+    assert delta("emrrg_tokens_per_second_count") == 2 and delta("emrrg_tokens_per_second_sum") > 0
+    assert value(after, "emrrg_model_ready") == 1 and value(after, "emrrg_queue_capacity") == 4
+    assert value(after, "emrrg_requests_total", route="/metrics", method="GET", status="200") >= 1
+
+
+def test_metrics_show_the_queue_while_a_report_runs(client, server):
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(post_jpeg(httpx.Client(base_url=server.url, timeout=120), **SLOW)),
+                         daemon=True)
+    t.start()
+    seen = 0.0
+    deadline = time.monotonic() + LIVENESS_S
+    while time.monotonic() < deadline and not done:
+        m = scrape(client)
+        seen = max(seen, value(m, "emrrg_queue_depth") + value(m, "emrrg_uploads_in_progress"))
+        if value(m, "emrrg_queue_running") == 1:
+            assert value(m, "emrrg_queue_depth") >= 1
+            break
+        time.sleep(0.01)
+    t.join(timeout=120)
+    assert done and done[0].status_code == 200
+    assert seen >= 1, "the running report never showed in emrrg_queue_depth"
+    deadline = time.monotonic() + LIVENESS_S
+    while value(scrape(client), "emrrg_queue_depth") != 0:
+        assert time.monotonic() < deadline, "queue depth never went back to 0"
+        time.sleep(0.05)
