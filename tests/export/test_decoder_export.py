@@ -338,12 +338,18 @@ def test_activation_stats_and_worst_k(plain, tiny_reference, tmp_path):
     spec = exp.spec
     stats = collect_activation_stats(exp.decoder, prefill_feeds(spec, np.load(exp.embed_tokens), tiny_reference.prompts))
     assert stats["model.layers.1.mlp.down_proj"].shape == (128,) and (stats["lm_head"] > 0).all()
-    res = quantize_decoder(exp.decoder, tmp_path, config=QuantConfig("w3", refine=5, act_weighted=True, worst_k_8bit=3),
-                           act_stats=stats)
+    all4 = quantize_decoder(exp.decoder, tmp_path / "w0", config=QuantConfig("w0", refine=5, act_weighted=True),
+                            act_stats=stats)
+    res = quantize_decoder(exp.decoder, tmp_path / "w3", config=QuantConfig("w3", refine=5, act_weighted=True,
+                                                                            worst_k_8bit=3), act_stats=stats)
     eight = [r for r in res.nodes if r["bits"] == 8 and r["name"] != "lm_head"]
     four = [r for r in res.nodes if r["bits"] == 4]
     assert len(eight) == 3
-    # the 8-bit ones were picked for having the largest 4-bit error, and now have a far smaller one
+    # the 8-bit ones are the three with the largest 4-bit error (the same first pass without worst_k) ...
+    ranked = sorted((r for r in all4.nodes if r["bits"] == 4), key=lambda r: -r["rel_err"])
+    assert ranked[2]["rel_err"] > ranked[3]["rel_err"]  # no tie at the cut, so "the three worst" is one set
+    assert {r["name"] for r in eight} == {r["name"] for r in ranked[:3]}
+    # ... and now have a far smaller one
     assert max(r["rel_err"] for r in eight) < min(r["rel_err"] for r in four)
 
 
@@ -380,7 +386,12 @@ def test_chooser_records_attempts_and_strict_raises(plain, tiny_reference, tmp_p
     with pytest.raises(NoPassingConfigError) as err:
         choose_decoder_config(exp.decoder, tmp_path / "strict", bad, ladder=ladder[:2], strict=True)
     assert [a["name"] for a in err.value.attempts] == ["sym-b128-lm4", "affine-b32-lm8"]
-    assert 0.9 <= TOP1_MIN <= 1.0 and 0 < KL_MAX < 1  # the shipped thresholds, defined once
+    # by default the chooser judges with the shipped thresholds, both bounds inclusive
+    for (top1, kl), want in {(TOP1_MIN, KL_MAX): True, (TOP1_MIN - 1e-3, 0.0): False, (1.0, KL_MAX + 1e-3): False}.items():
+        edge = choose_decoder_config(exp.decoder, tmp_path / "edge", ScriptedEvaluator({"int8-b32": (top1, kl)}),
+                                     ladder=ladder[2:], verbose=False)
+        assert edge.passed is want, (top1, kl)
+        assert edge.thresholds == {"top1_min": TOP1_MIN, "kl_max": KL_MAX}
     # and with the real evaluator the f32-equivalent rung passes the shipped thresholds on tiny
     real = DecoderEvaluator(tiny_reference, exp.embed_tokens, greedy=False)
     ok = choose_decoder_config(exp.decoder, tmp_path / "real", real, ladder=ladder[2:])
