@@ -52,7 +52,8 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
   GET /metrics    Prometheus text format: requests by route and status, queue depth, seconds per stage
                   (load, preprocess, encode, prefill, decode, queue_wait), tokens and tokens/s (ServeMetrics)
   GET /v1/model   200 Runtime.summary(): bundle_sha256, backend, versions, artifacts, generation,
-                      validation (503 until the model is loaded)
+                      validation (503 until the model is loaded); absolute paths cut to file names
+  GET /docs, /redoc  Swagger UI / ReDoc from local files (the fastapi-offline package; no CDN)
   Every response carries an X-Request-ID header (a server-made id; client ids are not adopted).
 
 Design:
@@ -156,6 +157,7 @@ _KNOWN_PATHS = ("/v1/reports", "/healthz", "/v1/model", "/metrics", "/openapi.js
 # Paths answered without the API key: liveness for load balancers and orchestrators, and the API's own description
 # (the docs page must fetch /openapi.json); neither says anything about patients or reports.
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+DOCS_ASSETS = "/docs/assets"   # Swagger UI / ReDoc files served from the fastapi-offline package (no CDN); open too
 API_KEY_ENV = "EMRRG_API_KEY"
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}/[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
 _SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
@@ -768,6 +770,11 @@ def _framing_refusal(scope: dict) -> ApiError | None:
     return None
 
 
+def is_open_path(path: str) -> bool:
+    """Paths answered without the API key: OPEN_PATHS and the docs pages' own assets."""
+    return path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/")
+
+
 def presented_key(scope: dict) -> bytes | None:
     """The API key a request presents: `Authorization: Bearer KEY` (as OpenAI-style clients send it) or
     `X-API-Key: KEY`; None when it presents neither."""
@@ -839,7 +846,7 @@ class _AccessLog:
 
         try:
             refusal = _framing_refusal(scope)
-            if refusal is None and self.api_key is not None and scope.get("path", "") not in OPEN_PATHS:
+            if refusal is None and self.api_key is not None and not is_open_path(scope.get("path", "")):
                 refusal = _auth_refusal(scope, self.api_key)
             if refusal is not None:
                 ctx["fields"]["error"] = refusal.code
@@ -954,6 +961,61 @@ def _sr_response(headers: list, out: dict) -> Response:
                              "Content-Disposition": f'attachment; filename="{sr.SOPInstanceUID}.dcm"'})
 
 
+def public_summary(summary: dict) -> dict:
+    """Runtime.summary() for /v1/model, with every absolute path (the export machine's temporary files that
+    the manifest's validation section names) cut to its file name: a client learns which graph was checked,
+    not the layout of the machine that built the bundle."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, str) and (v.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:[\\/]", v)):
+            return re.split(r"[\\/]", v.rstrip("/\\"))[-1]
+        return v
+    return clean(summary)
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from the files of the fastapi-offline package, served under DOCS_ASSETS, so
+    the pages work on a network without the internet. Without that package both answer 404 saying so."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+
+    try:
+        import fastapi_offline
+        from starlette.staticfiles import StaticFiles
+    except ImportError:
+        async def no_docs() -> None:
+            raise ApiError(404, "docs_unavailable", "the docs pages need the fastapi-offline package, which is not "
+                                                    "installed (pip install 'emrrg[serve]'); the API description "
+                                                    "is at /openapi.json")
+        app.get("/docs", include_in_schema=False)(no_docs)
+        app.get("/redoc", include_in_schema=False)(no_docs)
+        return
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> Response:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+                                   oauth2_redirect_url=f"{root}/docs/oauth2-redirect")
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect() -> Response:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> Response:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
+
+
 def create_app(service: ReportService, api_key: str | None = None) -> FastAPI:
     """The FastAPI app around a ReportService; the service starts and stops with the app's lifespan.
     With `api_key`, every path except OPEN_PATHS answers 401 unless the request presents it."""
@@ -968,11 +1030,12 @@ def create_app(service: ReportService, api_key: str | None = None) -> FastAPI:
             await asyncio.get_running_loop().run_in_executor(None, service.stop)
             log.info("stopped")
 
-    app = FastAPI(title="emrrg-serve", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="emrrg-serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Chest X-ray report generation (EMRRG edge runtime). One model, a bounded queue. "
                               "Started with --api-key, it needs 'Authorization: Bearer KEY' on every path but "
                               "/healthz, /openapi.json and /docs.")
     app.state.service = service
+    add_offline_docs(app)
     app.state.metrics = metrics = ServeMetrics(service)
     app.add_middleware(_AccessLog, api_key=api_key, metrics=metrics)
 
@@ -1007,7 +1070,7 @@ def create_app(service: ReportService, api_key: str | None = None) -> FastAPI:
     async def model_info() -> dict:
         if service.runtime is None:
             raise ApiError(503, "unavailable", f"the model is not loaded (state: {service.state})", {"Retry-After": "5"})
-        return service.runtime.summary()
+        return public_summary(service.runtime.summary())
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}})

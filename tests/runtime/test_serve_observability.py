@@ -7,6 +7,7 @@ and `data:` fields). Every wait is a bounded loop; nothing asserts a timing.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -100,3 +101,43 @@ def test_metrics_show_the_queue_while_a_report_runs(client, server):
     while value(scrape(client), "emrrg_queue_depth") != 0:
         assert time.monotonic() < deadline, "queue depth never went back to 0"
         time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- /docs offline, /v1/model
+
+@pytest.mark.parametrize("page, script", [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")])
+def test_docs_pages_load_everything_from_the_server(client, page, script):
+    r = client.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    urls = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert any(u.endswith(script) for u in urls), urls
+    assert "http://" not in r.text and "https://" not in r.text, "the page names an outside host (CDN or fonts)"
+    for u in urls:
+        asset = client.get(u)
+        assert asset.status_code == 200 and len(asset.content) > 1000, (u, asset.status_code)
+    assert "/openapi.json" in r.text and client.get("/openapi.json").status_code == 200
+
+
+def test_model_names_no_path_of_the_export_machine(client, tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    temp_paths = [v for v in _strings(manifest.get("validation", {})) if v.startswith("/")]
+    assert temp_paths, "the tiny bundle's manifest no longer names its export's temporary files: test nothing"
+    r = client.get("/v1/model")
+    assert r.status_code == 200
+    got = r.json()
+    assert not [v for v in _strings(got) if v.startswith("/")], got
+    assert "/tmp" not in r.text and str(tiny_bundle.parent) not in r.text
+    for path in temp_paths:   # the file name stays: which graph the export checked
+        assert path.rsplit("/", 1)[-1] in r.text
+    assert got["artifacts"]["tokenizer"]["path"] == manifest["artifacts"]["tokenizer"]["path"]
+
+
+def _strings(o):
+    if isinstance(o, dict):
+        for v in o.values():
+            yield from _strings(v)
+    elif isinstance(o, list):
+        for v in o:
+            yield from _strings(v)
+    elif isinstance(o, str):
+        yield o

@@ -146,3 +146,10 @@ def test_exposed_warning_names_what_is_missing(caplog):
         assert caplog.text == ""
         assert warn_if_exposed("0.0.0.0", auth=True, tls=False) is True
     assert "NO TLS" in caplog.text and "NO authentication" not in caplog.text
+
+
+def test_docs_pages_need_no_key(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    js = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and b"SwaggerUIBundle" in js.content
