@@ -18,7 +18,6 @@ generated token and beam. `gate_scale` starts at zero, so a fresh hybrid layer i
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -227,11 +226,3 @@ def quantize_llm_nf4(llm: nn.Module) -> int:
             setattr(module, child_name, q.to("cpu"))  # .to() quantizes
             count += 1
     return count
-
-
-def save_tokenizer_json(tokenizer, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out_dir)
-    meta = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "unk_token_id": tokenizer.unk_token_id}
-    (out_dir / "special_tokens.json").write_text(json.dumps(meta, indent=2))

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from emrrg.config import EMRRGConfig, GenerationConfig
-from emrrg.decoder import add_hybrid_layers, add_llm_lora, decoder_layers, load_base_decoder
+from emrrg.decoder import add_hybrid_layers, add_llm_lora, load_base_decoder
 from emrrg.encoder import MambaXrayEncoder
 from emrrg.lora import merge_partial_lora
 
@@ -141,8 +141,3 @@ def clean_report(tokenizer, ids: Sequence[int]) -> str:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def hybrid_layer_ids(model: EMRRG) -> list[int]:
-    return [i for i, layer in enumerate(decoder_layers(model.llama_model)) if hasattr(layer, "cross_attn")]
-

@@ -213,10 +213,6 @@ def kl_rows(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
-def top1_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
-    return float((ref_logits.argmax(-1) == cand_logits.argmax(-1)).mean())
-
-
 def greedy_agreement(ref_tokens: Sequence[int], cand_tokens: Sequence[int]) -> dict:
     """Position-wise token agreement and common-prefix length, both as fractions of len(ref_tokens)."""
     n = len(ref_tokens)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["SPLITS", "REQUIRED_KEYS", "validate_annotation", "load_annotation", "write_annotation", "resolve_images"]
+__all__ = ["SPLITS", "REQUIRED_KEYS", "validate_annotation", "load_annotation", "write_annotation"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 REQUIRED_KEYS: tuple[str, ...] = ("id", "report", "image_path")
@@ -64,9 +64,3 @@ def write_annotation(path: str | Path, splits: Mapping[str, Sequence[Mapping[str
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ann, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
-
-
-def resolve_images(path: str | Path, example: Mapping[str, Any]) -> list[Path]:
-    """Absolute image paths of one example of the annotation at ``path``."""
-    root = Path(path).parent
-    return [root / p for p in example["image_path"]]
