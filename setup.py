@@ -45,6 +45,10 @@ class BuildOpLibrary(build_ext):
         self._outputs = []
         if getattr(self, "editable_mode", False) or self.inplace:
             return
+        if shutil.which("cmake") is None:  # a clear line instead of a FileNotFoundError traceback
+            raise SystemExit("emrrg: building the wheel compiles the SelectiveScan op library and needs CMake >= 3.18 "
+                             "and a C++17 compiler (g++ or clang++): install them (e.g. apt-get install cmake g++), "
+                             "or install emrrg from a wheelhouse built elsewhere (scripts/wheelhouse.sh)")
         include = os.environ.get("ORT_INCLUDE_DIR", "").strip()
         if not include:
             fetched = subprocess.run(["bash", str(ROOT / "scripts" / "fetch_ort_headers.sh")], check=True,

@@ -224,15 +224,13 @@ def open_source(path: str | Path, batch_size: int = 8, backend: str = "auto", th
 
 def predict_split(gen, split: Split, over: dict, progress: bool = False) -> list[dict]:
     """Generate a report for every example: [{id, reference, prediction, token_ids}]."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(split.examples), desc=f"generate {split.name}", unit="study", file=sys.stderr)
+    from emrrg.runtime.logs import Progress  # a bar on a terminal, plain lines in a log file
+
+    bar = Progress(len(split.examples), f"generate {split.name}", unit="study", enabled=progress)
     try:
-        ids = gen.generate([split.images(e) for e in split.examples], over, on_done=bar.update if bar else None)
+        ids = gen.generate([split.images(e) for e in split.examples], over, on_done=bar.update)
     finally:
-        if bar:
-            bar.close()
+        bar.close()
     return [{"id": e["id"], "reference": e["report"], "prediction": gen.decode(t), "token_ids": list(t)}
             for e, t in zip(split.examples, ids)]
 

@@ -13,14 +13,16 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import NoReturn
 
 from .errors import ExportError, disk_full_message, is_disk_full
 from .options import check_extra_options, extra_help, split_extra_options
 from .pipeline import TARGETS
+from emrrg.runtime import logs
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
+
+log = logging.getLogger("emrrg.export")
 
 
 def export_main(argv: list[str] | None = None) -> None:
@@ -37,7 +39,8 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--strict", action="store_true", help="fail when no quantization configuration meets its thresholds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and embedded callers)")
-    p.add_argument("--json", action="store_true", help="print the manifest's summary as JSON when done")
+    p.add_argument("--json", action="store_true", help="print the manifest's summary as one JSON document on stdout "
+                                                       "when done (everything else goes to stderr)")
     a = p.parse_args(argv)
     try:  # before anything is loaded: a typo fails in a second, not after minutes of export
         extra = split_extra_options(a.extra_options)
@@ -55,7 +58,8 @@ def export_main(argv: list[str] | None = None) -> None:
     opts = ExportOptions(int8=a.int8, llm_bits=a.llm_bits, target=a.target, calib=a.calib, strict=a.strict,
                          overwrite=a.overwrite, extra=extra)
     try:
-        manifest = export_bundle(a.checkpoint, a.output, opts, progress=not a.no_progress)
+        with logs.results_only_stdout():  # stdout carries the summary alone (a library's print goes to stderr)
+            manifest = export_bundle(a.checkpoint, a.output, opts, progress=not a.no_progress, log=_log)
     except KeyboardInterrupt:
         print("emrrg-export: interrupted; nothing was written", file=sys.stderr)
         raise SystemExit(130) from None
@@ -77,13 +81,20 @@ def export_main(argv: list[str] | None = None) -> None:
 
 
 def quiet_library_warnings() -> None:
-    """Deprecation chatter from transformers / peft / torch.onnx is not for the console operator."""
-    for cat in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=cat)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers.*")
+    """Deprecation chatter from transformers / peft / torch.onnx and torch.onnx's registration lines ("torchvision
+    is not installed. Skipping ...") are not for the console operator: shown only with --verbose (runtime/logs.py)."""
+    logs.quiet_warnings()
     import torch  # noqa: F401  (importing torch resets its loggers' levels: set ours after it)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
+    logs.torch_loggers_quiet()
+
+
+def _log(msg: str) -> None:
+    """The pipeline's messages (INT8 ladder rungs, a decoder graph fallback) on stderr: -q hides them but
+    keeps the warnings."""
+    if msg.startswith("warning: "):
+        log.warning(msg[len("warning: "):])
+    else:
+        log.info(msg)
 
 
 def one_line(e: BaseException | str) -> str:

@@ -73,28 +73,24 @@ def _steps(opts: ExportOptions) -> list[str]:
 
 
 class _Progress:
-    """One bar over the pipeline's steps (tqdm), with the step name and elapsed seconds."""
+    """The pipeline's steps on stderr with the step name and elapsed seconds (runtime/logs.py's Progress): a bar
+    on a terminal, a plain line every few seconds otherwise, nothing with -q."""
 
     def __init__(self, steps: list[str], enabled: bool):
-        self.steps, self.i, self.t0 = steps, 0, time.perf_counter()
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=len(steps), desc="emrrg-export", unit="step", leave=True,
-                            bar_format="{desc}: {n}/{total} [{elapsed}] {postfix}")
+        from emrrg.runtime.logs import Progress
+
+        self.steps, self.i = steps, 0
+        self.bar = Progress(len(steps), "emrrg-export", unit="step", enabled=enabled)
 
     def start(self, name: str) -> None:
-        if self.bar:
-            self.bar.set_postfix_str(name)
+        self.bar.set_note(name)
 
     def done(self) -> None:
         self.i += 1
-        if self.bar:
-            self.bar.update(1)
+        self.bar.update(1)
 
     def close(self) -> None:
-        if self.bar:
-            self.bar.close()
+        self.bar.close()
 
 
 def _images(opts: ExportOptions) -> list:

@@ -25,9 +25,11 @@ computes), with ORT's public API only, and without the op library on the export 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -38,6 +40,7 @@ import numpy as np
 import onnx
 
 from emrrg.export import onnx_ops
+from emrrg.runtime import logs
 from emrrg.export.errors import ExportError, QuantizationError
 from emrrg.export.encoder_onnx import METADATA_VARIANT, get_metadata, op_counts, save_model, set_metadata
 
@@ -527,13 +530,14 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
             root = logging.getLogger()
             level = root.level
             root.setLevel(logging.ERROR)  # ORT logs "consider pre-processing" through the root logger
-            try:
-                quantize_static(str(pure_f32), str(pure_q), _Reader(pixels, batch_size),
-                                quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
-                                per_channel=per_channel, reduce_range=False,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                nodes_to_exclude=excluded, calibrate_method=methods[method],
-                                use_external_data_format=pure.ByteSize() > 2**30, extra_options=extra)
+            try:  # the calibrator print()s its progress ("Collecting tensor data ..."): stderr with -v, else nowhere
+                with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sys.stderr if logs.verbose() else sink):
+                    quantize_static(str(pure_f32), str(pure_q), _Reader(pixels, batch_size),
+                                    quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+                                    per_channel=per_channel, reduce_range=False,
+                                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                    nodes_to_exclude=excluded, calibrate_method=methods[method],
+                                    use_external_data_format=pure.ByteSize() > 2**30, extra_options=extra)
             finally:
                 root.setLevel(level)
         q_pure = onnx.load(str(pure_q))

@@ -64,6 +64,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from emrrg.runtime import logs
 from emrrg.runtime.extras import require_extra
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments, count_int, positive_int
 
@@ -589,7 +590,7 @@ def run_batch(a) -> PartWriter:
         pending = [s for s in studies if (s.study_id, sha) not in done]
         print(f"{PROG}: {len(studies)} studies, {len(studies) - len(pending)} already in {out}; "
               f"{a.workers} workers x {a.threads} threads", file=sys.stderr, flush=True)
-        progress = _Progress(writer, len(pending), sys.stderr.isatty())
+        progress = _Progress(writer, len(pending), sys.stderr.isatty() or logs.quiet())  # -q: no progress lines
         batch_size = a.batch_size
         while pending:
             run_pass(ray, pending, batch_size, writer, a, size, policy, sha, progress)

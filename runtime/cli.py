@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import warnings
+from emrrg.runtime import logs
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments
 from emrrg.runtime.extras import SR_MODULES, require_extra
 
@@ -32,7 +33,8 @@ def run_main(argv: list[str] | None = None) -> None:
                    help="ban any repeated n-gram of this many tokens, 0 = off (default: the bundle's setting)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (greedy only streams live)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of text (everything "
+                                                       "else goes to stderr)")
     p.add_argument("--sr", metavar="OUT.dcm", default=None,
                    help="also write the report as a DICOM SR (Enhanced SR) to OUT.dcm; the views must be DICOM "
                         "(default: no SR)")
@@ -94,9 +96,10 @@ def run_main(argv: list[str] | None = None) -> None:
     else:
         print(out["report"])
     t = out["timings_ms"]
-    print(f"[{out['backend']}; {out['tokens']} tokens; preprocess {t['preprocess']:.0f} ms, encoder {t['encoder']:.0f} ms, "
-          f"prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms, total {t['total']:.0f} ms; "
-          f"peak RSS {out['peak_rss_mb']:.0f} MB]", file=sys.stderr)
+    if not logs.quiet():  # -q: the report alone
+        print(f"[{out['backend']}; {out['tokens']} tokens; preprocess {t['preprocess']:.0f} ms, encoder {t['encoder']:.0f} ms, "
+              f"prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms, total {t['total']:.0f} ms; "
+              f"peak RSS {out['peak_rss_mb']:.0f} MB]", file=sys.stderr)
 
 
 def _sr_sources(path: str, images: list[str]) -> list:

@@ -46,6 +46,7 @@ from emrrg.runtime.generation import DecodeSettings, generate
 from emrrg.config import DECODE_KEYS
 from emrrg.runtime.oplib import OpLibraryMissingError, find_op_library, register
 from emrrg.runtime.gate import InputPolicy, load_study
+from emrrg.runtime.logs import ort_severity
 from emrrg.runtime.preprocess import DEFAULT_MAX_MEGAPIXELS
 
 log = logging.getLogger("emrrg.runtime")
@@ -140,7 +141,7 @@ class Runtime:
             so = ort.SessionOptions()
             if threads:
                 so.intra_op_num_threads = threads
-            so.log_severity_level = 3
+            so.log_severity_level = ort_severity()   # graph warnings only with --verbose (runtime/logs.py)
             if with_ops:
                 register(so)
             return so
@@ -175,7 +176,7 @@ class Runtime:
             if trt_encoder is None:
                 if backend == "tensorrt":
                     raise BackendUnavailableError(f"TensorRT backend unavailable: {reason}")
-                log.info("skipping TensorRT: %s", reason)
+                log.debug("skipping TensorRT: %s", reason)   # auto: the normal case off a GPU; shown with -v
         if backend in ("auto", "cuda", "tensorrt") and "CUDAExecutionProvider" in available:
             chosen, providers = chosen or "ort-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
         elif backend == "cuda":
@@ -210,7 +211,7 @@ class Runtime:
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
             raise BundleError(f"{manifest.path(TOKENIZER)}: not a readable tokenizer ({str(e)[:200]}); re-export the "
                               "bundle with emrrg-export or copy an intact one") from None
-        log.info("emrrg runtime: backend %s, bundle %s", chosen, bundle)
+        log.debug("emrrg runtime: backend %s, bundle %s", chosen, bundle)   # commands print the backend themselves
         return cls(bundle, manifest, chosen, encoder, decoder, cross, tok, threads, max_concurrency)
 
     # ---- pieces ----------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from emrrg.runtime import logs
+
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """ArgumentDefaultsHelpFormatter, except where the help already says its default in words
@@ -14,14 +16,29 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """The parser of every emrrg command: help with defaults (DefaultsHelpFormatter) and `--version`."""
+    """The parser of every emrrg command: help with defaults (DefaultsHelpFormatter), `--version`, and
+    -q/--quiet, -v/--verbose and EMRRG_LOG_LEVEL, applied by parse_args (runtime/logs.py).
 
-    def __init__(self, *args, **kwargs):
+    log_format: a logging format for services (default `PROG: message`); log_names: more logger names that
+    count as the command's own, so their INFO lines are shown (e.g. uvicorn)."""
+
+    def __init__(self, *args, log_format: str | None = None, log_names: tuple[str, ...] = (), **kwargs):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         from emrrg import __version__
 
+        self.log_format, self.log_names = log_format, log_names
         self.add_argument("--version", action="version", version=f"%(prog)s (emrrg {__version__})")
+        logs.add_verbosity_arguments(self)
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        try:
+            name = logs.level_name(ns.log_level)
+        except logs.LogLevelError as e:
+            self.exit(2, f"{self.prog}: error: {e}\n")
+        logs.configure(self.prog, name, fmt=self.log_format, own=self.log_names)
+        return ns
 
 
 # ---- argument types and options shared by the runtime commands (emrrg-run, -serve, -scp, -batch) ----------

@@ -430,7 +430,7 @@ def _decode_dicom(path: Path, ds, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     try:
         arr = pixel_array(ds, index=0)  # first frame only; YBR is converted to RGB
     except Exception as e:
-        raise _fail(path, f"corrupt or truncated DICOM pixel data ({_short(e)})") from None
+        raise _fail(path, decode_failure(ds, e)) from None
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
@@ -527,6 +527,48 @@ def _check_decoder(path: Path, ds) -> None:
     package = next((p for prefix, p in _DECODER_PACKAGES.items() if uid.startswith(prefix)), None)
     fix = f"run: pip install {package}" if package else "install one of: " + "; ".join(decoder.missing_dependencies)
     raise _fail(path, f"no decoder installed for DICOM transfer syntax {uid.name!r} ({uid}); {fix}")
+
+
+# pydicom's decoder plugins -> what to pip install for each (pylibjpeg's depends on the syntax: _DECODER_PACKAGES)
+_PLUGIN_PACKAGES = {"gdcm": "python-gdcm", "pyjpegls": "pyjpegls", "pillow": "pillow"}
+_REASON_CHARS = 200  # one plugin's reason; pylibjpeg's run to ~150 characters
+
+
+def decode_failure(ds, exc: BaseException) -> str:
+    """Why the pixel data did not decode, on one line: each installed plugin's own reason (pydicom puts them on
+    the lines after "Unable to decode as exceptions were raised by all available plugins:") and the plugins that
+    are not installed. "Corrupt" only where it is known: uncompressed data shorter than the header declares; a
+    compressed stream that no installed decoder reads may just need another decoder (e.g. 12-bit JPEG Extended)."""
+    text = str(exc)
+    uid = ds.file_meta.TransferSyntaxUID
+    if not uid.is_compressed:
+        if any(k in text.lower() for k in ("length of the pixel data", "number of bytes of pixel data")):
+            return f"corrupt or truncated DICOM pixel data ({_short(exc)})"
+        return f"cannot read the DICOM pixel data ({_short(exc)})"
+    reasons = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+    reasons = [r if len(r) <= _REASON_CHARS else r[:_REASON_CHARS - 3] + "..." for r in reasons] or [_short(exc)]
+    bits = ds.get("BitsStored")
+    what = f"{uid.name} ({uid}{f', {bits}-bit' if bits else ''})"
+    msg = f"no installed decoder could decode the {what} pixel data: " + "; ".join(reasons)
+    missing = _missing_plugins(uid)
+    return msg + (f"; not installed, and may decode it: {', '.join(missing)}" if missing else
+                  "; no other pydicom decoder plugin is known for it")
+
+
+def _missing_plugins(uid) -> list[str]:
+    """pydicom's decoder plugins for `uid` that are not installed, each with its pip install command."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        names = [m.split(" - ")[0].strip() for m in get_decoder(uid).missing_dependencies]
+    except (NotImplementedError, ValueError):
+        return []
+    syntax = next((p for prefix, p in _DECODER_PACKAGES.items() if uid.startswith(prefix)), None)
+    out = []
+    for name in names:
+        package = syntax if name == "pylibjpeg" else _PLUGIN_PACKAGES.get(name)
+        out.append(f"{name} (pip install {package})" if package else name)
+    return out
 
 
 _STRIP_ROWS = 256  # pydicom's LUT / windowing work in float64: run them on strips, not on the whole film

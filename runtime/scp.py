@@ -49,6 +49,7 @@ from pathlib import Path
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments
 
 log = logging.getLogger("emrrg.scp")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # level: -q / -v / EMRRG_LOG_LEVEL (runtime/logs.py)
 
 DEFAULT_AE_TITLE = "EMRRG"
 DEFAULT_HOST = "127.0.0.1"
@@ -411,7 +412,7 @@ def scp_main(argv: list[str] | None = None) -> None:
     from emrrg.runtime.gate import add_input_arguments
 
     p = CommandParser(prog="emrrg-scp", description=__doc__.split("\n")[0],
-                                formatter_class=DefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter, log_format=LOG_FORMAT)
     p.add_argument("bundle", help="bundle directory written by emrrg-export")
     p.add_argument("--ae-title", default=DEFAULT_AE_TITLE, help="this SCP's AE title")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
@@ -426,7 +427,6 @@ def scp_main(argv: list[str] | None = None) -> None:
     add_input_arguments(p)
     a = p.parse_args(argv)
     require_extra("emrrg-scp", "runtime", ("pynetdicom", *SR_MODULES), "the DICOM Storage SCP")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # its DEBUG level dumps whole datasets
     logging.getLogger("highdicom").setLevel(logging.WARNING)    # a line per copied module, per SR
 
