@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -83,6 +84,21 @@ def most_common_report(examples: Sequence[dict]) -> str:
     counts = collections.Counter(e["report"] for e in examples)
     best = max(counts.values())
     return next(e["report"] for e in examples if counts[e["report"]] == best)
+
+
+REPEATED_SENTENCE_RULE = "a report with the same sentence twice (split on . ! ?, case-folded)"
+
+
+def repeats_a_sentence(report: str) -> bool:
+    """True when `report` says one sentence twice (sentences split on . ! ?, whitespace and case folded)."""
+    sentences = [" ".join(s.split()).casefold() for s in re.split(r"[.!?]+", report)]
+    sentences = [s for s in sentences if s]
+    return len(set(sentences)) < len(sentences)
+
+
+def repeated_sentence_reports(preds: Sequence[str]) -> dict:
+    """How many of `preds` repeat a sentence (a report that loops), with the rule in words."""
+    return {"count": sum(repeats_a_sentence(p) for p in preds), "of": len(preds), "rule": REPEATED_SENTENCE_RULE}
 
 
 def selection_score(nlg: dict) -> float:
@@ -248,6 +264,7 @@ def evaluate_source(gen, split: Split, over: dict, train_examples: Sequence[dict
         "decoding": gen.settings(over),
         "model": score_reports([r["prediction"] for r in rows], refs, meteor, tokenizer),
         "generate_s": round(t1 - t0, 2),
+        "repeated_sentence_reports": repeated_sentence_reports([r["prediction"] for r in rows]),
     }
     if train_examples:
         base = most_common_report(train_examples)
@@ -406,6 +423,8 @@ def _run_eval(a) -> None:
         res = {"source": str(src), "data": str(a.data), **res}
         print(f"{src} on {a.split} ({res['n']} studies, {gen.kind}, decoding {res['decoding']}, {res['generate_s']} s):")
         print(_summary_line("model", res["model"]))
+        rep = res["repeated_sentence_reports"]
+        print(f"{'':<22} reports repeating a sentence: {rep['count']} / {rep['of']}")
         if "baseline_most_common" in res:
             print(_summary_line("most common report", res["baseline_most_common"]))
     if a.output:

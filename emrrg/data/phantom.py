@@ -93,6 +93,7 @@ __all__ = [
     "IGNORED_SOURCE",
     "EXCLUDED_SOURCE",
     "FINDING_TO_CHEXPERT",
+    "findings_named",
     "PhantomSpec",
     "PhantomCase",
     "render_phantom",
@@ -193,6 +194,21 @@ FINDING_TO_CHEXPERT: dict[str, tuple[str, ...]] = {
     "fracture": ("Fracture",),
     "hyperinflation": (),  # not a CheXpert class (radtext lists it among the "other" findings)
 }
+
+
+
+def findings_named(findings: Iterable[str], labels: Mapping[str, int]) -> dict[str, bool | None]:
+    """Per drawn finding: does a report whose CheXpert ``labels`` are given (``emrrg.metrics.labeler``'s
+    ``label_report``) name it, i.e. assert one of its :data:`FINDING_TO_CHEXPERT` classes? None for a
+    finding with no CheXpert class (hyperinflation)."""
+    out: dict[str, bool | None] = {}
+    for f in findings:
+        if f not in FINDING_TO_CHEXPERT:
+            raise ValueError(f"unknown finding {f!r}; known: {', '.join(FINDINGS)}")
+        classes = FINDING_TO_CHEXPERT[f]
+        out[f] = any(labels.get(c) for c in classes) if classes else None
+    return out
+
 
 SEVERITIES = ("mild", "moderate", "severe")
 SIDES = ("right", "left", "bilateral")

@@ -322,16 +322,30 @@ def test_drawn_findings_are_in_the_paired_report():
     cases, _ = ph.load_cases()
     hit: dict[str, list[int]] = {}
     for c in cases:
-        labels = label_report(c.report)
-        for f in c.spec.findings:
-            classes = ph.FINDING_TO_CHEXPERT[f]
-            if classes:
-                hit.setdefault(f, []).append(int(any(labels[k] for k in classes)))
+        for f, named in ph.findings_named(c.spec.findings, label_report(c.report)).items():
+            if named is not None:
+                hit.setdefault(f, []).append(int(named))
     rates = {f: float(np.mean(v)) for f, v in hit.items()}
     overall = float(np.mean([x for v in hit.values() for x in v]))
     print({f: round(r, 3) for f, r in rates.items()}, f"overall {overall:.3f}")
     assert overall > 0.9
     assert min(rates.values()) > 0.5      # lung lesions are the weakest (radlabels' "lesion" is broad)
+
+
+@pytest.mark.skipif(not HAS_RADTEXT, reason="radtext (CheXpert phrase lists) not installed")
+def test_findings_named():
+    from emrrg.metrics.labeler import label_report
+
+    report = "Moderate cardiomegaly. There is a small right pleural effusion. No pneumothorax."
+    named = ph.findings_named(["cardiomegaly", "pleural_effusion", "pneumothorax", "hyperinflation"],
+                              label_report(report))
+    assert named == {"cardiomegaly": True, "pleural_effusion": True, "pneumothorax": False, "hyperinflation": None}
+    # the demo's looping report never names the heart
+    loop = "No pneumothorax is present. There is a right-sided pleural effusion. There is no pneumothorax."
+    assert ph.findings_named(["pleural_effusion", "cardiomegaly"], label_report(loop)) == {
+        "pleural_effusion": True, "cardiomegaly": False}
+    with pytest.raises(ValueError, match="unknown finding 'nodule'"):
+        ph.findings_named(["nodule"], {})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,24 @@ def test_eval_checkpoint_and_bundle_agree(tiny_checkpoint, tiny_bundle, tiny_pha
     # same pixels (shared preprocess), same f32 model: the same tokens, study by study
     assert [r["token_ids"] for r in ck["predictions"]] == [r["token_ids"] for r in b["predictions"]]
     assert ck["model"]["nlg"]["BLEU_1"] == pytest.approx(b["model"]["nlg"]["BLEU_1"])
+    # the repeated-sentence figure is counted from the predictions the file holds
+    from emrrg.evaluate import repeats_a_sentence
+    for res in (ck, b):
+        rep = res["repeated_sentence_reports"]
+        assert rep["of"] == 3 and rep["count"] == sum(repeats_a_sentence(r["prediction"]) for r in res["predictions"])
+
+
+def test_repeated_sentence_rule():
+    from emrrg.evaluate import repeated_sentence_reports, repeats_a_sentence
+
+    # the demo's looping report before no_repeat_ngram_size (issue 14)
+    loop = ("No pneumothorax is present. There is a right-sided pleural effusion. There is no pneumothorax. "
+            "There is a right-sided pleural effusion. There")
+    assert repeats_a_sentence(loop)
+    assert repeats_a_sentence("Heart size is normal!  heart SIZE is normal")      # case and spaces folded
+    assert not repeats_a_sentence("There is mild right sided pleural effusion. There is mild left sided pleural effusion.")
+    assert not repeats_a_sentence("")
+    assert repeated_sentence_reports([loop, "No acute findings.", loop])["count"] == 2
 
 
 def test_baseline_is_the_most_common_training_report(tiny_phantom):
