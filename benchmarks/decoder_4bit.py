@@ -136,7 +136,7 @@ def bits_census(model_path: Path) -> dict:
 
 
 def run_variant(variant: str, args, configs, results: dict, save):
-    from emrrg.export.decoder_eval import (DecoderEvaluator, OrtDecoder, TorchDecoder, build_reference,
+    from emrrg.export.decoder_eval import (DecoderEvaluator, OrtScorer, TorchDecoder, build_reference,
                                            eval_prompts, prefill_feeds)
     from emrrg.export.decoder_onnx import DecoderSpec, export_decoder
     from emrrg.export.quantize_decoder import (choose_decoder_config, collect_activation_stats, onnx_bytes,
@@ -172,7 +172,7 @@ def run_variant(variant: str, args, configs, results: dict, save):
 
     def measure(name, path, nbytes, cfg, quant_s):
         ev = evaluator(path)
-        sp = OrtDecoder(path, embed, threads=args.threads).timing(ref.prompts[0], n_new=args.timing_tokens,
+        sp = OrtScorer(path, embed, threads=args.threads).timing(ref.prompts[0], n_new=args.timing_tokens,
                                                                   repeats=args.repeats)
         row = {"name": name, "config": cfg, "bytes": nbytes, "size_ratio": nbytes / f32_bytes,
                "matmuls_by_bits": bits_census(path), "quantize_s": quant_s,

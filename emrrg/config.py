@@ -169,6 +169,14 @@ def encoder_config(name: str, **overrides) -> EncoderConfig:
     return EncoderConfig(**{**_lookup(ENCODER_PRESETS, name, "encoder"), **overrides})
 
 
+def rope_theta(hf_config) -> float | None:
+    """A transformers LlamaConfig's rope_theta: rope_parameters["rope_theta"] (transformers 5), else the
+    attribute (4.x); None when neither is there."""
+    rp = getattr(hf_config, "rope_parameters", None) or {}
+    theta = rp.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    return None if theta is None else float(theta)
+
+
 def decoder_config(name: str, **overrides) -> DecoderConfig:
     return DecoderConfig(preset=name, **{**_lookup(DECODER_PRESETS, name, "decoder"), **overrides})
 

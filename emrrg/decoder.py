@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from emrrg.config import DecoderConfig
+from emrrg.config import DecoderConfig, rope_theta
 
 SMOLLM2_ROPE_THETA = 100000.0  # transformers 4.57 silently reads 10000 from a 5.x config; we check it
 
@@ -86,16 +86,11 @@ def _load_smollm2():
             tmp.replace(cached)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(cached)
-    theta = _rope_theta(model.config)
+    theta = rope_theta(model.config)
     if theta != SMOLLM2_ROPE_THETA:
         raise DecoderLoadError(f"SmolLM2 loaded with rope_theta={theta}, expected {SMOLLM2_ROPE_THETA}: "
                                f"mixed transformers versions? delete {cached} and retry")
     return model, tok
-
-
-def _rope_theta(config) -> float:
-    rp = getattr(config, "rope_parameters", None) or {}
-    return float(rp.get("rope_theta", getattr(config, "rope_theta", 0.0)))
 
 
 def load_base_decoder(cfg: DecoderConfig):

@@ -117,7 +117,7 @@ class EMRRG(nn.Module):
             self.set_visual(None)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return clean_report(self.tokenizer, ids)
+        return decode_report(self.tokenizer, ids)
 
     @torch.no_grad()
     def generate(self, images: Sequence, gen: GenerationConfig | None = None, **overrides) -> str:
@@ -126,7 +126,7 @@ class EMRRG(nn.Module):
         return self.decode(ids[0].tolist())
 
 
-def clean_report(tokenizer, ids: Sequence[int]) -> str:
+def decode_report(tokenizer, ids: Sequence[int]) -> str:
     """Upstream decoding clean-up: drop a leading BOS/UNK, cut at EOS, remove <unk>, strip."""
     ids = list(ids)
     while ids and ids[0] in (tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id):

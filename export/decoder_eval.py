@@ -80,7 +80,7 @@ def decoder_metadata(path: str | Path) -> dict:
     return {p.key: json.loads(p.value) for p in m.metadata_props}
 
 
-class OrtDecoder:
+class OrtScorer:
     """Drives decoder.onnx through ORT the way the runtime does (prefill, then 1-token steps with the cache).
 
     embed: embed_tokens.npy path or (V, H) array (default: next to the decoder, else `embed_dir`).
@@ -126,12 +126,12 @@ class OrtDecoder:
             return self._all_positions().run(self.embed[np.asarray(ids)][None], None)[0][0]
         return self.run(self.embed[np.asarray(ids)][None], None)[0][0]
 
-    def _all_positions(self) -> "OrtDecoder":
+    def _all_positions(self) -> "OrtScorer":
         """The all-positions variant of a built decoder (decoder_builder.with_all_logits), made on first use."""
         if getattr(self, "_all", None) is None:
             from emrrg.export.decoder_builder import with_all_logits
 
-            self._all = OrtDecoder(with_all_logits(self.path), self.embed, threads=self.threads, visual_kv=self.visual_kv)
+            self._all = OrtScorer(with_all_logits(self.path), self.embed, threads=self.threads, visual_kv=self.visual_kv)
         return self._all
 
     def greedy(self, ids: Sequence[int], n_new: int) -> list[int]:
@@ -304,7 +304,7 @@ class DecoderEvaluator:
             from emrrg.export.decoder_builder import with_all_logits                          # all-positions twin, scores both
 
             decoder_onnx = with_all_logits(decoder_onnx)
-        dec = OrtDecoder(decoder_onnx, self.embed, threads=self.threads, visual_kv=self.visual_kv)
+        dec = OrtScorer(decoder_onnx, self.embed, threads=self.threads, visual_kv=self.visual_kv)
         return evaluate(self.reference, dec, greedy=self.greedy)
 
 

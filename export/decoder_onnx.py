@@ -66,6 +66,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from emrrg.config import rope_theta
 from emrrg.runtime import contract as C
 from emrrg.export.errors import ExportError, ValidationError
 
@@ -136,10 +137,7 @@ def _hybrid_modules(llm) -> list[tuple[int, object]]:
     return [(i, layer.cross_attn) for i, layer in enumerate(decoder_layers(llm)) if hasattr(layer, "cross_attn")]
 
 
-def _rope_theta(config) -> float | None:
-    rp = getattr(config, "rope_parameters", None) or {}
-    theta = rp.get("rope_theta", getattr(config, "rope_theta", None))
-    return None if theta is None else float(theta)
+_rope_theta = rope_theta  # the name export/decoder_builder.py imports
 
 
 def decoder_spec(llm, tokenizer=None) -> DecoderSpec:
@@ -160,7 +158,7 @@ def decoder_spec(llm, tokenizer=None) -> DecoderSpec:
         hybrid_layers=[i for i, _ in hyb], hybrid_heads=[x.heads for _, x in hyb],
         hybrid_head_dim=[c.hidden_size // x.heads for _, x in hyb],
         bos_token_id=tid("bos_token_id"), eos_token_id=tid("eos_token_id"), pad_token_id=tid("pad_token_id"),
-        rope_theta=_rope_theta(c), max_position_embeddings=getattr(c, "max_position_embeddings", None),
+        rope_theta=rope_theta(c), max_position_embeddings=getattr(c, "max_position_embeddings", None),
     )
 
 

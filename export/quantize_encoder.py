@@ -26,7 +26,6 @@ computes), with ORT's public API only, and without the op library on the export 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -91,19 +90,12 @@ def list_calibration_images(folder: str | os.PathLike, recursive: bool = True) -
     return files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_calibration_set(images: Iterable | str | os.PathLike | None, size: int) -> tuple[np.ndarray, dict]:
     """Images (a folder, paths, or None for the 18 offline real X-rays) -> ((n, 3, S, S) f32, facts).
 
     Unreadable files are skipped with their reason (in facts['skipped']); none readable -> CalibrationError.
     """
+    from emrrg.runtime.bundle import sha256_file
     from emrrg.runtime.preprocess import ImageError, preprocess
 
     if images is None:
@@ -120,7 +112,7 @@ def load_calibration_set(images: Iterable | str | os.PathLike | None, size: int)
     for p in paths:
         try:
             arrays.append(preprocess(p, size))                               # (3, S, S)
-            used.append({"name": p.name, "sha256": _sha256(p)})
+            used.append({"name": p.name, "sha256": sha256_file(p)})
         except ImageError as e:
             skipped.append({"name": p.name, "reason": str(e)})
     if not arrays:

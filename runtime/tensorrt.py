@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from emrrg.runtime.bundle import sha256_file
 from emrrg.runtime.contract import ENCODER, ENCODER_FALLBACK, ENCODER_INPUT, ENCODER_OUTPUT, MANIFEST, Manifest, resolve_inside
 
 log = logging.getLogger("emrrg.runtime.tensorrt")
@@ -396,14 +397,6 @@ def prepare_onnx_for_tensorrt(onnx_path: str | os.PathLike) -> tuple[bytes | Non
 # ---------------------------------------------------------------------------------------------------
 # Engine key, cache and build
 # ---------------------------------------------------------------------------------------------------
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def external_data_files(onnx_path: str | os.PathLike) -> list[Path]:
     """The external-data files an ONNX file points at (relative to it), sorted; a location that leads out of

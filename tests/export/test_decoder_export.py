@@ -23,7 +23,7 @@ import torch
 
 from emrrg.config import decoder_config
 from emrrg.decoder import add_hybrid_layers, add_llm_lora, load_base_decoder
-from emrrg.export.decoder_eval import (DecoderEvaluator, OrtDecoder, TorchDecoder, build_reference, eval_prompts,
+from emrrg.export.decoder_eval import (DecoderEvaluator, OrtScorer, TorchDecoder, build_reference, eval_prompts,
                                        greedy_agreement, kl_rows, prefill_feeds)
 from emrrg.export.decoder_onnx import (CROSS_KV_ONNX, DecoderExportError, DecoderSpec, export_decoder, ort_session)
 from emrrg.export.quantize_decoder import (KL_MAX, TOP1_MIN, NoPassingConfigError, QuantConfig, choose_decoder_config,
@@ -88,7 +88,7 @@ def torch_steps(llm, embed, ids, splits, visual_kv=None):
     return out
 
 
-def ort_steps(dec: OrtDecoder, ids, splits):
+def ort_steps(dec: OrtScorer, ids, splits):
     past, P, out = None, 0, []
     for T in splits:
         logits, past = dec.run(dec.embed[ids[:, P:P + T]], past)
@@ -129,7 +129,7 @@ def test_contract_io_and_metadata(plain):
 
 def test_prefill_and_incremental_decode_match_torch(plain):
     llm, _, exp = plain
-    dec = OrtDecoder(exp.decoder)
+    dec = OrtScorer(exp.decoder)
     ids = np.random.default_rng(0).integers(4, 512, size=(2, 9))
     splits = [6, 1, 1, 1]
     got, past = ort_steps(dec, ids, splits)
@@ -145,7 +145,7 @@ def test_prefill_and_incremental_decode_match_torch(plain):
 @pytest.mark.parametrize("B,T,P", [(1, 5, 0), (3, 1, 7), (2, 4, 3), (1, 1, 0)])
 def test_dynamic_batch_seq_past(plain, B, T, P):
     llm, _, exp = plain
-    dec = OrtDecoder(exp.decoder)
+    dec = OrtScorer(exp.decoder)
     ids = np.random.default_rng(B * 100 + T * 10 + P).integers(4, 512, size=(B, P + T))
     splits = [P, T] if P else [T]
     got, past = ort_steps(dec, ids, splits)
@@ -168,7 +168,7 @@ def test_hybrid_decoder_and_cross_kv_match_torch(hybrid):
     assert report("cross_kv key", kv[0], k_ref.detach().numpy()) <= ATOL_ORT_F32
     assert report("cross_kv value", kv[1], v_ref.detach().numpy()) <= ATOL_ORT_F32
     feeds = dict(zip(spec.visual_kv_names, kv))
-    dec = OrtDecoder(exp.decoder, visual_kv=feeds)
+    dec = OrtScorer(exp.decoder, visual_kv=feeds)
     ids = np.random.default_rng(4).integers(4, 512, size=(2, 7))
     got, _ = ort_steps(dec, ids, [5, 1, 1])
     xattn.visual_kv = (k_ref.detach(), v_ref.detach())
@@ -179,7 +179,7 @@ def test_hybrid_decoder_and_cross_kv_match_torch(hybrid):
     for step, (g, r) in enumerate(zip(got, ref)):
         assert report(f"hybrid step {step}", g, r) <= ATOL_ORT_F32
     # the visual K/V really reach the logits (gate_scale != 0)
-    other = OrtDecoder(exp.decoder, visual_kv={k: v[::-1].copy() for k, v in feeds.items()})
+    other = OrtScorer(exp.decoder, visual_kv={k: v[::-1].copy() for k, v in feeds.items()})
     assert np.abs(ort_steps(other, ids, [5])[0][0] - got[0]).max() > 1e-3
 
 

@@ -7,7 +7,7 @@ import torch
 from emrrg.assets import chest_dicom, pneumonia_images
 from emrrg.cli import generate_main, init_main
 from emrrg.config import generation_config, make_config
-from emrrg.model import EMRRG, PROMPT_AFTER, PROMPT_BEFORE, clean_report
+from emrrg.model import EMRRG, PROMPT_AFTER, PROMPT_BEFORE, decode_report
 
 
 def test_upstream_generation_presets():
@@ -30,11 +30,11 @@ def test_prompt_layout():
     assert model.prompt_embeds(visual).shape == (1, len(before) + 17 + len(after), 64)
 
 
-def test_clean_report_cuts_at_eos():
+def test_decode_report_cuts_at_eos():
     torch.manual_seed(0)
     tok = EMRRG(make_config("tiny", "tiny-llama", "iu")).tokenizer
     ids = [tok.bos_token_id] + tok(" The heart is normal.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 70, 71]
-    assert clean_report(tok, ids) == "The heart is normal."
+    assert decode_report(tok, ids) == "The heart is normal."
 
 
 def test_cli_init_and_generate_tiny(tmp_path, capsys):
