@@ -22,19 +22,51 @@ if [ ! -f "$BUNDLE/manifest.json" ]; then
   .venv/bin/emrrg-export "$CKPT" -o "$BUNDLE" --int8 --llm-bits 4
 fi
 PHANTOM="$WORK/phantom_effusion_cardiomegaly.png"
-XRAY=$(.venv/bin/python - "$PHANTOM" <<'PY'
+DRAWN="pleural_effusion cardiomegaly"
+XRAY=$(.venv/bin/python - "$PHANTOM" $DRAWN <<'PY'
 import sys
 from emrrg.assets import chest_dicom
 from emrrg.data.phantom import render_phantom, save_png
-save_png(render_phantom(["pleural_effusion", "cardiomegaly"], seed=12345, size=224), sys.argv[1])
+save_png(render_phantom(sys.argv[2:], seed=12345, size=224), sys.argv[1])
 print(chest_dicom("RG1_UNCR.dcm"))
 PY
 )
+# One study: the report on stdout, emrrg-run's warnings on stderr, its timing line kept for the summary.
+report() {  # NAME IMAGE
+  if ! .venv/bin/emrrg-run "$BUNDLE" "$2" --max-new-tokens "${EMRRG_DEMO_TOKENS:-80}" >"$WORK/$1.txt" 2>"$WORK/$1.err"; then
+    cat "$WORK/$1.err" >&2
+    exit 1
+  fi
+  grep -v '^\[' "$WORK/$1.err" >&2 || true
+  cat "$WORK/$1.txt"
+}
 echo
-echo "[demo] phantom test image (pleural effusion + cardiomegaly drawn): $PHANTOM"
-.venv/bin/emrrg-run "$BUNDLE" "$PHANTOM" --max-new-tokens "${EMRRG_DEMO_TOKENS:-80}"
+echo "[demo] phantom test image (${DRAWN// / + } drawn): $PHANTOM"
+report phantom "$PHANTOM"
 echo
 echo "[demo] real adult PA chest X-ray (pydicom-data RG1_UNCR.dcm, MONOCHROME1, 15-bit): $XRAY"
-.venv/bin/emrrg-run "$BUNDLE" "$XRAY" --max-new-tokens "${EMRRG_DEMO_TOKENS:-80}"
+report rg1 "$XRAY"
+echo
+echo "[demo] what the reports say, as the CheXpert labeler (emrrg.metrics.labeler) reads them:"
+.venv/bin/python - "$WORK/phantom.txt" "$WORK/rg1.txt" $DRAWN <<'PY'
+import sys
+from pathlib import Path
+from emrrg.data.phantom import FINDING_TO_CHEXPERT, findings_named
+from emrrg.evaluate import repeats_a_sentence
+from emrrg.metrics.labeler import label_report
+
+phantom, rg1 = (Path(p).read_text(encoding="utf-8") for p in sys.argv[1:3])
+labels = label_report(phantom)
+print("  phantom: drawn finding -> named in its report?")
+for f, named in findings_named(sys.argv[3:], labels).items():
+    print(f"    {f:<18} {'yes' if named else 'NO '}  (labeler classes: {' / '.join(FINDING_TO_CHEXPERT[f])})")
+for name, text in (("phantom", phantom), ("RG1_UNCR", rg1)):
+    found = [c for c, v in label_report(text).items() if v]
+    print(f"  {name} report: labels {', '.join(found) or 'none'}; "
+          f"{'REPEATS a sentence' if repeats_a_sentence(text) else 'no sentence repeated'}")
+PY
+echo "[demo] timing (emrrg-run's own line):"
+echo "  phantom:  $(grep '^\[' "$WORK/phantom.err" | tail -n 1)"
+echo "  RG1_UNCR: $(grep '^\[' "$WORK/rg1.err" | tail -n 1)"
 echo
 echo "[demo] NOT FOR CLINICAL USE: the demo model is trained on phantom images."
