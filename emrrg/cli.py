@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 
 from emrrg.config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
+from emrrg.runtime import logs
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
 
@@ -153,7 +154,8 @@ def generate_main(argv: list[str] | None = None) -> None:
 
             model.merge_adapters()
             n = quantize_llm_nf4(model.llama_model)
-            print(f"[LLM: {n} linear layers in NF4]", file=sys.stderr)
+            if not logs.quiet():
+                print(f"[LLM: {n} linear layers in NF4]", file=sys.stderr)
         t1 = time.perf_counter()
         px = model.pixel_values(a.images)
         over = {k: v for k, v in (("num_beams", a.beams), ("max_new_tokens", a.max_new_tokens),
@@ -164,7 +166,8 @@ def generate_main(argv: list[str] | None = None) -> None:
         ids = model.generate_ids(px, **over)
         t2 = time.perf_counter()
         print(model.decode(ids[0].tolist()))
-        print(f"[{ids.shape[1]} tokens; load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s]", file=sys.stderr)
+        if not logs.quiet():  # -q: the report alone
+            print(f"[{ids.shape[1]} tokens; load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s]", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

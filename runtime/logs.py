@@ -119,6 +119,8 @@ def configure(prog: str, name: str = DEFAULT, fmt: str | None = None, own: Seque
         logging.getLogger(n).setLevel(level)
     quiet_warnings()
     quiet_onnxruntime()
+    if level > logging.DEBUG:  # transformers' own handler reads this when it first logs ("generation flags ...")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return level
 
 
@@ -173,7 +175,7 @@ def torch_loggers_quiet() -> None:
     """After `import torch` (which resets its loggers' levels): torch.onnx's registration lines, e.g. 'torchvision
     is not installed. Skipping ...' once per operator, only with --verbose. Does not import torch itself."""
     if not verbose():
-        for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
