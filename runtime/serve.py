@@ -8,7 +8,7 @@
 
 API (OpenAPI schema at /openapi.json, interactive docs at /docs):
 
-  POST /v1/reports[?beams=N&max_new_tokens=N]
+  POST /v1/reports[?beams=N&max_new_tokens=N&stream=true]
       Body: ONE view as the raw file (Content-Type application/dicom, image/png, image/jpeg or
       application/octet-stream; no Content-Type means octet-stream), or multipart/form-data with
       one or more file parts named `views` (the views of one study, averaged as upstream; other
@@ -45,6 +45,11 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
       as a DICOM SR (Enhanced SR, emrrg.runtime.sr) for the uploaded DICOM views, built from their
       headers; 406 when a view is a PNG / JPEG (an SR must reference DICOM instances), 422 bad_sr_source
       when a header lacks the UIDs an SR reference needs.
+      With stream=true the 200 body is text/event-stream (server-sent events): one `token` event per generated
+      token, data {"id": token id, "text": the text it adds} (the texts joined are the report), then one
+      `report` event whose data is the ReportResponse JSON; a generation that fails after the stream began
+      ends it with an `error` event (the error JSON). Refusals before generation starts are the statuses
+      above; stream=true with Accept: application/dicom is 406. A client that leaves stops the generation.
       Every error body is {"error": code, "detail": message, "request_id": id}.
   GET /healthz    200 {"status": "ok", "model_loaded": bool, "state": "loading|ready|failed|stopping",
                        "backend": str|null, "queue": {"capacity", "queue_size", "active", "running", "waiting",
@@ -116,7 +121,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request, Response
@@ -620,7 +625,20 @@ class ReportService:
 
     async def generate(self, arrays: list[np.ndarray], beams: int | None, max_new_tokens: int | None,
                        slot: _Slot, gone: threading.Event) -> dict | None:
+        return await self.submit_generation(arrays, beams, max_new_tokens, slot, gone)
+
+    def submit_generation(self, arrays: list[np.ndarray], beams: int | None, max_new_tokens: int | None,
+                          slot: _Slot, gone: threading.Event,
+                          on_token: Callable[[int], None] | None = None) -> "asyncio.Future[dict | None]":
+        """Queue a generation (the slot is held until it ends); its result is None when the client left first.
+        `on_token` is called from the generation thread with each token; once `gone` is set the generation
+        stops at its next token."""
         queued = time.perf_counter()
+
+        def each_token(tok: int) -> None:
+            if gone.is_set():
+                raise _ClientGone()
+            on_token(tok)
 
         def job():
             if gone.is_set():
@@ -630,7 +648,10 @@ class ReportService:
                 self._running = True
             try:
                 out = self.runtime.generate(arrays, num_beams=beams, max_new_tokens=max_new_tokens,
-                                            max_megapixels=self.policy.max_megapixels)
+                                            max_megapixels=self.policy.max_megapixels,
+                                            on_token=each_token if on_token is not None else None)
+            except _ClientGone:
+                return None
             except ImageError as e:  # the last checks on the decoded arrays (e.g. non-finite values)
                 raise ApiError(422, "undecodable_image", str(e)) from None
             finally:
@@ -641,7 +662,7 @@ class ReportService:
             return out
         fut = self._gen.submit(job)
         slot.hold(fut)
-        return await asyncio.wrap_future(fut)
+        return asyncio.wrap_future(fut)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -713,8 +734,10 @@ _REQUEST_BODY = {
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying (>= 1)", "schema": {"type": "integer"}}}
 _ERRORS = {
-    200: {"description": "the report: JSON, or with Accept: application/dicom a DICOM SR (Enhanced SR)",
-          "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}},
+    200: {"description": "the report: JSON, with Accept: application/dicom a DICOM SR (Enhanced SR), with stream=true "
+                         "server-sent events (`token` per token, then `report` with the JSON)",
+          "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}},
+                      "text/event-stream": {"schema": {"type": "string"}}}},
     401: {"model": ErrorResponse, "description": "no or wrong API key (only when the server has --api-key)"},
     406: {"model": ErrorResponse, "description": "Accept: application/dicom, but a view is not DICOM"},
     400: {"model": ErrorResponse, "description": "empty body, malformed multipart, no or empty views, too many views"},
@@ -1083,6 +1106,8 @@ def create_app(service: ReportService, api_key: str | None = None) -> FastAPI:
         request: Request, response: Response,
         beams: Optional[int] = Query(None, ge=1, le=BEAMS_CAP, description="beam count (1 = greedy); default: server/bundle"),
         max_new_tokens: Optional[int] = Query(None, ge=1, le=MAX_NEW_TOKENS_CAP, description="default: server/bundle"),
+        stream: bool = Query(False, description="answer as server-sent events (text/event-stream): one `token` event "
+                                                "per generated token, then one `report` event with the JSON"),
     ) -> Any:
         ctx = request.scope["emrrg"]["fields"]
         media_type, params = parse_options_header(request.headers.get("content-type"))
@@ -1106,6 +1131,11 @@ def create_app(service: ReportService, api_key: str | None = None) -> FastAPI:
             raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary parameter")
         beams, max_new_tokens = service.check_settings(beams, max_new_tokens)
         want_sr = wants_dicom(request.headers.get("accept"))
+        if want_sr and stream:
+            raise ApiError(406, "not_acceptable", "stream=true answers with text/event-stream, not a DICOM SR; "
+                                                  "drop stream=true to get the SR, or ask for Accept: text/event-stream")
+        settings = {"beams": beams if beams is not None else "default",   # logged once generation has run
+                    "max_new_tokens": max_new_tokens if max_new_tokens is not None else "default"}
         service.check_admission()                   # a full queue answers 503 before the body is read
         slot = watcher = None
         gone = threading.Event()
@@ -1118,6 +1148,10 @@ def create_app(service: ReportService, api_key: str | None = None) -> FastAPI:
             watcher = asyncio.create_task(_watch_disconnect(request, gone))
             arrays, infos, load_ms = await service.decode(views, slot)
             del views
+            if stream:   # errors before this point are ordinary JSON answers; after it, `error` events
+                ctx["output"] = "sse"
+                return _event_stream(service, arrays, beams, max_new_tokens, slot, gone, request.scope["emrrg"]["id"],
+                                     lambda out: report_json(request, out, load_ms, infos, ctx, metrics, settings))
             out = await service.generate(arrays, beams, max_new_tokens, slot, gone)
             del arrays
         except _ClientGone:
@@ -1131,26 +1165,107 @@ def create_app(service: ReportService, api_key: str | None = None) -> FastAPI:
         if out is None:
             ctx["error"] = "client_gone"
             return Response(status_code=499)
-        t = out["timings_ms"]
-        t["preprocess"] += load_ms
-        t["total"] += load_ms
-        metrics.observe_report(t, load_ms, out["queue_wait_ms"], out["tokens"])
-        ctx.update(beams=beams if beams is not None else "default",
-                   max_new_tokens=max_new_tokens if max_new_tokens is not None else "default", tokens=out["tokens"],
-                   queue_ms=f"{out['queue_wait_ms']:.1f}", preprocess_ms=f"{t['preprocess']:.1f}",
-                   encoder_ms=f"{t['encoder']:.1f}", prefill_ms=f"{t['prefill']:.1f}",
-                   decode_ms=f"{t['decode']:.1f}", total_ms=f"{t['total']:.1f}")
         response.headers["Cache-Control"] = "no-store"
+        body = report_json(request, out, load_ms, infos, ctx, metrics, settings)
         if sr_headers is not None:
             ctx["output"] = "dicom-sr"
             return await asyncio.to_thread(_sr_response, sr_headers, out)
-        return {"request_id": request.scope["emrrg"]["id"], "report": out["report"], "tokens": out["tokens"],
-                "backend": out["backend"], "bundle_sha256": out["bundle_sha256"],
-                "timings_ms": {k: round(v, 2) for k, v in t.items()}, "peak_rss_mb": out["peak_rss_mb"],
-                "queue_wait_ms": round(out["queue_wait_ms"], 2), "views": ctx["views"],
-                "inputs": [v.to_json() for v in infos]}
+        return body
 
     return app
+
+
+def report_json(request: Request, out: dict, load_ms: float, infos: list[ViewInfo], ctx: dict,
+                metrics: ServeMetrics, settings: dict) -> dict:
+    """The ReportResponse of a finished generation (its timings now include decoding the upload); also fills
+    the request's log fields (`settings`: the decoding settings, then the generation's) and the metrics."""
+    ctx.update(settings)
+    t = out["timings_ms"]
+    t["preprocess"] += load_ms
+    t["total"] += load_ms
+    metrics.observe_report(t, load_ms, out["queue_wait_ms"], out["tokens"])
+    ctx.update(tokens=out["tokens"], queue_ms=f"{out['queue_wait_ms']:.1f}", preprocess_ms=f"{t['preprocess']:.1f}",
+               encoder_ms=f"{t['encoder']:.1f}", prefill_ms=f"{t['prefill']:.1f}",
+               decode_ms=f"{t['decode']:.1f}", total_ms=f"{t['total']:.1f}")
+    return {"request_id": request.scope["emrrg"]["id"], "report": out["report"], "tokens": out["tokens"],
+            "backend": out["backend"], "bundle_sha256": out["bundle_sha256"],
+            "timings_ms": {k: round(v, 2) for k, v in t.items()}, "peak_rss_mb": out["peak_rss_mb"],
+            "queue_wait_ms": round(out["queue_wait_ms"], 2), "views": ctx["views"],
+            "inputs": [v.to_json() for v in infos]}
+
+
+class TextDeltas:
+    """The text each new token adds to the report (the whole prefix is decoded each time, so a character
+    split over tokens comes out whole, and the clean-up of Runtime.decode_text applies). Text that may still
+    change (an incomplete character at the end) is held back until a later token settles it."""
+
+    def __init__(self, decode_text: Callable[[list[int]], str]):
+        self.decode_text, self.ids, self.shown = decode_text, [], ""
+
+    def add(self, tok: int) -> str:
+        self.ids.append(tok)
+        return self._advance(self.decode_text(self.ids), final=False)
+
+    def rest(self, report: str) -> str:
+        """What the final report adds to the text given so far ("" when it adds nothing)."""
+        return self._advance(report, final=True)
+
+    def _advance(self, text: str, final: bool) -> str:
+        if not text.startswith(self.shown) or (text.endswith("\ufffd") and not final):
+            return ""
+        delta, self.shown = text[len(self.shown):], text
+        return delta
+
+
+def sse(event: str, data: dict) -> bytes:
+    """One server-sent event: its type and a one-line JSON payload."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _event_stream(service: ReportService, arrays: list[np.ndarray], beams: int | None, max_new_tokens: int | None,
+                  slot: _Slot, gone: threading.Event, request_id: str, finish: Callable[[dict], dict]) -> Response:
+    """POST /v1/reports?stream=true: the generation queued now (holding the slot), answered as text/event-stream:
+    `token` events {"id", "text"} (one per token; the texts joined are the report), then `report` with the
+    ReportResponse JSON, or `error` with the error JSON when generation fails. A client that leaves stops the
+    generation at its next token."""
+    from starlette.responses import StreamingResponse
+
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue = asyncio.Queue()
+    done = object()
+    fut = service.submit_generation(arrays, beams, max_new_tokens, slot, gone,
+                                    on_token=lambda tok: loop.call_soon_threadsafe(tokens.put_nowait, tok))
+    fut.add_done_callback(lambda _f: tokens.put_nowait(done))
+
+    async def events():
+        deltas = TextDeltas(service.runtime.decode_text)
+        held = None    # each token event waits for the next token: the last one also carries what the end settles
+        try:
+            while (tok := await tokens.get()) is not done:
+                if held is not None:
+                    yield sse("token", held)
+                held = {"id": tok, "text": deltas.add(tok)}
+            try:
+                out = fut.result()
+            except ApiError as e:
+                yield sse("error", {"error": e.code, "detail": e.detail, "request_id": request_id})
+                return
+            except Exception as e:
+                log.debug("generation failed", exc_info=True)
+                yield sse("error", {"error": "internal_error", "detail": f"generation failed ({type(e).__name__})",
+                                    "request_id": request_id})
+                return
+            if out is None:
+                return
+            if held is not None:
+                held["text"] += deltas.rest(out["report"])
+                yield sse("token", held)
+            yield sse("report", finish(out))
+        finally:
+            gone.set()   # a client that left mid-stream: the generation stops at its next token
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
@@ -1224,17 +1339,13 @@ def check_tls_files(certfile: str, keyfile: str) -> None:
                          f"({getattr(e, 'reason', None) or e}): give a PEM certificate and its unencrypted PEM key") from None
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
 def _setup_logging() -> None:
-    """The service's log on stderr: CommandParser already set the format and the level of emrrg and uvicorn
-    (-q, -v, EMRRG_LOG_LEVEL: runtime/logs.py); this covers create_app callers that did not parse a command line."""
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
-        for name in ("emrrg", "uvicorn.error"):
-            logging.getLogger(name).setLevel(logging.INFO)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("emrrg", "uvicorn.error"):
+        logging.getLogger(name).setLevel(logging.INFO)
     # pydicom's own log messages can quote element values; its real failures surface as exceptions anyway.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
@@ -1312,8 +1423,7 @@ def _port(s: str) -> int:
 
 
 def serve_main(argv: list[str] | None = None) -> None:
-    p = CommandParser(prog="emrrg-serve", formatter_class=DefaultsHelpFormatter, log_format=LOG_FORMAT,
-                      log_names=("uvicorn",),
+    p = CommandParser(prog="emrrg-serve", formatter_class=DefaultsHelpFormatter,
                                 description="HTTP report service for an X-ray console: POST /v1/reports (DICOM/PNG/"
                                             "JPEG, or multipart 'views'), GET /healthz, GET /v1/model, /openapi.json.")
     p.add_argument("bundle", help="bundle directory written by emrrg-export")

@@ -237,7 +237,7 @@ def test_openapi_lists_routes(client):
     props = spec["components"]["schemas"]["ReportResponse"]["properties"]
     assert {"report", "tokens", "backend", "bundle_sha256", "timings_ms", "peak_rss_mb", "request_id",
             "queue_wait_ms"} <= set(props)
-    assert {p["name"] for p in post["parameters"]} == {"beams", "max_new_tokens"}
+    assert {p["name"] for p in post["parameters"]} == {"beams", "max_new_tokens", "stream"}
 
 
 # --------------------------------------------------------------------------- bad requests

@@ -141,3 +141,71 @@ def _strings(o):
             yield from _strings(v)
     elif isinstance(o, str):
         yield o
+
+
+# --------------------------------------------------------------------------- SSE
+
+def parse_events(text: str) -> list[tuple[str, dict]]:
+    """text/event-stream -> [(event type, JSON data)]: events end at a blank line; comments (':') skipped."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        kind, data = "message", []
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            field, _, val = line.partition(":")
+            val = val[1:] if val.startswith(" ") else val
+            if field == "event":
+                kind = val
+            elif field == "data":
+                data.append(val)
+        if data:
+            events.append((kind, json.loads("\n".join(data))))
+    return events
+
+
+@pytest.mark.parametrize("settings", [{"beams": 1, "max_new_tokens": 40}, {"beams": 3, "max_new_tokens": 25}],
+                         ids=["greedy", "beams3"])
+def test_stream_sends_each_token_then_the_report(client, settings):
+    plain = check_report(post_jpeg(client, **settings), views=1)
+    with client.stream("POST", "/v1/reports", params={**settings, "stream": "true"}, content=jpeg_path().read_bytes(),
+                       headers={"Content-Type": "image/jpeg"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-store" and r.headers["x-request-id"]
+        text = "".join(r.iter_text())
+    events = parse_events(text)
+    kinds = [k for k, _ in events]
+    assert kinds == ["token"] * (len(kinds) - 1) + ["report"], kinds
+    tokens = [d for k, d in events if k == "token"]
+    report = events[-1][1]
+    assert set(report) == set(plain) and report["request_id"] == r.headers["x-request-id"]
+    assert len(tokens) == report["tokens"] == plain["tokens"]
+    assert all(isinstance(t["id"], int) and isinstance(t["text"], str) for t in tokens)
+    assert "".join(t["text"] for t in tokens) == report["report"] == plain["report"]
+    assert report["report"].strip()
+
+
+def test_stream_refusals_are_ordinary_json_errors(client):
+    r = client.post("/v1/reports", params={"stream": "true"}, content=b"not an image at all",
+                    headers={"Content-Type": "application/octet-stream"})
+    assert_error(r, 415, "unsupported_media_type")
+    r = client.post("/v1/reports", params={"stream": "true"}, content=dicom_bytes(),
+                    headers={"Content-Type": "application/dicom", "Accept": "application/dicom"})
+    assert_error(r, 406, "not_acceptable")
+    assert_error(client.post("/v1/reports", params={"stream": "maybe"}, content=dicom_bytes(),
+                             headers={"Content-Type": "application/dicom"}), 422, "bad_parameter")
+
+
+def test_client_leaving_mid_stream_frees_the_queue(client, server):
+    with httpx.Client(base_url=server.url, timeout=60) as other:
+        with other.stream("POST", "/v1/reports", params={**SLOW, "beams": 1, "stream": "true"},
+                          content=jpeg_path().read_bytes(), headers={"Content-Type": "image/jpeg"}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    break   # leave after the first token
+    deadline = time.monotonic() + LIVENESS_S
+    while value(scrape(client), "emrrg_queue_depth") != 0:
+        assert time.monotonic() < deadline, "the abandoned stream never gave its queue slot back"
+        time.sleep(0.05)
+    check_report(post_jpeg(client, beams=1, max_new_tokens=4), views=1)
