@@ -86,6 +86,7 @@ def quiet_library_warnings() -> None:
     logs.quiet_warnings()
     import torch  # noqa: F401  (importing torch resets its loggers' levels: set ours after it)
     logs.torch_loggers_quiet()
+    logs.quiet_onnxruntime()
 
 
 def _log(msg: str) -> None:

@@ -118,7 +118,8 @@ def configure(prog: str, name: str = DEFAULT, fmt: str | None = None, own: Seque
     for n in _state["own"]:
         logging.getLogger(n).setLevel(level)
     quiet_warnings()
-    quiet_onnxruntime()
+    if "onnxruntime" in sys.modules:  # else whoever imports it calls quiet_onnxruntime(): parsing stays light
+        quiet_onnxruntime()
     if level > logging.DEBUG:  # transformers' own handler reads this when it first logs ("generation flags ...")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return level
@@ -163,7 +164,8 @@ def ort_severity() -> int:
 
 def quiet_onnxruntime() -> None:
     """ONNX Runtime's default logger at ort_severity(): it covers the sessions emrrg does not create itself
-    (the INT8 calibrator's, onnxruntime.quantization's), whose graph warnings otherwise reach the console."""
+    (the INT8 calibrator's, onnxruntime.quantization's), whose graph warnings otherwise reach the console.
+    Imports onnxruntime: called where it is about to be used (Runtime.from_pretrained, the torch commands)."""
     try:
         import onnxruntime as ort
     except ImportError:  # the torch-side commands run without it too
