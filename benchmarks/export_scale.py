@@ -1,15 +1,24 @@
-"""Export at scale, decoder part: peak RSS, time and size of building the 4-bit decoder from bf16 safetensors.
+"""Export at scale: peak RSS, time and bundle size of the full `emrrg-export --llm-bits 4` on Llama shapes up to 7B.
 
-For each Llama shape (random weights, written here as bf16 safetensors tensor by tensor, SmolLM2's
-vocabulary size), one child process runs `decoder_builder.build_decoder` straight from the file
-(SafetensorsWeights: one tensor read at a time, quantized as it is appended to decoder.onnx.data) with the
-affine block-32 encoding and an 8-bit lm_head, and reports its peak RSS (VmHWM), wall time and output bytes.
-This is the part of `emrrg-export --llm-bits 4` that grows with the decoder; the full export also holds the
-f32 model for validation and scores the 4-bit candidates (not measured here).
+For each shape (135M, 324M, 1.1B, 7B; random weights, written here as bf16 safetensors one layer per file, with
+SmolLM2's tokenizer from its package and vocabulary size):
 
-    .venv/bin/python benchmarks/export_scale.py --shapes 135m 324m
+1. `emrrg-init --decoder llama2-7b --decoder-path LLM_DIR` writes the checkpoint (base encoder; the LLM's weights
+   stay in LLM_DIR and are never loaded: emrrg-init needs only their shapes);
+2. one child process runs the whole `emrrg-export CKPT -o BUNDLE --llm-bits 4` (encoder export and validation,
+   the 4-bit decoder built from the safetensors and scored against the f32 reference, tokenizer, manifest) and
+   reports its peak RSS (VmHWM: Python, torch, onnx and ONNX Runtime included), wall time and the bundle's size.
 
-Writes benchmarks/results/export_scale.{json,md}.
+The decoder's f32 reference is the export's default (`decoder_reference=auto`): the f32 LLM in memory up to 2 GiB
+of f32 weights (135M, 324M), streamed layer by layer from the safetensors above (1.1B, 7B). The 4-bit encoding is
+pinned (affine, block 32, 8-bit lm_head) so each shape builds one candidate: random weights need not pass the
+accuracy thresholds, and the ladder would build up to nine 7B candidates. Scoring is kept short (1 prompt of 64
+tokens, 16 reference tokens) so the streamed 7B reference costs 16 passes over the weights.
+
+    .venv/bin/python benchmarks/export_scale.py --shapes 1.1b 7b --work /work/scale --keep 7b
+
+Writes benchmarks/results/export_scale.{json,md} after every shape (rows of other shapes already there are kept),
+with the memory model (peak RSS = bytes per parameter x parameters + constant, least squares over the rows).
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,68 +79,171 @@ def write_random_checkpoint(name: str, out: Path) -> int:
     for k, s in shapes.items():
         groups.setdefault(k.split(".")[2] if k.startswith("model.layers.") else "top", {})[k] = s
     out.mkdir(parents=True, exist_ok=True)
+    layer0: dict[str, torch.Tensor] = {}
     for gname, members in groups.items():
-        state = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
-                 for k, s in members.items()}
+        # one random layer, each later layer its rows rolled by the layer's index: distinct layers for the cost
+        # of a copy (drawing 6.5B normal numbers takes half an hour on a loaded 2-core machine)
+        state = {}
+        for k, s in members.items():
+            base = k.split(".", 3)[-1] if k.startswith("model.layers.") else k
+            if base not in layer0:
+                layer0[base] = (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+            t = layer0[base]
+            state[k] = t if len(s) == 1 or gname in ("top", "0") else torch.roll(t, int(gname), dims=0)
+        if gname == "top":
+            layer0 = {}
         total += sum(int(np.prod(s)) for s in members.values())
         f = out / f"part-{gname}.safetensors"
         save_file(state, str(f))
         files.append(f)
         del state
+    # the index transformers reads for a checkpoint in several files (what a 7B download has)
+    weight_map = {k: f"part-{g}.safetensors" for g, members in groups.items() for k in members}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     c.save_pretrained(out)
     return total
 
 
+EXTRA = ["method=affine", "block_size=32", "lm_head_bits=8", "eval_prompts=1", "eval_tokens=16", "prompt_tokens=64"]
+VENV_BIN = Path(sys.executable).parent
+
 CHILD = r"""
 import json, sys, time
-from pathlib import Path
 t0 = time.time()
-from transformers import AutoConfig
-from emrrg.export.decoder_builder import LlamaShape, SafetensorsWeights, build_decoder
-from emrrg.export.quantize_decoder import QuantConfig
-src_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
-src = SafetensorsWeights(sorted(src_dir.glob("*.safetensors")))
-res = build_decoder(src, LlamaShape.from_config(AutoConfig.from_pretrained(src_dir)), out, quant=QuantConfig("affine-b32-lm8"))
+from emrrg.export.cli import export_main
+code = 0
+try:
+    export_main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code or 0
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-print(json.dumps({"seconds": round(time.time() - t0, 1), "peak_rss_mb": round(hwm), "bytes": res.bytes,
-                  "nodes": res.node_count}))
+print(json.dumps({"seconds": round(time.time() - t0, 1), "peak_rss_mb": round(hwm), "exit": code}))
 """
+
+
+def count_params(folder: Path) -> int:
+    from emrrg.export.streamed_reference import f32_bytes
+
+    return f32_bytes(sorted(folder.glob("*.safetensors"))) // 4
+
+
+def save_smollm2_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from emrrg.assets import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+
+
+def run_shape(name: str, work: Path, keep: bool, reference: str = "auto") -> dict:
+    llm, ck, bundle = work / f"llm-{name}", work / f"ckpt-{name}", work / f"bundle-{name}"
+    for d in (ck, bundle):
+        shutil.rmtree(d, ignore_errors=True)
+    t = time.time()
+    done = llm / "tokenizer.json"          # written last: a complete LLM folder from an earlier run (seed 0) is reused
+    params = count_params(llm) if done.is_file() else write_random_checkpoint(name, llm)
+    if not done.is_file():
+        save_smollm2_tokenizer(llm)
+    subprocess.run([str(VENV_BIN / "emrrg-init"), "-o", str(ck), "--decoder", "llama2-7b", "--decoder-path", str(llm)],
+                   check=True, capture_output=True, text=True)
+    prep_s = round(time.time() - t, 1)
+    r = subprocess.run([sys.executable, "-c", CHILD, str(ck), "-o", str(bundle), "--llm-bits", "4", "--no-progress",
+                        "--extra-options", *EXTRA, f"decoder_reference={reference}"], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{name}: the export's child process died (exit {r.returncode}): {r.stderr[-2000:]}")
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    row.update(params=params, bf16_mb=round(2 * params / 2**20), f32_mb=round(4 * params / 2**20), prepare_s=prep_s)
+    if row["exit"]:
+        row["error"] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "no message"
+    else:
+        m = json.loads((bundle / "manifest.json").read_text())
+        val = m["validation"]
+        dec = val["decoder_4bit"]
+        att = next(a for a in dec["attempts"] if a["name"] == dec["chosen"])
+        row.update(bundle_mb=round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20),
+                   reference=val["decoder_reference"]["kind"], chosen=dec["chosen"], top1=att["top1"],
+                   kl_mean=att["kl_mean"], passed=att["passed"], quantize_s=att["quantize_s"], eval_s=att["eval_s"])
+    shutil.rmtree(ck, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(llm, ignore_errors=True)
+        shutil.rmtree(bundle, ignore_errors=True)
+    return row
+
+
+def memory_model(rows: dict, reference: str) -> dict | None:
+    """peak RSS = a x parameters + b over the full-export rows with this reference (least squares); None below
+    two rows."""
+    import numpy as np
+
+    ok = [r for r in rows.values() if r.get("reference") == reference]
+    if len(ok) < 2:
+        return None
+    x = np.array([r["params"] for r in ok], float)
+    y = np.array([r["peak_rss_mb"] * 2**20 for r in ok], float)
+    a, b = np.polyfit(x, y, 1)
+    return {"bytes_per_param": round(float(a), 3), "constant_mb": round(float(b) / 2**20), "rows": len(ok),
+            "max_residual_mb": round(float(np.abs(a * x + b - y).max()) / 2**20)}
+
+
+def write_results(out_dir: Path, rows: dict, build_only: dict) -> None:
+    out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "load_average": round(os.getloadavg()[0], 2),
+           "extra_options": EXTRA, "full_export": rows,
+           "memory_model": {ref: memory_model(rows, ref) for ref in ("f32", "streamed")},
+           "decoder_build_only": build_only}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "export_scale.json").write_text(json.dumps(out, indent=2) + "\n")
+    md = ["# Export at scale: the full `emrrg-export --llm-bits 4` from bf16 safetensors", "",
+          f"{out['machine']}, load average {out['load_average']} when written (the machine is shared); random Llama "
+          "weights (bf16 safetensors), SmolLM2's tokenizer, base encoder; one child process per shape running the "
+          "whole export (peak RSS = its VmHWM). `--extra-options " + " ".join(EXTRA) + "`: one pinned 4-bit "
+          "candidate, scored on 1 prompt of 64 tokens + 16 reference tokens. Reference: `f32` = the f32 LLM in "
+          "memory, `streamed` = f32 layer by layer from the safetensors (export/streamed_reference.py).", "",
+          "| shape | parameters | bf16 file MB | f32 MB | reference | peak RSS MB | peak RSS / f32 | seconds | "
+          "bundle MB | top-1 / KL vs f32 |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        if "error" in r:
+            md.append(f"| {name} | {r['params'] / 1e6:.0f}M | {r['bf16_mb']} | {r['f32_mb']} | - | {r['peak_rss_mb']} "
+                      f"| - | {r['seconds']} | failed: {r['error']} | |")
+            continue
+        md.append(f"| {name} | {r['params'] / 1e6:.0f}M | {r['bf16_mb']} | {r['f32_mb']} | {r['reference']} | "
+                  f"{r['peak_rss_mb']} | {r['peak_rss_mb'] / r['f32_mb']:.2f} | {r['seconds']} | {r['bundle_mb']} | "
+                  f"{r['top1']:.2f} / {r['kl_mean']:.3g} |")
+    for ref, mm in out["memory_model"].items():
+        if mm:
+            md += ["", f"Memory model, {ref} reference (least squares over its {mm['rows']} rows): peak RSS = "
+                       f"{mm['bytes_per_param']} bytes per parameter + {mm['constant_mb']} MB (largest residual "
+                       f"{mm['max_residual_mb']} MB)."]
+    if build_only:
+        md += ["", "Decoder build only (`decoder_builder.build_decoder` from the safetensors, earlier run):", "",
+               "| shape | parameters | peak RSS MB | seconds | decoder MB |", "|---|---:|---:|---:|---:|"]
+        md += [f"| {n} | {r['params'] / 1e6:.0f}M | {r['peak_rss_mb']} | {r['seconds']} | {r['bytes'] / 2**20:.0f} |"
+               for n, r in build_only.items()]
+    (out_dir / "export_scale.md").write_text("\n".join(md) + "\n")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["135m", "324m"], choices=list(SHAPES))
-    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--work", type=Path, required=True, help="scratch folder (a 7B needs ~25 GB of disk)")
+    p.add_argument("--keep", nargs="*", default=[], choices=list(SHAPES),
+                   help="shapes whose LLM folder and bundle stay in --work (e.g. to run a report)")
+    p.add_argument("--reference", default="auto", choices=("auto", "f32", "streamed"),
+                   help="the export's decoder_reference (rows other than auto are keyed SHAPE/REFERENCE)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
-    rows = {}
-    with tempfile.TemporaryDirectory(dir=a.work) as tmp:
-        for name in a.shapes:
-            ck = Path(tmp) / f"ckpt-{name}"
-            params = write_random_checkpoint(name, ck)
-            r = subprocess.run([sys.executable, "-c", CHILD, str(ck), str(Path(tmp) / f"out-{name}")], check=True,
-                               capture_output=True, text=True)
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            row.update(params=params, bf16_mb=round(2 * params / 2**20), f32_mb=round(4 * params / 2**20))
-            rows[name] = row
-            print(name, row, flush=True)
-            shutil.rmtree(ck)
-            shutil.rmtree(Path(tmp) / f"out-{name}")
-    out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "load_average": round(os.getloadavg()[0], 2),
-           "encoding": "affine-b32-lm8", "shapes": rows}
-    a.out_dir.mkdir(parents=True, exist_ok=True)
-    (a.out_dir / "export_scale.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = ["# Export at scale: the 4-bit decoder built from bf16 safetensors", "",
-          f"{out['machine']}, load average {out['load_average']}; random Llama weights, affine 4-bit block 32, 8-bit "
-          "lm_head; one child process per shape (peak RSS = its VmHWM, Python + torch + onnx included). Decoder "
-          "build only: the full emrrg-export also holds the f32 model and scores the 4-bit candidates.", "",
-          "| shape | parameters | bf16 file MB | f32 MB | peak RSS MB | peak RSS / f32 | seconds | decoder MB | nodes |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in rows.items():
-        md.append(f"| {name} | {r['params'] / 1e6:.0f}M | {r['bf16_mb']} | {r['f32_mb']} | {r['peak_rss_mb']} | "
-                  f"{r['peak_rss_mb'] / r['f32_mb']:.2f} | {r['seconds']} | {r['bytes'] / 2**20:.0f} | {r['nodes']} |")
-    (a.out_dir / "export_scale.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    a.work.mkdir(parents=True, exist_ok=True)
+    for name in a.shapes:
+        row = run_shape(name, a.work, name in a.keep, a.reference)
+        key = name if a.reference == "auto" else f"{name}/{a.reference}"
+        print(key, row, flush=True)
+        # re-read right before writing: another invocation (another shape) may have written its row meanwhile
+        f = a.out_dir / "export_scale.json"
+        old = json.loads(f.read_text()) if f.is_file() else {}
+        rows = dict(old.get("full_export", {}), **{key: row})
+        order = [k for n in SHAPES for k in (n, f"{n}/f32", f"{n}/streamed")]
+        write_results(a.out_dir, {k: rows[k] for k in order if k in rows},
+                      old.get("decoder_build_only", old.get("shapes", {})))
 
 
 if __name__ == "__main__":

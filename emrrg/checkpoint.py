@@ -122,15 +122,26 @@ def read_config(ckpt: str | Path) -> EMRRGConfig:
     return cfg
 
 
-def load_checkpoint(ckpt: str | Path) -> EMRRG:
-    """Rebuild the model (adapters unmerged) from a checkpoint directory."""
+def load_checkpoint(ckpt: str | Path, llm_weights: bool = True) -> EMRRG:
+    """Rebuild the model (adapters unmerged) from a checkpoint directory. llm_weights=False (decoder sources
+    random and path, no LLM LoRA, no hybrid layers): the LLM stays on the meta device, for an export that
+    streams its weights from the safetensors (export/streamed_reference.py)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     ckpt = Path(ckpt)
     cfg = read_config(ckpt)
     llm = tok = None
-    if cfg.decoder.source == "random":
+    if not llm_weights:
+        from emrrg.decoder import load_base_decoder
+
+        if cfg.decoder.lora_rank or cfg.decoder.hybrid_layers or cfg.decoder.source not in ("random", "path"):
+            raise CheckpointError("only a plain random or --decoder-path LLM (no LLM LoRA, no hybrid layers) can be "
+                                  "loaded without its weights")
+        llm, tok = load_base_decoder(cfg.decoder, weights=False)
+        if cfg.decoder.source == "random":
+            tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    elif cfg.decoder.source == "random":
         llm = LlamaForCausalLM(LlamaConfig(**cfg.decoder.llama)).float()
         _load_strict(llm, load_file(str(ckpt / "decoder" / "model.safetensors")), "decoder", allow_missing=("lm_head.weight",)
                      if llm.config.tie_word_embeddings else ())

@@ -99,7 +99,10 @@ def init_main(argv: list[str] | None = None) -> None:
         cfg = make_config(a.encoder, a.decoder, a.dataset, encoder_overrides={"lora_rank": a.lora_rank},
                           decoder_overrides=dec)
         t0 = time.perf_counter()
-        llm, tok = load_base_decoder(cfg.decoder)
+        # a --decoder-path LLM's weights stay in its folder (the checkpoint names it): without hybrid layers or
+        # LLM LoRA to initialise, only its shapes are needed (a 7B would take 28 GB in f32)
+        shapes_only = cfg.decoder.source == "path" and not a.hybrid_layers and not a.llm_lora_rank
+        llm, tok = load_base_decoder(cfg.decoder, weights=not shapes_only)
         if a.hybrid_layers == "every8":
             cfg.decoder.hybrid_layers = default_hybrid_layers(llm.config.num_hidden_layers)
         elif a.hybrid_layers:

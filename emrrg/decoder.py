@@ -93,11 +93,16 @@ def _load_smollm2():
     return model, tok
 
 
-def load_base_decoder(cfg: DecoderConfig):
-    """(LlamaForCausalLM in f32, tokenizer) for the configured source, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def load_base_decoder(cfg: DecoderConfig, weights: bool = True):
+    """(LlamaForCausalLM in f32, tokenizer) for the configured source, offline. weights=False (sources random and
+    path): the model on the meta device, shapes only, for callers that read the weights from the files themselves
+    (a 7B export streams them; emrrg-init never saves a path source's weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if cfg.source == "random":
+        if not weights:
+            with torch.device("meta"):
+                return LlamaForCausalLM(LlamaConfig(**cfg.llama)), byte_tokenizer(cfg.llama.get("vocab_size", 512))
         model = LlamaForCausalLM(LlamaConfig(**cfg.llama))
         return model.float(), byte_tokenizer(cfg.llama.get("vocab_size", 512))
     if cfg.source == "smollm2":
@@ -105,7 +110,12 @@ def load_base_decoder(cfg: DecoderConfig):
     if cfg.source == "path":
         if not cfg.path or not Path(cfg.path).is_dir():
             raise DecoderLoadError(f"decoder preset {cfg.preset!r} needs a local HF folder (--decoder-path); got {cfg.path!r}")
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, local_files_only=True)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, local_files_only=True)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path, local_files_only=True),
+                                                         dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
     raise DecoderLoadError(f"unknown decoder source {cfg.source!r} (random, smollm2, path)")
 

@@ -72,12 +72,17 @@ def export_main(argv: list[str] | None = None) -> None:
     summary = {"bundle": a.output, "bytes": sum(f["bytes"] for f in manifest["files"].values()),
                "artifacts": {k: {"precision": v["precision"], "bytes": v["bytes"]} for k, v in manifest["artifacts"].items()},
                "export_s": manifest.get("export_s")}
+    ref = manifest["validation"].get("decoder_reference")
+    if ref:  # what the 4-bit decoder was validated against (export/streamed_reference.py)
+        summary["decoder_reference"] = ref["kind"]
     if a.json:
         print(json.dumps(summary))
     else:
         print(f"wrote {a.output}: {summary['bytes'] / 2**20:.1f} MiB in {summary['export_s']} s")
         for k, v in summary["artifacts"].items():
             print(f"  {k:<17} {v['precision']:<6} {v['bytes'] / 2**20:8.2f} MiB")
+        if ref:
+            print(f"  decoder reference: {ref['why']}")
 
 
 def quiet_library_warnings() -> None:

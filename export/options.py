@@ -22,6 +22,7 @@ from typing import Iterable, Mapping
 
 from emrrg.export.errors import OptionError
 from emrrg.export.quantize_decoder import QuantConfig
+from emrrg.export.streamed_reference import F32_REFERENCE_MAX_BYTES, REFERENCES
 
 # MatMulNBits' contract (ORT's operator schema): block_size is a power of two >= 16. All of these run
 # (and re-encode weights correctly) on ORT 1.32 CPU at every accuracy_level; a block beyond 1024 would
@@ -99,6 +100,10 @@ EXTRA_OPTIONS: tuple[Option, ...] = (
            pins=False),
     Option("eval_tokens", "decoder", int, 60, "reference tokens scored per prompt", bounds=(1, MAX_EVAL_TOKENS), pins=False),
     Option("prompt_tokens", "decoder", int, 220, "tokens per scoring prompt", bounds=PROMPT_TOKEN_RANGE, pins=False),
+    Option("decoder_reference", "decoder", str, "auto", "what the 4-bit candidates are scored against: f32 = the "
+           "f32 LLM in memory, streamed = f32 computed layer by layer from the safetensors (for LLMs too large to "
+           "hold in f32), auto = f32 up to "
+           f"{F32_REFERENCE_MAX_BYTES / 2**30:g} GiB of f32 weights, streamed above", choices=REFERENCES, pins=False),
     Option("decoder_graph", "graph", str, DECODER_GRAPHS[0], "built = the decoder written op by op from the weights "
            "(GroupQueryAttention, in-place KV cache), traced = torch.onnx's graph; a decoder the builder does not "
            "know (RoPE scaling, biases) falls back to traced with a log line", choices=DECODER_GRAPHS, pins=False),

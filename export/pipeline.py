@@ -131,7 +131,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             work.mkdir()
             # 1. checkpoint + images ------------------------------------------------------------------
             bar.start(steps[0])
-            model = load_checkpoint(checkpoint)
+            reference, why = _decoder_reference(checkpoint, opts)
+            model = load_checkpoint(checkpoint, llm_weights=reference == "f32")
             src_sha = sha256_tree(checkpoint)
             images = _images(opts)
             calib, held = _split(images)
@@ -182,13 +183,18 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             enc_data = share_external_data(tmp, [C.ENCODER_FILE, C.ENCODER_SCAN_FILE], C.ENCODER_DATA_FILE)
             # 5. decoder ---------------------------------------------------------------------------------
             bar.start("export decoder")
-            dec = _export_decoder(model, work / "decoder_f32", opts, log, min_positions=decoder_positions(model))
+            if reference == "streamed":
+                dec = _streamed_decoder(model, checkpoint, work / "decoder_f32")
+            else:
+                dec = _export_decoder(model, work / "decoder_f32", opts, log, min_positions=decoder_positions(model))
             val["decoder_f32"] = dec.validation
+            val["decoder_reference"] = {"kind": reference, "why": why}
             bar.done()
             dec_dir, dec_precision, dec_choice = work / "decoder_f32", "fp32", None
             if opts.llm_bits == 4:
                 bar.start("4-bit decoder")
-                dec_dir, dec_choice = _quantize_decoder(model, ref_tokens["calibration"][:1], dec, work, opts)
+                dec_dir, dec_choice = _quantize_decoder(model, ref_tokens["calibration"][:1], dec, work, opts,
+                                                        streamed=reference == "streamed" and checkpoint)
                 dec_precision = "int4"
                 val["decoder_4bit"] = dec_choice
                 bar.done()
@@ -346,9 +352,49 @@ def _export_decoder(model, out: Path, opts: ExportOptions, log: Callable[[str], 
     return export_decoder(llm, out, tokenizer=model.tokenizer, verbose=False)
 
 
-def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOptions) -> tuple[Path, dict]:
+def _decoder_reference(checkpoint, opts: ExportOptions) -> tuple[str, str]:
+    """("f32" | "streamed", why): what the 4-bit candidates are scored against (export/streamed_reference.py)."""
+    from ..checkpoint import read_config
+    from .options import value
+    from .streamed_reference import choose_reference
+
+    if opts.llm_bits != 4:
+        return "f32", "f32 LLM in memory (--llm-bits 32)"
+    return choose_reference(checkpoint, read_config(checkpoint), value(opts.values(), "decoder_reference"))
+
+
+def _streamed_shape(model):
+    import dataclasses
+
+    from .decoder_builder import LlamaShape
+
+    shape = LlamaShape.from_config(model.llama_model.config)
+    return dataclasses.replace(shape, max_positions=max(shape.max_positions, decoder_positions(model)))
+
+
+def _streamed_decoder(model, checkpoint, out: Path):
+    """The decoder step without an f32 decoder: the spec and the f32 embedding table, read from the safetensors
+    (an f32 decoder.onnx of a 7B would be 28 GB, and its validation would hold it in an ORT session)."""
+    from .decoder_builder import SafetensorsWeights, builder_spec, save_embed_table, token_ids
+    from .decoder_onnx import DecoderExport, decoder_spec
+    from .streamed_reference import llm_weight_files
+
+    t0 = time.perf_counter()
+    shape = _streamed_shape(model)
+    out.mkdir(parents=True)
+    embed = save_embed_table(SafetensorsWeights(llm_weight_files(checkpoint, model.cfg)), shape, out)
+    spec = builder_spec(shape, token_ids(decoder_spec(model.llama_model, model.tokenizer)))
+    return DecoderExport(decoder=None, embed_tokens=embed, cross_kv=None, spec=spec, bytes={},
+                         validation={"skipped": "no f32 decoder is built: the 4-bit candidates are scored against "
+                                                "the streamed f32 reference"}, export_s=time.perf_counter() - t0)
+
+
+def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOptions,
+                      streamed: str | Path | bool = False) -> tuple[Path, dict]:
     """4-bit decoder through the accuracy-aware chooser, scored teacher-forced against the f32 PyTorch LLM
-    on real report text after the EMRRG prompt (export/decoder_eval.py)."""
+    on real report text after the EMRRG prompt (export/decoder_eval.py). streamed (the checkpoint): the f32
+    reference and the activation statistics come from export/streamed_reference.py, the candidates are built
+    from the safetensors."""
     import torch
 
     from .decoder_eval import DecoderEvaluator, TorchDecoder, build_reference, eval_prompts, prefill_feeds
@@ -364,14 +410,16 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
         sess = ort_session(dec.cross_kv)
         visual_kv = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {C.CROSS_KV_INPUT: visual})))
         model.set_visual(torch.from_numpy(visual))
+    prompts = eval_prompts(tok, n=n_prompts, prompt_tokens=prompt_tokens)
+    calib_prompts = eval_prompts(tok, n=2, prompt_tokens=prompt_tokens, first_report=300)
+    if streamed:
+        return _quantize_streamed(model, streamed, prompts, calib_prompts, n_new, dec, work, opts)
     try:
-        prompts = eval_prompts(tok, n=n_prompts, prompt_tokens=prompt_tokens)
         reference = build_reference(TorchDecoder(model.llama_model), prompts, n_new)
     finally:
         model.set_visual(None)
     embed = np.load(dec.embed_tokens)
-    calib = [dict(f, **visual_kv) for f in prefill_feeds(dec.spec, embed, eval_prompts(tok, n=2, prompt_tokens=prompt_tokens,
-                                                                                          first_report=300))]
+    calib = [dict(f, **visual_kv) for f in prefill_feeds(dec.spec, embed, calib_prompts)]
     stats = qd.collect_activation_stats(dec.decoder, calib)
     ladder, quantize = _ladder(x), None
     if dec.spec.cache == C.CACHE_SHARED:  # built graph: each candidate is built from the weights
@@ -380,9 +428,15 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
         quantize = quantized_builder(ModuleWeights(model.llama_model),
                                      _module_shape(model.llama_model, min_positions=decoder_positions(model)),
                                      token_ids(dec.spec))
+    return _choose(dec.decoder, work, DecoderEvaluator(reference, embed, visual_kv=visual_kv or None), ladder, stats,
+                   opts, quantize)
+
+
+def _choose(f32_onnx, work: Path, evaluator, ladder, stats, opts: ExportOptions, quantize) -> tuple[Path, dict]:
+    from . import quantize_decoder as qd
+
     try:
-        choice = qd.choose_decoder_config(dec.decoder, work / "decoder_4bit",
-                                          DecoderEvaluator(reference, embed, visual_kv=visual_kv or None),
+        choice = qd.choose_decoder_config(f32_onnx, work / "decoder_4bit", evaluator,
                                           ladder=ladder, act_stats=stats, top1_min=qd.TOP1_MIN, kl_max=qd.KL_MAX,
                                           strict=opts.strict, verbose=False, quantize=quantize)
     except NoPassingConfigError as e:
@@ -390,6 +444,26 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
                                    "one (marked passed=false in the manifest), or use --llm-bits 32 for an f32 decoder",
                                    e.attempts) from None
     return work / "decoder_4bit", choice.manifest()
+
+
+def _quantize_streamed(model, checkpoint, prompts, calib_prompts, n_new: int, dec, work: Path, opts: ExportOptions
+                       ) -> tuple[Path, dict]:
+    """_quantize_decoder for an LLM that is never in memory: reference and statistics streamed layer by layer,
+    every candidate built from the safetensors, the f32 reference's model dropped before the first candidate."""
+    from .decoder_builder import BUILT_LADDER, SafetensorsWeights, quantized_builder, token_ids
+    from .decoder_eval import DecoderEvaluator
+    from . import quantize_decoder as qd
+    from .streamed_reference import StreamedLlama, llm_weight_files
+
+    files = llm_weight_files(checkpoint, model.cfg)
+    ladder = _ladder(opts.values())
+    ladder = ladder if ladder is not qd.DEFAULT_LADDER else BUILT_LADDER
+    ref = StreamedLlama(files, model.llama_model.config)
+    reference = ref.reference(prompts, n_new)
+    stats = ref.activation_stats(calib_prompts) if any(c.act_weighted for c in ladder) else None
+    del ref
+    quantize = quantized_builder(SafetensorsWeights(files), _streamed_shape(model), token_ids(dec.spec))
+    return _choose(None, work, DecoderEvaluator(reference, np.load(dec.embed_tokens)), ladder, stats, opts, quantize)
 
 
 def _manifest(model, dec, opts, src_sha, checkpoint, enc_info, enc_precision, dec_precision, calibration, val,
