@@ -6,6 +6,10 @@ Panels: the encoder label pre-training BCE (read from the text log's "encoder pr
 lines, when --log is given), the language-model loss per step with its moving average and the
 learning rate, and the validation CE-F1 and selection score at each validation. A resumed run logs the
 steps after its last save twice; the last record of each step is kept.
+
+A run continued from another one's checkpoint (``emrrg-train --init``) restarts its step count: a line
+``{"stage": "NAME"}`` between the two logs starts a stage whose steps are drawn after the previous
+ones (a dotted line marks it), and a pre-training whose step count restarts in the text log likewise.
 """
 from __future__ import annotations
 
@@ -19,24 +23,39 @@ EMA = 0.9  # smoothing of the loss line; the same factor as emrrg-train's progre
 PRETRAIN_LINE = re.compile(r"encoder pre-training (\d+)/(\d+): BCE ([0-9.]+)")
 
 
-def read_log(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
-    """(step -> loss record, step -> validation record), the last record of each step."""
+def read_log(path: Path) -> tuple[dict[int, dict], dict[int, dict], list[tuple[int, str]]]:
+    """(step -> loss record, step -> validation record, [(first step, name)] of the stages after the
+    first); the last record of each step, steps of a later stage offset past the earlier ones."""
     steps: dict[int, dict] = {}
     vals: dict[int, dict] = {}
+    stages: list[tuple[int, str]] = []
+    offset = 0
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)
-        if "loss" in rec:
-            steps[rec["step"]] = rec
+        if "stage" in rec:
+            offset = max(steps, default=0)
+            stages.append((offset, str(rec["stage"])))
+        elif "loss" in rec:
+            steps[offset + rec["step"]] = rec
         elif "val" in rec:
-            vals[rec["step"]] = rec["val"]
-    return steps, vals
+            vals[offset + rec["step"]] = rec["val"]
+    return steps, vals, stages
 
 
 def read_pretrain(path: Path) -> list[tuple[int, float]]:
-    """(step, mean BCE over the last tenth of steps) from the text log's pre-training lines."""
-    return [(int(m.group(1)), float(m.group(3))) for m in PRETRAIN_LINE.finditer(path.read_text(encoding="utf-8"))]
+    """(step, mean BCE over the last tenth of steps) from the text log's pre-training lines; a phase
+    whose count restarts is drawn after the previous one."""
+    out: list[tuple[int, float]] = []
+    offset, last, last_total = 0, 0, 0
+    for m in PRETRAIN_LINE.finditer(path.read_text(encoding="utf-8")):
+        k, total = int(m.group(1)), int(m.group(2))
+        if k <= last:
+            offset += last_total
+        last, last_total = k, total
+        out.append((offset + k, float(m.group(3))))
+    return out
 
 
 def plot(jsonl: Path, out: Path, log: Path | None = None, title: str | None = None) -> Path:
@@ -44,7 +63,7 @@ def plot(jsonl: Path, out: Path, log: Path | None = None, title: str | None = No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, vals = read_log(jsonl)
+    steps, vals, stages = read_log(jsonl)
     if not steps:
         raise ValueError(f"{jsonl}: no training steps (lines with 'loss'); give emrrg-train's log.jsonl")
     pre = read_pretrain(log) if log else []
@@ -64,6 +83,11 @@ def plot(jsonl: Path, out: Path, log: Path | None = None, title: str | None = No
     ax_loss.plot(xs, loss, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
     ax_loss.plot(xs, smooth, color="tab:blue", lw=1.8, label=f"moving average ({EMA})")
     ax_loss.set(title="language-model loss (teacher forced)", xlabel="step", ylabel="cross-entropy")
+    for ax in (ax_loss, ax_val):
+        for x, name in stages:
+            ax.axvline(x, color="k", ls=":", lw=1)
+            ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=7)
     ax_loss.grid(alpha=0.3)
     lr = ax_loss.twinx()
     lr.plot(xs, [steps[s]["lr"] for s in xs], color="tab:gray", ls="--", lw=1, label="learning rate")

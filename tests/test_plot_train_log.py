@@ -32,8 +32,17 @@ def test_resumed_steps_keep_the_last_record(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 5.0, "lr": 1e-4}\n{"step": 2, "loss": 4.0, "lr": 1e-4}\n'
                    '{"step": 2, "loss": 3.5, "lr": 1e-4}\n{"step": 2, "val": {"score": 0.1, "ce_f1": 0.2, "n": 4}}\n')
-    steps, vals = plot_train_log.read_log(log)
-    assert sorted(steps) == [1, 2] and steps[2]["loss"] == 3.5 and vals[2]["ce_f1"] == 0.2
+    steps, vals, stages = plot_train_log.read_log(log)
+    assert sorted(steps) == [1, 2] and steps[2]["loss"] == 3.5 and vals[2]["ce_f1"] == 0.2 and stages == []
+    # a run continued with --init: its steps are drawn after the first run's
+    with log.open("a") as f:
+        f.write('{"stage": "continued"}\n{"step": 1, "loss": 3.0, "lr": 1e-4}\n')
+    steps, _, stages = plot_train_log.read_log(log)
+    assert sorted(steps) == [1, 2, 3] and steps[3]["loss"] == 3.0 and stages == [(2, "continued")]
+    text = tmp_path / "train.log"
+    text.write_text("encoder pre-training 5/10: BCE 0.5\nencoder pre-training 10/10: BCE 0.4\n"
+                    "encoder pre-training 4/8: BCE 0.3\n")
+    assert plot_train_log.read_pretrain(text) == [(5, 0.5), (10, 0.4), (14, 0.3)]
 
 
 def test_missing_or_empty_log_is_one_line_and_exit_2(tmp_path):
