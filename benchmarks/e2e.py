@@ -4,7 +4,9 @@ Same checkpoint (base encoder + the real SmolLM2-135M), same real X-rays, 60 new
 process and alternating (a, b, c, a, b, c, ...) so that load on this shared machine hits all three alike.
 Peak RSS is measured per configuration in a fresh subprocess (ru_maxrss is per process).
 
-    python benchmarks/e2e.py [--repeats 5] [--tokens 60] [--threads 2]
+    python benchmarks/e2e.py [--repeats 5] [--tokens 60] [--threads 2] [--work-dir .cache/bench]
+
+The bundles are exported once into --work-dir and reused: export into an empty one to measure new export code.
 
 Writes benchmarks/results/e2e.{json,md} and e2e.png (stage breakdown).
 """
@@ -23,22 +25,25 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import code_version  # noqa: E402  (benchmarks/machine.py)
+
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / ".cache" / "bench"
 STAGES = ("preprocess", "encoder", "prefill", "decode", "total")
 
 
-def prepare(threads: int) -> dict[str, Path]:
-    """Checkpoint + the two bundles, built once and cached in .cache/bench."""
+def prepare(threads: int, work: Path = WORK) -> dict[str, Path]:
+    """Checkpoint + the two bundles, built once and cached in `work` (.cache/bench unless --work-dir says)."""
     from emrrg.export.pipeline import ExportOptions, export_bundle
 
-    ckpt = WORK / "ckpt-base-smollm2"
+    ckpt = work / "ckpt-base-smollm2"
     if not (ckpt / "config.json").is_file():
         from emrrg.cli import init_main
         init_main(["--encoder", "base", "--decoder", "smollm2-135m", "-o", str(ckpt)])
     out = {"ckpt": ckpt}
     for name, opts in (("bundle-f32", ExportOptions(llm_bits=32)), ("bundle-int8-4bit", ExportOptions(int8=True, llm_bits=4))):
-        b = WORK / name
+        b = work / name
         if not (b / "manifest.json").is_file():
             print(f"[e2e] exporting {name} ...", flush=True)
             export_bundle(ckpt, b, opts, progress=True)
@@ -187,6 +192,10 @@ def write_results(res: dict) -> None:
              f"threads {res['threads']}; images: {', '.join(res['images'])}; load average "
              f"{res.get('load_average', {}).get('before')} before, {res.get('load_average', {}).get('after')} after "
              "(a shared machine: the ratios, measured in the same run, are the figures to read)", "",
+             f"Bundles exported {', '.join(f'{k} {v}' for k, v in res.get('bundles_created', {}).items())}; 4-bit decoder "
+             f"encoding {res.get('decoder_4bit')}; code at {res.get('code', {}).get('head')}, decoder builder / quantizer "
+             f"last changed in {res.get('code', {}).get('decoder_code_commit', '').split(' ')[0]}"
+             + (" (with local edits)" if res.get("code", {}).get("decoder_code_local_edits") else "") + ".", "",
              "| config | " + " | ".join(f"{s} ms (median, min–max)" for s in STAGES) + " | decode tok/s | peak RSS MB | bundle MB |",
              "|---|" + "---|" * (len(STAGES) + 3)]
     for name, c in cfgs.items():
@@ -236,12 +245,13 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=1, help="views per study (real X-rays)")
+    p.add_argument("--work-dir", type=Path, default=WORK, help="where the checkpoint and the bundles are (made if missing)")
     a = p.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
     from emrrg.assets import chest_dicom, pneumonia_images
 
-    paths = prepare(a.threads)
+    paths = prepare(a.threads, a.work_dir)
     load_before = round(os.getloadavg()[0], 2)
     images = [str(chest_dicom("RG1_UNCR.dcm")), *map(str, pneumonia_images())][: a.images]
     runners = {"a_pytorch_f32": TorchRef(paths["ckpt"]), "b_runtime_f32": RuntimeRun(paths["bundle-f32"], a.threads),
@@ -283,6 +293,10 @@ def main(argv=None) -> None:
            "images": [Path(i).name for i in images], "configs": configs,
            "ratios": {"c/a": ratio("c_runtime_int8_4bit", "a_pytorch_f32"), "c/b": ratio("c_runtime_int8_4bit", "b_runtime_f32"),
                       "b/a": ratio("b_runtime_f32", "a_pytorch_f32")},
+           "code": code_version(), "bundles_created": {k: json.loads((paths[k] / "manifest.json").read_text())["created"]
+                                                       for k in ("bundle-f32", "bundle-int8-4bit")},
+           "decoder_4bit": (json.loads((paths["bundle-int8-4bit"] / "manifest.json").read_text()).get("validation", {})
+                            .get("decoder_4bit") or {}).get("chosen"),
            "token_agreement": agreement, "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)}}
     print("[e2e] profiling one report of c_runtime_int8_4bit ...", flush=True)
     res["profile_c"] = profile_runtime(paths["bundle-int8-4bit"], images, a.tokens, a.threads)
