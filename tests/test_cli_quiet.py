@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.test_cli_help import SCRIPTS, capture_parser
 BIN = Path(sys.executable).parent
 EXPORT_TIMEOUT_S = 600  # a tiny INT8 + 4-bit export takes ~20-60 s on a loaded 2-core machine; margin for more
 RUN_TIMEOUT_S = 180
+PTY_READ_WAIT_S = 1.0   # after the bar closed, its last bytes are in the pty at once; 1 s is margin on a loaded machine
 
 # What a default `emrrg-export --int8` may print, by stream. stdout: the summary the command exists to print.
 SUMMARY = (re.compile(r"wrote \S+: [\d.]+ MiB in [\d.]+ s$"),
@@ -164,8 +166,17 @@ def test_progress_bar_on_a_terminal():
         bar.update()
         bar.update()
         bar.close()
-    drawn = os.read(master, 65536).decode(errors="replace")
+    drawn = b""
+    while select.select([master], [], [], PTY_READ_WAIT_S)[0]:   # the pty hands the output over in pieces
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:   # EIO: the terminal side is closed and everything was read
+            break
+        if not chunk:
+            break
+        drawn += chunk
     os.close(master)
+    drawn = drawn.decode(errors="replace")
     assert "\r" in drawn and "2/2" in drawn
 
 
