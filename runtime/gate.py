@@ -37,7 +37,8 @@ from typing import Sequence
 import numpy as np
 
 from emrrg.runtime.preprocess import (
-    DEFAULT_MAX_MEGAPIXELS, ImageError, ImageSource, RefusedInputError, check_dicom_header, check_max_megapixels,
+    DEFAULT_MAX_MEGAPIXELS, ImageBytes, ImageError, ImageSource, RefusedInputError, as_source, check_dicom_header,
+    check_max_megapixels,
     check_pixel_budget, dicom_dims, no_pixels_error, open_pillow, pillow_format, preprocess_study, read_dicom, route_file,
     _short,
 )
@@ -116,12 +117,13 @@ class ViewInfo:
 
 # --------------------------------------------------------------------------- reading headers
 
-def read_view(path: str | os.PathLike[str], label: str | None = None,
+def read_view(path: str | os.PathLike[str] | bytes | ImageBytes, label: str | None = None,
               max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> ViewInfo:
     """The header of one image file as a ViewInfo, without decoding pixels (DICOM: pydicom with
     stop_before_pixels; PNG / JPEG: pillow's open). Raises ImageError for unreadable files and
-    RefusedInputError for a declared size above the pixel budget or non-finite rescale / window values."""
-    path = Path(path)
+    RefusedInputError for a declared size above the pixel budget or non-finite rescale / window values.
+    `path` may be the file's bytes (ImageBytes): nothing is written to disk."""
+    path = as_source(path)
     label = str(path) if label is None else label
 
     def on_pillow(head: bytes) -> ViewInfo:

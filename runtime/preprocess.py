@@ -58,7 +58,7 @@ DEFAULT_MAX_MEGAPIXELS = 64.0
 # must stay finite too, so anything beyond 1e30 is a corrupt header, not an image.
 MAX_MODALITY_VALUE = 1e30
 
-ImageSource = Union[str, os.PathLike, np.ndarray]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, "ImageBytes", np.ndarray]
 T = TypeVar("T")
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, the weights of pillow's convert("L")
@@ -126,19 +126,46 @@ def _short(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- loading
 
-def load_image(path: str | os.PathLike[str], max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
-    """Decode a PNG, JPEG or DICOM file to a (H, W) float32 gray image in [0, 1], bone bright.
+class ImageBytes:
+    """An image file held in memory (an upload): its bytes, and the name that messages call it ("view 1").
+    Read like a file everywhere a path is (load_image, gate.read_view), without writing it to disk."""
+
+    suffix = ""   # no file name: the bytes decide what it is
+
+    def __init__(self, data: bytes | bytearray | memoryview, name: str = "<bytes>"):
+        self.data, self.name = data, name
+
+    def __str__(self) -> str:
+        return self.name
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+def as_source(image: str | os.PathLike[str] | bytes | bytearray | memoryview | ImageBytes) -> Path | ImageBytes:
+    """A path as a Path, bytes as ImageBytes (named "<bytes>"), ImageBytes as they are."""
+    if isinstance(image, ImageBytes):
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return ImageBytes(image)
+    return Path(image)
+
+
+def load_image(path: str | os.PathLike[str] | bytes | bytearray | ImageBytes,
+               max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
+    """Decode a PNG, JPEG or DICOM file (a path, or its bytes) to a (H, W) float32 gray image in [0, 1],
+    bone bright. Messages name the path, or the ImageBytes' name ("<bytes>" for plain bytes).
 
     An image whose header declares more than `max_megapixels` million samples is refused before decoding."""
     check_max_megapixels(max_megapixels)
-    path = Path(path)
+    path = as_source(path)
     gray = route_file(path, lambda force: _load_dicom(path, force, max_megapixels),
                       lambda head: _load_pillow(path, head, max_megapixels))
     _check_finite(path, gray)
     return gray
 
 
-def route_file(path: Path, on_dicom: Callable[[bool], T], on_pillow: Callable[[bytes], T]) -> T:
+def route_file(path: Path | ImageBytes, on_dicom: Callable[[bool], T], on_pillow: Callable[[bytes], T]) -> T:
     """Decide what a file is and hand it on: `on_dicom(force)` for DICOM (the 'DICM' marker or a .dcm name;
     force=True without the marker), else `on_pillow(head)`, which raises _Unidentified (from `open_pillow`) for
     bytes pillow does not know, and then a data set without the 128-byte preamble (it starts with group 0x0002
@@ -149,7 +176,7 @@ def route_file(path: Path, on_dicom: Callable[[bool], T], on_pillow: Callable[[b
     try:
         return on_pillow(head)
     except _Unidentified:  # not PNG/JPEG magic and pillow does not know it either
-        if head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        if sniff(head) != "dicom":   # a data set without the preamble still is
             raise _fail(path, f"not a PNG, JPEG or DICOM image ({describe_unknown(head)})") from None
     return on_dicom(True)
 
@@ -161,9 +188,9 @@ def _check_finite(source: object, x: np.ndarray) -> None:
                             "re-export it from the console")
 
 
-def _read_head(path: Path) -> bytes:
+def _read_head(path: Path | ImageBytes) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with _open_bounded(path) as f:
             head = f.read(512)
     except FileNotFoundError:
         raise _fail(path, "no such file") from None
@@ -215,7 +242,7 @@ def open_pillow(path: Path, head: bytes, max_megapixels: float = DEFAULT_MAX_MEG
     bytes and they carry no PNG/JPEG magic (the caller may try DICOM). The file is read through
     _BoundedReader, so a chunk length of 4 GB in a small PNG allocates nothing."""
     fmt = pillow_format(head)
-    with _BoundedReader(path) as fp, _pillow_open(path, fp, fmt, head) as im:
+    with _open_bounded(path) as fp, _pillow_open(path, fp, fmt, head) as im:
         width, height = im.size
         check_pixel_budget(path, width, height, len(im.getbands()), 1, max_megapixels)
         yield im
@@ -305,12 +332,17 @@ class _BoundedReader(io.BufferedReader):
         return super().read(n)
 
 
+def _open_bounded(path: Path | ImageBytes):
+    """A binary file object of a path (a _BoundedReader) or of bytes in memory (BytesIO never reads past its end)."""
+    return path.open() if isinstance(path, ImageBytes) else _BoundedReader(path)
+
+
 def read_dicom(path: Path, force: bool, stop_before_pixels: bool = False):
     """pydicom's data set of a file, with pydicom's errors (and a forced read of non-DICOM bytes) as ImageError."""
     import pydicom
 
     try:
-        with _BoundedReader(path) as fp:
+        with _open_bounded(path) as fp:
             ds = pydicom.dcmread(fp, force=force, stop_before_pixels=stop_before_pixels)
     except Exception as e:
         raise _fail(path, f"corrupt or truncated DICOM header ({_short(e)})") from None
@@ -697,7 +729,7 @@ def preprocess_study(paths: Sequence[ImageSource], size: int = DEFAULT_SIZE,
 
 
 __all__ = [
-    "DEFAULT_MAX_MEGAPIXELS", "DEFAULT_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_MODALITY_VALUE", "ImageError",
-    "ImageSource", "RefusedInputError", "check_dicom_header", "check_pixel_budget", "load_image", "preprocess",
+    "DEFAULT_MAX_MEGAPIXELS", "DEFAULT_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_MODALITY_VALUE", "ImageBytes",
+    "ImageError", "ImageSource", "RefusedInputError", "check_dicom_header", "check_pixel_budget", "load_image", "preprocess",
     "preprocess_study",
 ]

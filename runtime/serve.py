@@ -82,8 +82,7 @@ Design:
   arrived); the same bound covers a client that keeps trickling a body the server has already
   answered. A body must arrive within --body-timeout of its head (408, connection closed). Heads are
   limited to 16 KiB and 100 header fields (431). Trickling bytes does not reset either clock.
-- Uploads are decoded from a private temporary directory (mode 0700; under $TMPDIR when set, else
-  /dev/shm when it has room, else the system temp dir) that is removed before the request goes on.
+- Uploads are read and decoded from memory (preprocess.ImageBytes): nothing is written to disk.
 - Logging (Python logging, logger "emrrg.serve"): one line per request with id, method, route,
   status, byte counts, views and timings (/healthz at DEBUG). Never pixel data, DICOM tags, upload
   file names or query strings; errors name the view ("view 2"), never the client's file name.
@@ -109,10 +108,8 @@ import math
 import os
 import re
 import secrets
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -136,7 +133,7 @@ from starlette.requests import ClientDisconnect
 from .bundle import BundleError, load_manifest
 from .engine import BACKENDS
 from .gate import InputPolicy, ViewInfo, add_input_arguments, check_study, policy_from_args, read_view
-from .preprocess import ImageError, RefusedInputError, describe_unknown, load_image, sniff
+from .preprocess import ImageBytes, ImageError, RefusedInputError, describe_unknown, load_image, sniff
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, count_int, positive_int
 
 log = logging.getLogger("emrrg.serve")
@@ -165,8 +162,6 @@ OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redi
 DOCS_ASSETS = "/docs/assets"   # Swagger UI / ReDoc files served from the fastapi-offline package (no CDN); open too
 API_KEY_ENV = "EMRRG_API_KEY"
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}/[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
-_SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg"}
-_SCRATCH_PREFIX = "emrrg-serve-"
 # Histogram buckets of /metrics. Stage times: from a tiny model's milliseconds to a slow CPU's minute-long
 # beam search. Tokens/s: from a slow CPU with 8 beams (~1/s) to a GPU's thousands.
 STAGE_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -295,27 +290,13 @@ def _check_declared(label: str, media_type: str, multipart_part: bool) -> None:
                    f"application/dicom, image/png, image/jpeg or application/octet-stream")
 
 
-def _scratch_root(nbytes: int) -> str | None:
-    """Where private temp dirs go: $TMPDIR when set, else /dev/shm (RAM) when it has room, else the default."""
-    if os.environ.get("TMPDIR"):
-        return None  # tempfile honours it
-    shm = "/dev/shm"
-    try:
-        if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes + (16 << 20):
-            return shm
-    except OSError:
-        pass
-    return None
-
-
 def decode_views(views: list[_View], policy: InputPolicy | None = None) -> tuple[list[np.ndarray], list[ViewInfo]]:
-    """Uploaded bytes -> (H, W) float32 gray images and what the input gate saw, through a private temp dir.
+    """Uploaded bytes -> (H, W) float32 gray images and what the input gate saw, read from memory (no file).
 
     Every view is sniffed, and its header read and checked with the others (emrrg.runtime.gate; PatientID
     values are withheld from messages) before any pixel is decoded. Raises ApiError 415 (not a PNG/JPEG/
     DICOM), 422 `refused_input` (the gate refuses: modality, multi-frame, mixed patients or studies, above
-    --max-megapixels, ...) or 422 `undecodable_image`; messages name the view label, never a path or file
-    name. The temp dir is removed before this returns.
+    --max-megapixels, ...) or 422 `undecodable_image`; messages name the view label, never a file name.
     """
     policy = policy or InputPolicy()
     kinds = []
@@ -324,42 +305,34 @@ def decode_views(views: list[_View], policy: InputPolicy | None = None) -> tuple
         if kinds[-1] is None:
             raise ApiError(415, "unsupported_media_type",
                            f"{v.label}: not a PNG, JPEG or DICOM image ({describe_unknown(v.data)})")
-    with tempfile.TemporaryDirectory(prefix=_SCRATCH_PREFIX, dir=_scratch_root(sum(len(v.data) for v in views))) as td:
-        paths = [Path(td) / f"view{i + 1}{_SUFFIX[kind]}" for i, kind in enumerate(kinds)]
-        for v, path in zip(views, paths):
-            with open(path, "wb") as f:
-                f.write(v.data)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            infos = [_as_api_error(v, path, kind, td, lambda: read_view(path, v.label, policy.max_megapixels))
-                     for v, path, kind in zip(views, paths, kinds)]
-            try:
-                check_study(infos, policy, reveal_ids=False)
-            except ImageError as e:
-                raise ApiError(422, "refused_input", str(e)) from None
-            arrays = [_as_api_error(v, path, kind, td, lambda: load_image(path, policy.max_megapixels))
-                      for v, path, kind in zip(views, paths, kinds)]
+    sources = [ImageBytes(v.data, v.label) for v in views]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = [_as_api_error(src, kind, lambda: read_view(src, src.name, policy.max_megapixels))
+                 for src, kind in zip(sources, kinds)]
+        try:
+            check_study(infos, policy, reveal_ids=False)
+        except ImageError as e:
+            raise ApiError(422, "refused_input", str(e)) from None
+        arrays = [_as_api_error(src, kind, lambda: load_image(src, policy.max_megapixels))
+                  for src, kind in zip(sources, kinds)]
     if caught:
         log.debug("%d decoder / input warning(s) suppressed (%s)", len(caught),
                   ", ".join(sorted({w.category.__name__ for w in caught})))
     return arrays, infos
 
 
-def _as_api_error(v: _View, path: Path, kind: str, td: str, fn):
-    """fn(), with an ImageError as 422 refused_input / undecodable_image naming the view label, not the path."""
+def _as_api_error(src: ImageBytes, kind: str, fn):
+    """fn(), with an ImageError as 422 refused_input / undecodable_image naming the view label."""
     try:
         return fn()
     except ImageError as e:
-        msg = str(e)
-        if str(path) in msg:
-            msg = msg.replace(str(path), v.label)
-        elif not msg.startswith(f"{v.label}:"):
-            msg = f"{v.label}: {msg}"
+        msg = str(e) if str(e).startswith(f"{src.name}:") else f"{src.name}: {e}"
         code = "refused_input" if isinstance(e, RefusedInputError) else "undecodable_image"
-        raise ApiError(422, code, msg.replace(td, "")) from None
+        raise ApiError(422, code, msg) from None
     except Exception as e:  # anything else a decoder raises: name the type only
         raise ApiError(422, "undecodable_image",
-                       f"{v.label}: cannot decode the {kind.upper()} image ({type(e).__name__})") from None
+                       f"{src.name}: cannot decode the {kind.upper()} image ({type(e).__name__})") from None
 
 
 class _MultipartViews:

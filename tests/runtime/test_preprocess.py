@@ -417,3 +417,40 @@ def test_preprocessing_a_large_radiograph_stays_lean():
         tracemalloc.stop()
     print(f"traced peak {peak:.1f} MB")
     assert x.shape == (3, 224, 224) and peak < PREPROCESS_PEAK_MB
+
+
+# --------------------------------------------------------------------------- bytes in memory (uploads)
+
+def test_bytes_decode_like_the_file(tmp_path: Path) -> None:
+    from emrrg.runtime.gate import read_view
+    from emrrg.runtime.preprocess import ImageBytes
+
+    pixels = np.random.default_rng(SEED).integers(0, 4096, size=(16, 16))
+    raw = tmp_path / "raw_dataset"   # a DICOM data set without the preamble: found by the bytes, not a name
+    ds = pydicom.dcmread(write_dicom(tmp_path / "full.dcm", pixels))
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(raw, implicit_vr=True, little_endian=True)
+    png = tmp_path / "gray16.png"
+    Image.fromarray((pixels * 16).astype(np.uint16)).save(png)
+    for path in (chest_dicom(), chest_dicom("RG1_J2KR.dcm"), pneumonia_images()[0], raw, png):
+        want = load_image(path)
+        for data in (path.read_bytes(), bytearray(path.read_bytes()), ImageBytes(path.read_bytes(), "view 1")):
+            np.testing.assert_array_equal(load_image(data), want)
+        assert read_view(ImageBytes(path.read_bytes(), "view 2")).to_json() == \
+            {**read_view(path, "view 2").to_json()}, path.name
+    np.testing.assert_array_equal(preprocess(chest_dicom().read_bytes()), preprocess(chest_dicom()))
+
+
+@pytest.mark.parametrize("data, want", [
+    (b"", "empty file"), (b"just some text", "not a PNG, JPEG or DICOM image (a text file)"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "PNG"),
+], ids=["empty", "text", "truncated-png"])
+def test_bad_bytes_name_the_view(data: bytes, want: str) -> None:
+    from emrrg.runtime.preprocess import ImageBytes
+
+    with pytest.raises(ImageError) as e:
+        load_image(ImageBytes(data, "view 3"))
+    assert str(e.value).startswith("view 3: ") and want in str(e.value), str(e.value)
+    with pytest.raises(ImageError, match=r"^<bytes>: "):
+        load_image(data)
