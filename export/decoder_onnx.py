@@ -534,13 +534,9 @@ def ort_session(path: str | Path, threads: int = 2, optimization: str = "all"):
     """An ORT CPU session with a fixed thread count (benchmarks and validation use the same settings)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    from emrrg.runtime.sessions import session_options
+
+    so = session_options(threads, inter_op_threads=1, optimization=optimization)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

@@ -326,17 +326,11 @@ def make_session(onnx_path: str | os.PathLike, providers: Sequence[str] = ("CPUE
     """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
+    from emrrg.runtime.sessions import session_options
+
     if oplib == "auto":
-        if needs_op_library(onnx_path):
-            from emrrg.runtime import oplib as _oplib
-            _oplib.register(so)
-    elif oplib:
-        from emrrg.runtime import oplib as _oplib
-        _oplib.register(so, oplib)
-    return ort.InferenceSession(str(onnx_path), so, providers=list(providers))
+        oplib = needs_op_library(onnx_path)
+    return ort.InferenceSession(str(onnx_path), session_options(threads, oplib=oplib), providers=list(providers))
 
 
 # ---------------------------------------------------------------------------------------------------

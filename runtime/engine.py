@@ -46,8 +46,9 @@ from emrrg.runtime.generation import DecodeSettings, generate
 from emrrg.config import DECODE_KEYS
 from emrrg.runtime.oplib import OpLibraryMissingError, find_op_library, register
 from emrrg.runtime.gate import InputPolicy, load_study
-from emrrg.runtime.logs import ort_severity, quiet_onnxruntime
+from emrrg.runtime.logs import ort_severity
 from emrrg.runtime.preprocess import DEFAULT_MAX_MEGAPIXELS
+from emrrg.runtime.sessions import session_options
 
 log = logging.getLogger("emrrg.runtime")
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "cpu-pure")
@@ -129,7 +130,6 @@ class Runtime:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        quiet_onnxruntime()   # ORT's own log at the command's verbosity (runtime/logs.py)
         if backend not in BACKENDS:
             raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         DecoderPool.check_size(max_concurrency)    # before loading anything
@@ -138,14 +138,8 @@ class Runtime:
         arts = manifest.artifacts
         available = ort.get_available_providers()
 
-        def options(with_ops: bool):
-            so = ort.SessionOptions()
-            if threads:
-                so.intra_op_num_threads = threads
-            so.log_severity_level = ort_severity()   # graph warnings only with --verbose (runtime/logs.py)
-            if with_ops:
-                register(so)
-            return so
+        def options(with_ops: bool):   # graph warnings only with --verbose (runtime/logs.py)
+            return session_options(threads, oplib=with_ops, log_severity=ort_severity())
 
         def session(key: str, with_ops: bool = False):
             """An ORT session of artifact `key`, its inputs and outputs checked against the contract."""

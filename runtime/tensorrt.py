@@ -701,15 +701,14 @@ def _reference_session(onnx_path: Path, fallback_path: Path | None):
     import onnxruntime as ort
 
     from emrrg.runtime import oplib
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if oplib.find_op_library() is not None:
-        oplib.register(so)
-        return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"]), onnx_path.name
-    if fallback_path is not None and Path(fallback_path).is_file():
-        return ort.InferenceSession(str(fallback_path), so, providers=["CPUExecutionProvider"]), Path(fallback_path).name
-    oplib.register(so)  # raises OpLibraryMissingError naming the build command
-    raise AssertionError("unreachable")
+    from emrrg.runtime.sessions import session_options
+
+    if oplib.find_op_library() is None and fallback_path is not None and Path(fallback_path).is_file():
+        return ort.InferenceSession(str(fallback_path), session_options(), providers=["CPUExecutionProvider"]), \
+            Path(fallback_path).name
+    # with no op library and no twin, oplib=True raises OpLibraryMissingError naming the build command
+    return ort.InferenceSession(str(onnx_path), session_options(oplib=True), providers=["CPUExecutionProvider"]), \
+        onnx_path.name
 
 
 def compare_outputs(out: np.ndarray, ref: np.ndarray) -> dict:
