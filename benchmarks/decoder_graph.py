@@ -53,11 +53,15 @@ def load(folder: Path, threads: int, profile: bool = False):
 
 
 def session(path: Path, threads: int, profile: bool = False, prefix: str | None = None):
-    """An ORT CPU session as the benchmarks use it (ort_session's settings), optionally with the profiler on."""
+    """An ORT CPU session as the benchmarks use it (ort_session's settings, the op library registered when built),
+    optionally with the profiler on."""
     import onnxruntime as ort
+
+    from emrrg.runtime.oplib import register_if_found
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    register_if_found(so)
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = prefix or str(Path(tempfile.gettempdir()) / "emrrg_decoder_profile")
@@ -72,25 +76,27 @@ def op_profile(dec, ids: list[int], tokens: int) -> dict:
     prof.unlink()
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     start = runs[0]["ts"] + runs[0]["dur"]                       # after the prefill
-    per_op, count = collections.Counter(), collections.Counter()
+    per_op, count, calls = collections.Counter(), collections.Counter(), collections.defaultdict(list)
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
             per_op[e["args"]["op_name"]] += e["dur"]
             count[e["args"]["op_name"]] += 1
+            calls[e["args"]["op_name"]].append(e["dur"])
     steps = len(runs) - 1
     total = sum(per_op.values())
     return {"decode_steps": steps, "run_us_per_step": sum(r["dur"] for r in runs[1:]) / steps,
             "kernel_us_per_step": total / steps,
             "ops": {op: {"share": round(v / total, 4), "us_per_step": round(v / steps, 1),
-                         "nodes_per_step": count[op] // steps} for op, v in per_op.most_common()}}
+                         "nodes_per_step": count[op] // steps, "median_us_per_call": statistics.median(calls[op])}
+                    for op, v in per_op.most_common()}}
 
 
 def profile_md(title: str, prof: dict) -> list[str]:
     return ["", f"{title} ({prof['decode_steps']} decode steps, {prof['run_us_per_step']:.0f} µs per step, of which "
                 f"kernels {prof['kernel_us_per_step']:.0f} µs):", "",
-            "| op | share of kernel time | µs per step | nodes per step |", "|---|---:|---:|---:|",
-            *[f"| {op} | {100 * v['share']:.1f}% | {v['us_per_step']:.0f} | {v['nodes_per_step']} |"
-              for op, v in list(prof["ops"].items())[:10]]]
+            "| op | share of kernel time | µs per step | nodes per step | median µs per call |", "|---|---:|---:|---:|---:|",
+            *[f"| {op} | {100 * v['share']:.1f}% | {v['us_per_step']:.0f} | {v['nodes_per_step']} | "
+              f"{v.get('median_us_per_call', float('nan')):.1f} |" for op, v in list(prof["ops"].items())[:10]]]
 
 
 def run(dec, ids: list[int], tokens: int) -> dict:
@@ -114,6 +120,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="add an ORT profile of each decoder's decode steps (1 thread)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--note", action="append", default=[], help="a paragraph appended to the Markdown (repeatable)")
     a = p.parse_args(argv)
     folders = dict(d.split("=", 1) for d in a.decoder)
     ids = [int(x) for x in np.random.default_rng(0).integers(100, 40000, a.prompt_tokens)]
@@ -164,6 +171,8 @@ def main(argv=None) -> None:
            + "."]
     for k, prof in out.get("profile_1_thread", {}).items():
         md += profile_md(f"Where `{k}`'s decode time goes (ORT profiler, 1 thread)", prof)
+    for note in a.note:
+        md += ["", note]
     (a.out_dir / "decoder_graph.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,29 +29,35 @@ from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 def run_variant(variant: str, work: Path, prompts: int) -> dict:
     from emrrg.config import decoder_config
     from emrrg.decoder import load_base_decoder
-    from emrrg.export.decoder_builder import ModuleWeights, _module_shape, build_decoder, quantized_builder
+    from emrrg.export.decoder_builder import ModuleWeights, _module_shape, build_decoder, on_block_grid, quantized_builder
     from emrrg.export.decoder_eval import (DecoderEvaluator, TorchDecoder, build_reference, eval_prompts,
                                            merge_random_lora, prefill_feeds)
-    from emrrg.export.quantize_decoder import QuantConfig, collect_activation_stats
+    from emrrg.export.quantize_decoder import DEFAULT_LADDER, collect_activation_stats
 
     llm, tok = load_base_decoder(decoder_config("smollm2-135m"))
     llm = (merge_random_lora(llm) if variant == "lora" else llm).eval()
     src, shape = ModuleWeights(llm), _module_shape(llm)
     ref = build_reference(TorchDecoder(llm), eval_prompts(tok, n=prompts, prompt_tokens=220), 60)
     embed = src.get("model.embed_tokens.weight")
-    configs = [QuantConfig("asym-b32-lm8", method="asym"), QuantConfig("affine-b32-lm8")]
-    stats = None
+    # the ladder's first rungs (quantize_decoder.DEFAULT_LADDER), each scored even where the export skips it
+    configs = [c for c in DEFAULT_LADDER if c.name in ("asym-b32-lm8", "asym-b32-awq-lm8", "affine-b32-lm8")]
     if variant == "lora":
-        f32 = build_decoder(src, shape, work / "f32")
-        stats = collect_activation_stats(f32.path, prefill_feeds(f32.spec, embed, eval_prompts(
-            tok, n=2, prompt_tokens=220, first_report=300)))
-        configs.append(QuantConfig("affine-b32-awq-lm8", refine=9, act_weighted=True))
-    quantize, rows = quantized_builder(src, shape), {}
+        configs.append(next(c for c in DEFAULT_LADDER if c.name == "affine-b32-awq-lm8"))
+    f32 = build_decoder(src, shape, work / "f32")
+    stats = collect_activation_stats(f32.path, prefill_feeds(f32.spec, embed, eval_prompts(
+        tok, n=2, prompt_tokens=220, first_report=300)))
+    t0 = time.time()
+    grid = on_block_grid(src, shape)
+    print(variant, f"on a 4-bit block-32 grid: {grid} ({time.time() - t0:.1f} s)", flush=True)
+    quantize, rows = quantized_builder(src, shape), {"_on_grid": grid, "_grid_check_s": round(time.time() - t0, 1)}
     for cfg in configs:
         r = quantize(cfg, work / cfg.name, stats)
+        t0 = time.time()
         ev = DecoderEvaluator(ref, embed)(r.path)
         rows[cfg.name] = {"top1": round(ev.top1, 4), "kl_mean": round(ev.kl_mean, 5),
-                          "greedy": ev.greedy_token_agreement, "bytes": r.bytes}
+                          "greedy": ev.greedy_token_agreement, "bytes": r.bytes, "build_s": round(r.seconds, 1),
+                          "eval_s": round(time.time() - t0, 1),
+                          "skipped_by_export": bool(quantize.skip(cfg, DEFAULT_LADDER[DEFAULT_LADDER.index(cfg) + 1:]))}
         print(variant, cfg.name, rows[cfg.name], flush=True)
     return rows
 
@@ -61,12 +68,22 @@ def render(out: dict, path: Path) -> None:
     md = ["# Built decoder graph, 4-bit encodings: accuracy vs f32 PyTorch, SmolLM2-135M", "",
           f"{out['machine']}; {out['prompts']} prompts x 60 teacher-forced positions; thresholds top-1 >= {TOP1_MIN}, "
           f"KL <= {KL_MAX}.", "",
-          "| variant | encoding | top-1 | mean KL | greedy token agreement | MiB | passes |", "|---|---|---:|---:|---:|---:|---|"]
+          "Rungs of the export's ladder (quantize_decoder.DEFAULT_LADDER), in its order; the affine rows use the "
+          "built graph's default form (integer zero points + an f16 rest through com.emrrg::BlockSumMatMulAdd). "
+          "'skipped' = the export skips that rung without building or scoring it (weights on a 4-bit block grid); "
+          "it is scored here anyway. Seconds: build / teacher-forced evaluation on a shared machine.", "",
+          "| variant | encoding | top-1 | mean KL | greedy token agreement | MiB | passes | export | build s | eval s |",
+          "|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
     for v, rows in out["variants"].items():
         for name, r in rows.items():
+            if name.startswith("_"):
+                continue
             ok = r["top1"] >= TOP1_MIN and r["kl_mean"] <= KL_MAX
             md.append(f"| {v} | {name} | {r['top1']:.4f} | {r['kl_mean']:.5f} | {r['greedy']:.3f} | "
-                      f"{r['bytes'] / 2**20:.1f} | {'yes' if ok else 'no'} |")
+                      f"{r['bytes'] / 2**20:.1f} | {'yes' if ok else 'no'} | {'skipped' if r.get('skipped_by_export') else 'scored'} "
+                      f"| {r.get('build_s', '')} | {r.get('eval_s', '')} |")
+        if "_on_grid" in rows:
+            md.append(f"| {v} | (grid check) | | | | | | on grid: {rows['_on_grid']} | {rows['_grid_check_s']} | |")
     path.write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -15,10 +15,13 @@ Per layer (ONNX Runtime contrib ops, domain com.microsoft, CPU and CUDA):
     x2  = SkipSimplifiedLayerNormalization(o, residual)
     g,u = Split(Linear(x2, [Wgate | Wup]));  m = Linear(g * Sigmoid(g) * u, Wdown)
 
-Linear is a MatMul (f32 weights) or a MatMulNBits (4/8-bit). For the exact affine (Q4_1-grid) encoding the
-float block offsets ride on a block-sum correction that is computed once per input and shared by the packed
-projection: Reshape + ReduceSum of x, one MatMul with the concatenated offsets, one Add (4 per layer).
-Float zero points are never used: ORT CPU runs them on a de-quantize-then-f32 path ~60x slower.
+Linear is a MatMul (f32 weights) or a MatMulNBits (4/8-bit). For the exact affine (Q4_1-grid) encoding,
+w = s q + m per block, the MatMulNBits takes integer zero points z = round(-m/s) and the small rest
+r = m + s z (f16) rides on a block-sum correction: one com.emrrg::BlockSumMatMulAdd node per projection
+(y + BlockSum(x) @ r; packed projections' offsets concatenated; 4 per layer), the op library's kernel when it is
+registered, else the node's standard-ONNX function body (blocksum_function). `offset_graph` keeps the older
+forms for comparison. Float zero points are never used: ORT CPU runs them on a de-quantize-then-f32 path ~60x
+slower.
 
 THE CONTRACT (format_version 2, ``DecoderSpec.cache == "shared"``):
 
@@ -44,15 +47,16 @@ import time
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
 from ..runtime.contract import CACHE_SHARED
+from ..runtime.oplib import BLOCKSUM_OP_TYPE, OP_DOMAIN, OP_VERSION
 from .decoder_onnx import (CROSS_KV_ONNX, DECODER_FORMAT, DECODER_ONNX, EMBED_TOKENS_NPY, OPSET, DecoderExport,
                            DecoderExportError, DecoderSpec)
 from .quantize_decoder import (DEFAULT_LADDER, LM_HEAD, MS_DOMAIN, QuantConfig, QuantizationError, QuantizedWeight,
-                               _plan_bits, quantize_weight)
+                               _plan_bits, pack_zp, quantize_weight, weighted_rel_error)
 
 BUILDER_FORMAT_VERSION = 2
 DATA_ALIGN = 64               # byte alignment of each tensor in the external-data file
@@ -225,11 +229,16 @@ class BuildResult:
 
 
 class _Graph:
-    def __init__(self, writer: _TensorWriter, quant: QuantConfig | None, act_stats: dict | None):
+    def __init__(self, writer: _TensorWriter, quant: QuantConfig | None, act_stats: dict | None,
+                 offset_graph: str = "fused"):
         self.w = writer
         self.nodes: list = []
         self.quant = quant
         self.act_stats = act_stats
+        if offset_graph not in OFFSET_GRAPHS:
+            raise QuantizationError(f"offset_graph {offset_graph!r}: choose one of {', '.join(OFFSET_GRAPHS)}")
+        self.offset_graph = offset_graph
+        self.uses_blocksum_op = False
         self.blocksums: dict[tuple[str, int], str] = {}
         self.report: list[dict] = []
         self.uid = 0
@@ -276,6 +285,9 @@ class _Graph:
         h = self.act_stats.get(name) if (cfg.act_weighted and self.act_stats) else None
         stats = self.act_stats.get(name) if self.act_stats else None
         qw, rel_err = quantize_columns(w_kn, bits, cfg, h, stats)
+        fused = (self.offset_graph != "onnx" and qw.correction is not None and qw.K % qw.block_size == 0)
+        if fused and self.offset_graph == "fused":
+            qw = integer_zero_points(qw)
         ins = [x, self.w.add(qw.packed, f"{name}.weight_q{bits}"), self.w.add(qw.scales, f"{name}.scales")]
         if qw.zero_points is not None:
             if qw.zero_points.dtype != np.uint8:
@@ -288,8 +300,13 @@ class _Graph:
         self.report.append({"name": name, "K": qw.K, "N": qw.N, "bits": bits, "rel_err": rel_err,
                             "offset": "blocksum" if qw.correction is not None else None})
         if qw.correction is not None:
+            offsets = self.w.add(qw.correction, f"{name}.block_offsets")
+            if fused:                                   # one node (its function body: blocksum_function)
+                self.uses_blocksum_op = True
+                return self.one(BLOCKSUM_OP_TYPE, [y, x, offsets], f"{name}/offset", OP_DOMAIN,
+                                block_size=qw.block_size)
             sums = self._blocksum(x, qw.K, qw.block_size)
-            corr = self.one("MatMul", [sums, self.w.add(qw.correction, f"{name}.block_offsets")], f"{name}/offset")
+            corr = self.one("MatMul", [sums, offsets], f"{name}/offset")
             y = self.one("Add", [y, corr], f"{name}/offset_add")
         return y
 
@@ -331,6 +348,46 @@ def quantize_columns(w_kn: np.ndarray, bits: int, cfg: QuantConfig, h: np.ndarra
     return qw, (num / den if den > 0 else 0.0)
 
 
+OFFSET_GRAPHS = ("fused", "fused_f32", "onnx")
+
+
+def integer_zero_points(qw: QuantizedWeight) -> QuantizedWeight:
+    """A symmetric-form affine weight (w = s (q - 2^(bits-1)) + C, C (nb, N) f32) re-expressed with an integer
+    zero point per block, w = s (q - z) + r: z = round(-m / s) clipped to [0, 2^bits), r = m + s z, stored as
+    f16 (N, nb) -> (nb, N). |r| <= s/2 wherever z is not clipped, so f16's 2^-11 relative rounding moves each
+    weight by at most s/4096 (SmolLM2's grid weights: m is f16 to begin with). Half the bytes of the f32 offsets,
+    which decode reads every token (memory-bound): the codes q and scales s are unchanged."""
+    half, qmax = 2 ** (qw.bits - 1), 2 ** qw.bits - 1
+    s = qw.scales                                                    # (N, nb)
+    m = qw.correction.T - half * s                                   # (N, nb): the block offsets (minimum)
+    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
+    z = np.clip(np.rint(-m * inv), 0, qmax).astype(np.uint8)
+    r = (m + s * z.astype(np.float32)).astype(np.float16)
+    return dataclasses.replace(qw, zero_points=pack_zp(z, qw.bits), correction=np.ascontiguousarray(r.T))
+
+
+def blocksum_function():
+    """The model-local function com.emrrg::BlockSumMatMulAdd(A, X, C; block_size) = A + BlockSum(X) @ C in
+    standard ONNX, for X of rank 3 (B, T, K) with K a multiple of block_size (the builder emits the node only
+    then). ONNX Runtime runs the op library's kernel when the library is registered and inlines this body
+    otherwise. The block count comes from C's shape (nb, N), a constant the session folds away:
+    Reshape(X, [0, 0, nb, -1]) -> ReduceSum(-1) -> MatMul(Cast(C, f32)) -> Add(A)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Shape", ["C"], ["nb"], start=0, end=1),
+             helper.make_node("Constant", [], ["lead"], value_ints=[0, 0]),
+             helper.make_node("Constant", [], ["last"], value_ints=[-1]),
+             helper.make_node("Concat", ["lead", "nb", "last"], ["blocked_shape"], axis=0),
+             helper.make_node("Reshape", ["X", "blocked_shape"], ["blocked"]),
+             helper.make_node("ReduceSum", ["blocked", "last"], ["sums"], keepdims=0),
+             helper.make_node("Cast", ["C"], ["C32"], to=TensorProto.FLOAT),     # f16 offsets; folded away
+             helper.make_node("MatMul", ["sums", "C32"], ["offset"]),
+             helper.make_node("Add", ["A", "offset"], ["Y"])]
+    return helper.make_function(OP_DOMAIN, BLOCKSUM_OP_TYPE, ["A", "X", "C"], ["Y"], nodes,
+                                [helper.make_opsetid("", OPSET)], attributes=["block_size"],
+                                doc_string="A + BlockSum(X) @ C: the affine encoding's block-offset correction")
+
+
 def _rope_caches(shape: LlamaShape) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin (max_positions, head_dim/2) as transformers' LlamaRotaryEmbedding computes them (f32)."""
     d = shape.head_dim
@@ -360,12 +417,18 @@ def _hybrid(g: _Graph, src: WeightSource, shape: LlamaShape, i: int, x: str, vis
 
 def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spec_extra: dict | None = None, *,
                   quant: QuantConfig | None = None, act_stats: dict[str, np.ndarray] | None = None,
-                  all_logits: bool = False, name: str = DECODER_ONNX, verbose: bool = False) -> BuildResult:
+                  all_logits: bool = False, name: str = DECODER_ONNX, offset_graph: str = "fused",
+                  verbose: bool = False) -> BuildResult:
     """Write out_dir/<name> (+ <name>.data) from `src`, quantizing per `quant` (None: f32 MatMuls).
 
     spec_extra: token ids for the metadata (bos/eos/pad_token_id). act_stats: per weight-matmul name (the
     f32 graph's packed names, e.g. model.layers.3.self_attn.qkv_proj) E[x^2], for act-weighted refits.
     all_logits: logits for every position (teacher-forced evaluation) instead of the last one.
+    offset_graph: how the affine encoding's float block offsets are written (OFFSET_GRAPHS):
+      "fused"     integer zero points in the MatMulNBits and the small rest r = m + s*z as f16, added by one
+                  com.emrrg::BlockSumMatMulAdd node per projection (the op library's kernel, or its function body);
+      "fused_f32" symmetric MatMulNBits + the f32 offsets m + 8s through the same node;
+      "onnx"      symmetric MatMulNBits + block sums (MatMul with a 0/1 indicator) + MatMul + Add (f32).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -379,7 +442,7 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
                                 "quantized_builder(), which turns it into keep_8bit names")
     spec = builder_spec(shape, spec_extra)
     writer = _TensorWriter(path.with_name(path.name + ".data"))
-    g = _Graph(writer, quant, act_stats)
+    g = _Graph(writer, quant, act_stats, offset_graph)
     P = shape.prefix
     H, I = shape.hidden, shape.intermediate
     try:
@@ -460,7 +523,12 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
                                                         ["batch", shape.hybrid[j], "visual_len", H // shape.hybrid[j]]))
     graph = helper.make_graph(g.nodes, "emrrg_decoder", inputs, outputs, writer.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="emrrg.export.decoder_builder")
+    functions = []
+    if g.uses_blocksum_op:
+        opsets.append(helper.make_opsetid(OP_DOMAIN, OP_VERSION))
+        functions.append(blocksum_function())
+    model = helper.make_model(graph, opset_imports=opsets, functions=functions,
+                              producer_name="emrrg.export.decoder_builder")
     model.ir_version = 10
     meta = spec.to_dict()
     if quant is not None:
@@ -608,14 +676,48 @@ def token_ids(spec: DecoderSpec) -> dict:
 
 # ---- 4-bit: one build per ladder rung ------------------------------------------------------------------------
 
-# The built graph's ladder, cheapest to run first (the export keeps the first within TOP1_MIN / KL_MAX):
-#  0. uint4 asymmetric, integer zero points (packed uint8): one MatMulNBits per projection and nothing else.
-#     Right for weights that are not on a 4-bit grid already (most fp16/bf16 fine-tunes); it re-rounds a
-#     Q4_1-grid model such as SmolLM2 as shipped (top-1 ~0.6 there).
-#  1.. quantize_decoder.DEFAULT_LADDER: the affine (Q4_1-form) encodings, exact on a block-32 grid, then
-#     activation-weighted refits, the most sensitive matmuls at 8 bits, and all-8-bit as the fallback. Their
-#     float block offsets cost one block-sum per matmul input (4 per layer) and one correction per projection.
-BUILT_LADDER: tuple[QuantConfig, ...] = (QuantConfig("asym-b32-lm8", method="asym"),) + DEFAULT_LADDER
+# The built graph's ladder is quantize_decoder.DEFAULT_LADDER: uint4 asymmetric (integer zero points) first,
+# its activation-weighted clipping refit, then the affine encodings that are exact on a block-32 grid, refits,
+# 8-bit fallbacks. quantized_builder skips the asymmetric 4-bit rungs, without building or scoring them, for
+# weights already on a 4-bit block grid (on_block_grid), which they can only re-round.
+BUILT_LADDER: tuple[QuantConfig, ...] = DEFAULT_LADDER
+GRID_REL_ERR = 1e-8       # affine re-encoding error (relative, squared) below which a matrix counts as on a grid:
+                          # f32 rounding of grid weights gives ~1e-14, any off-grid 4-bit fit ~1e-3 or more
+
+
+def on_block_grid(src: WeightSource, shape: LlamaShape, bits: int = 4, block_size: int = 32) -> bool:
+    """True when most weight matrices of three sampled layers (first, middle, last) re-encode exactly in the
+    affine `bits`-bit encoding of `block_size` blocks, i.e. the model was de-quantized from such a grid (a GGUF
+    Q4_0/Q4_1 model, SmolLM2 as shipped). Reads and quantizes ~3/L of the weights: seconds for SmolLM2, far less
+    than one rung's build and teacher-forced evaluation."""
+    picked = sorted({0, shape.layers // 2, shape.layers - 1})
+    exact = total = 0
+    for name, w in iter_matmul_weights(src, shape, layers=picked, lm_head=False):
+        q = quantize_weight(w, bits, block_size, "affine")
+        total += 1
+        exact += weighted_rel_error(w, q.dequantized) <= GRID_REL_ERR
+    return total > 0 and exact * 2 > total
+
+
+def grid_skipper(src: WeightSource, shape: LlamaShape) -> Callable[[QuantConfig, Sequence[QuantConfig]], str | None]:
+    """skip(config, later_rungs) for choose_decoder_config: a reason to skip a 4-bit asym/sym rung when the weights
+    are on a 4-bit block grid and an affine rung of that block size comes later (the grid check runs once, on the
+    first such rung)."""
+    seen: dict[tuple[int, int], bool] = {}
+
+    def skip(cfg: QuantConfig, later: Sequence[QuantConfig]) -> str | None:
+        if cfg.bits != 4 or cfg.method not in ("asym", "sym"):
+            return None
+        if not any(c.method == "affine" and c.bits == 4 and c.block_size == cfg.block_size for c in later):
+            return None
+        key = (cfg.bits, cfg.block_size)
+        if key not in seen:
+            seen[key] = on_block_grid(src, shape, cfg.bits, cfg.block_size)
+        return (f"weights on a {cfg.bits}-bit block-{cfg.block_size} grid: this rung re-rounds them, the affine "
+                "rung later re-encodes them exactly") if seen[key] else None
+
+    return skip
+
 
 def quantized_builder(src: WeightSource, shape: LlamaShape, spec_extra: dict | None = None
                       ) -> Callable[..., "object"]:
@@ -637,6 +739,7 @@ def quantized_builder(src: WeightSource, shape: LlamaShape, spec_extra: dict | N
         return QuantizeResult(path=res.path, config=cfg, bytes=onnx_bytes(res.path), f32_bytes=f32_bytes,
                               nodes=res.nodes, seconds=time.time() - t0)
 
+    quantize.skip = grid_skipper(src, shape)
     return quantize
 
 
@@ -653,10 +756,11 @@ def weight_errors(src: WeightSource, shape: LlamaShape, cfg: QuantConfig, act_st
     return out
 
 
-def iter_matmul_weights(src: WeightSource, shape: LlamaShape):
-    """(name, (K, N) f32) for every weight matmul, in the builder's packing and names."""
+def iter_matmul_weights(src: WeightSource, shape: LlamaShape, layers: Sequence[int] | None = None,
+                        lm_head: bool = True):
+    """(name, (K, N) f32) for every weight matmul (of `layers`, default all), in the builder's packing and names."""
     P = shape.prefix
-    for i in range(shape.layers):
+    for i in (range(shape.layers) if layers is None else layers):
         L = f"{P}layers.{i}."
         yield L + "self_attn.qkv_proj", np.concatenate([src.get(L + f"self_attn.{p}_proj.weight")
                                                         for p in ("q", "k", "v")], axis=0).T
@@ -667,5 +771,6 @@ def iter_matmul_weights(src: WeightSource, shape: LlamaShape):
         yield L + "mlp.gate_up_proj", np.concatenate([src.get(L + "mlp.gate_proj.weight"),
                                                       src.get(L + "mlp.up_proj.weight")], axis=0).T
         yield L + "mlp.down_proj", src.get(L + "mlp.down_proj.weight").T
-    head = "lm_head.weight" if src.has("lm_head.weight") and not shape.tie_embeddings else P + "embed_tokens.weight"
-    yield LM_HEAD, src.get(head).T
+    if lm_head:
+        head = "lm_head.weight" if src.has("lm_head.weight") and not shape.tie_embeddings else P + "embed_tokens.weight"
+        yield LM_HEAD, src.get(head).T

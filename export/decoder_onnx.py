@@ -531,12 +531,15 @@ def _check_io(path: Path, spec: DecoderSpec) -> None:
 # ---- validation -----------------------------------------------------------------------------------------
 
 def ort_session(path: str | Path, threads: int = 2, optimization: str = "all"):
-    """An ORT CPU session with a fixed thread count (benchmarks and validation use the same settings)."""
+    """An ORT CPU session with a fixed thread count (benchmarks and validation use the same settings); the op
+    library is registered when built (the built decoder's BlockSumMatMulAdd runs its function body without it)."""
     import onnxruntime as ort
 
+    from emrrg.runtime.oplib import register_if_found
     from emrrg.runtime.sessions import session_options
 
     so = session_options(threads, inter_op_threads=1, optimization=optimization)
+    register_if_found(so)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

@@ -77,6 +77,7 @@ from .errors import NoPassingConfigError, QuantizationError  # noqa: F401  (NoPa
 TOP1_MIN = 0.95
 KL_MAX = 0.05
 
+ASYM_CLIP_MIN = 0.7  # asym refit: the narrowest range tried, as a share of the block's (AWQ's clip search)
 LM_HEAD = "lm_head"
 MS_DOMAIN = "com.microsoft"
 
@@ -96,7 +97,8 @@ class QuantConfig:
     lm_head_bits: int = 8           # 4, 8, or 32 (keep f32)
     keep_fp: tuple[str, ...] = ()   # fnmatch patterns over node names kept f32
     keep_8bit: tuple[str, ...] = () # ... quantized to 8 bits instead of `bits`
-    refine: int = 0                 # affine: candidate grids tried per block with a least-squares refit
+    refine: int = 0                 # affine: candidate grids tried per block with a least-squares refit;
+                                    # asym: candidate clipping ranges per block (AWQ's clip search)
     act_weighted: bool = False      # weight the refit by per-channel E[x^2] (needs activation stats)
     worst_k_8bit: int = 0           # chooser: the k most sensitive MatMuls (by weighted error) to 8 bits
 
@@ -140,15 +142,39 @@ def quantize_sym8(wb: np.ndarray):
     return q, s
 
 
-def quantize_asym(wb: np.ndarray, bits: int):
-    """Asymmetric RTN with an integer zero point; the range is widened to contain 0 (ORT's choice)."""
+def _asym_fit(wb: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int):
     qmax = 2 ** bits - 1
-    lo = np.minimum(wb.min(-1), 0)
-    hi = np.maximum(wb.max(-1), 0)
     s = ((hi - lo) / qmax).astype(np.float32)
     inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
     zp = np.where(s == 0, 2 ** (bits - 1), np.clip(np.rint(-lo * inv), 0, qmax)).astype(np.uint8)
     q = np.clip(np.rint(wb * inv[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
+    return q, s, zp
+
+
+def quantize_asym(wb: np.ndarray, bits: int, refine: int = 0, h: np.ndarray | None = None):
+    """Asymmetric RTN with an integer zero point; the range is widened to contain 0 (ORT's choice).
+
+    refine = n > 0: AWQ's clipping search on top, with the same integer-zero-point layout (no extra bytes):
+    n candidate ranges [lo, hi] * t, t from 1 down to ASYM_CLIP_MIN, and per block the one with the smallest
+    error weighted by h (per input channel importance, E[x^2]; None: plain squared error)."""
+    lo = np.minimum(wb.min(-1), 0)
+    hi = np.maximum(wb.max(-1), 0)
+    q, s, zp = _asym_fit(wb, lo, hi, bits)
+    if refine <= 0:
+        return q, s, zp
+    h = np.ones_like(wb[:1, :1, :]) if h is None else h.astype(np.float32)
+
+    def err(q, s, zp):
+        r = wb - s[..., None] * (q.astype(np.float32) - zp[..., None])
+        return (r * r * h).sum(-1)
+
+    best = err(q, s, zp)
+    for t in np.linspace(1.0, ASYM_CLIP_MIN, refine + 1)[1:]:
+        qc, sc, zc = _asym_fit(wb, (lo * t).astype(np.float32), (hi * t).astype(np.float32), bits)
+        e = err(qc, sc, zc)
+        better = e < best
+        best = np.where(better, e, best)
+        q, s, zp = np.where(better[..., None], qc, q), np.where(better, sc, s), np.where(better, zc, zp)
     return q, s, zp
 
 
@@ -255,7 +281,7 @@ def quantize_weight(w_kn: np.ndarray, bits: int, block_size: int, method: str, o
         q, s = quantize_sym(wb, bits)
         deq = s[..., None] * (q.astype(np.float32) - half)
     elif method == "asym":
-        q, s, z = quantize_asym(wb, bits)
+        q, s, z = quantize_asym(wb, bits, refine=refine, h=hb)
         deq = s[..., None] * (q.astype(np.float32) - z[..., None])
         zp = pack_zp(z, bits)
     elif method == "affine":
@@ -572,21 +598,26 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, bits: int = 4, b
 
 # ---- accuracy-aware choice --------------------------------------------------------------------------------
 
-# Tried in order; the first within TOP1_MIN / KL_MAX wins. Ordered by size, then speed:
-#  0. affine block 128: smallest (~5.1 bits/weight incl. scale and offset), but it cannot follow a
-#     block-32 grid; passes only for decoders whose weights tolerate coarse blocks.
-#  1. affine block 32, 8-bit lm_head: exact for weights on a Q4_1/Q8_0 grid (SmolLM2 as shipped).
-#     (Float zero points would give the same numbers, 5-10x slower on ORT CPU; asymmetric uint8
-#     zero points cannot represent a float block minimum, so they are not on the ladder.)
-#  2. + activation-weighted least-squares refit of every block (AWQ-like, no extra bytes):
-#     recovers most of what a merged LoRA costs.
-#  3. + the 16 MatMuls with the largest weighted error at 8 bits.
-#  4. + 64 of them at 8 bits (every q/v projection of a 30-layer model with a q/v LoRA).
-#  5. lm_head kept f32 as well.
-#  6. everything at 8 bits: the fallback that any decoder we have seen passes.
-# Rungs 2-5 need activation statistics (calibration prompts); without them they run unweighted.
+# Tried in order; the first within TOP1_MIN / KL_MAX wins. Cheapest to run first:
+#  0. uint4 asymmetric, integer (packed uint8) zero points: one MatMulNBits per projection and nothing else.
+#     Right for weights that are not on a 4-bit grid already (most fp16/bf16 fine-tunes).
+#  1. + AWQ's clipping search per block (ASYM_CLIP_MIN), weighted by the activations' E[x^2]: same bytes.
+#  2. affine block 32 (llama.cpp Q4_1 form), 8-bit lm_head: exact for weights on a Q4_1/Q8_0 grid (SmolLM2 as
+#     shipped), which the asymmetric rungs re-round (top-1 0.55-0.87 there). Its float block offsets cost one
+#     correction node per projection (decoder_builder: integer zero points + an f16 rest, com.emrrg::
+#     BlockSumMatMulAdd); float zero points would run 5-10x slower on ORT CPU.
+#  3. + activation-weighted least-squares refit of every block (AWQ-like, no extra bytes): recovers most of
+#     what a merged LoRA costs.
+#  4. + the 16 MatMuls with the largest weighted error at 8 bits.
+#  5. + 64 of them at 8 bits (every q/v projection of a 30-layer model with a q/v LoRA).
+#  6. lm_head kept f32 as well.
+#  7. everything at 8 bits: the fallback that any decoder we have seen passes.
+# The rungs marked awq need activation statistics (calibration prompts); without them they run unweighted.
+# A quantizer may skip a rung without building or scoring it (`quantize.skip`, see choose_decoder_config):
+# decoder_builder.quantized_builder skips 0-1 for weights already on a 4-bit block grid.
 DEFAULT_LADDER: tuple[QuantConfig, ...] = (
-    QuantConfig("affine-b128-awq-lm8", block_size=128, refine=9, act_weighted=True),
+    QuantConfig("asym-b32-lm8", method="asym"),
+    QuantConfig("asym-b32-awq-lm8", method="asym", refine=6, act_weighted=True),
     QuantConfig("affine-b32-lm8"),
     QuantConfig("affine-b32-awq-lm8", refine=9, act_weighted=True),
     QuantConfig("affine-b32-awq-lm8-w16", refine=9, act_weighted=True, worst_k_8bit=16),
@@ -626,15 +657,25 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
     the best attempt (highest top-1, then lowest KL) is kept with passed=False -- or, with
     strict=True, NoPassingConfigError is raised carrying every attempt. quantize(config, out_dir, act_stats):
     how a candidate is made (default: quantize_decoder's rewrite of f32_onnx; decoder_builder.quantized_builder
-    builds each candidate from the weights instead).
+    builds each candidate from the weights instead). When `quantize` has an attribute skip(config, later_rungs)
+    returning a reason, that rung is recorded as skipped (top1 None, "skipped": reason) and neither built nor
+    scored.
     """
     out_dir = Path(out_dir)
     work = out_dir / "attempts"
     attempts: list[dict] = []
     best: tuple | None = None
     chosen: QuantConfig | None = None
-    for cfg in ladder:
+    skip = getattr(quantize, "skip", None)
+    for k, cfg in enumerate(ladder):
         note = None
+        reason = skip(cfg, ladder[k + 1:]) if skip is not None else None
+        if reason:
+            attempts.append({"name": cfg.name, "config": cfg.to_dict(), "top1": None, "kl_mean": None,
+                             "passed": False, "skipped": reason})
+            if verbose:
+                print(f"[choose] - {cfg.name:<26} skipped: {reason}")
+            continue
         if cfg.act_weighted and act_stats is None:
             cfg, note = replace(cfg, act_weighted=False), "no activation statistics: unweighted refit"
         res = (quantize(cfg, work / cfg.name, act_stats) if quantize is not None else
@@ -664,7 +705,8 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
         if strict:
             shutil.rmtree(work, ignore_errors=True)
             raise NoPassingConfigError(f"no configuration reached top-1 >= {top1_min} and KL <= {kl_max}: " +
-                                       ", ".join(f"{a['name']} {a['top1']:.3f}/{a['kl_mean']:.4f}" for a in attempts),
+                                       ", ".join(f"{a['name']} {a['top1']:.3f}/{a['kl_mean']:.4f}" for a in attempts
+                                                 if not a.get("skipped")),
                                        attempts)
         chosen = best[1]
     src = work / chosen.name

@@ -197,7 +197,10 @@ class Runtime:
         encoder = trt_encoder or session(enc_key, needs_ops)
         dec = manifest.decoder
         step_model = SharedCacheDecoder if dec.cache == CACHE_SHARED else OrtDecoder   # built vs traced graph
-        decoder = step_model(session(DECODER), load_embedding(bundle, arts[EMBED_TOKENS]), dec.num_layers,
+        # the built decoder's com.emrrg::BlockSumMatMulAdd runs the op library's kernel when it is built, else the
+        # node's own standard-ONNX function body (same numbers, slower): no error either way
+        dec_ops = find_op_library() is not None
+        decoder = step_model(session(DECODER, dec_ops), load_embedding(bundle, arts[EMBED_TOKENS]), dec.num_layers,
                              dec.kv_heads, dec.head_dim, max_len=manifest.max_len,
                              max_rows=max(8, manifest.generation.num_beams), hybrid_layers=tuple(dec.hybrid_layers))
         cross = session(CROSS_KV) if CROSS_KV in arts else None   # the contract requires it for hybrid layers

@@ -33,6 +33,10 @@ BUILD_COMMAND = "bash scripts/build_plugins.sh"
 OP_DOMAIN = "com.emrrg"
 OP_TYPE = "SelectiveScan"
 OP_VERSION = 1
+# The affine 4-bit decoder's correction Y = A + BlockSum(X) @ C (plugins/selective_scan/blockSumMatMulAddOp.h), same
+# library and domain. Optional: the built decoder carries the op's standard-ONNX body as a model-local function,
+# which ONNX Runtime runs when the library is not registered (register_if_found).
+BLOCKSUM_OP_TYPE = "BlockSumMatMulAdd"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE_LIB_DIR = _PACKAGE_DIR / "lib"  # setup.py copies the built libraries here in the wheel
@@ -113,3 +117,14 @@ def register(session_options, path: str | os.PathLike | None = None) -> Path:
         raise OpLibraryMissingError(
             f"{lib} exists but ONNX Runtime could not load it ({e}). Rebuild it with:  {BUILD_COMMAND}") from e
     return lib
+
+
+def register_if_found(session_options) -> Path | None:
+    """Register the op library when find_op_library() finds it; None (nothing registered) when it is absent.
+
+    For graphs whose com.emrrg nodes all carry a standard-ONNX function body (the built decoder's
+    BlockSumMatMulAdd): with the library the node runs its kernel, without it ONNX Runtime inlines the body.
+    A library that exists but does not load still raises OpLibraryMissingError (rebuild it)."""
+    lib = find_op_library()
+    return register(session_options, lib) if lib is not None else None
+

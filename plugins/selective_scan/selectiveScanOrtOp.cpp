@@ -16,6 +16,7 @@
  */
 #include "selectiveScanOrtOp.h"  // first: it includes the ORT C++ API with ORT_API_MANUAL_INIT
 
+#include "blockSumMatMulAddOp.h"
 
 // The library's only exported symbol (ORT_EXPORT is empty on Linux, and the build hides everything else).
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
@@ -31,5 +32,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   if (OrtStatus* st = api->CreateCustomOpDomain(kOpDomain, &domain)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &opF32)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &opF16)) return st;
+  // The affine 4-bit decoder's correction (blockSumMatMulAddOp.h): CPU library only; the CUDA library leaves
+  // it out so that a CUDA session runs the node's standard-ONNX function body on the device.
+  if (OrtStatus* st = emrrg::affine::addBlockSumMatMulAdd(api, domain)) return st;
   return api->AddCustomOpDomain(options, domain);
 }

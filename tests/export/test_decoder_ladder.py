@@ -1,0 +1,47 @@
+"""The 4-bit ladder's order (uint4 asymmetric first, its AWQ-style refit, then the exact affine encodings) and the
+built graph's rung skipping for weights already on a 4-bit grid, checked on the tiny decoder and on a snapped copy.
+The real model's figures: benchmarks/results/decoder_graph_accuracy.md."""
+import numpy as np
+
+from emrrg.export.decoder_builder import (BUILT_LADDER, ModuleWeights, _module_shape, on_block_grid,
+                                          quantized_builder)
+from emrrg.export.quantize_decoder import (DEFAULT_LADDER, KL_MAX, TOP1_MIN, QuantConfig, choose_decoder_config,
+                                           quantize_weight, weighted_rel_error)
+from tests.export.test_decoder_builder import _snap_to_grid
+from tests.export.test_decoder_export import ScriptedEvaluator, tiny_llm
+
+
+def test_ladder_order():
+    methods = [(c.method, c.bits, c.act_weighted) for c in DEFAULT_LADDER]
+    assert methods[:3] == [("asym", 4, False), ("asym", 4, True), ("affine", 4, False)]
+    assert all(m == "affine" for m, b, _ in methods[2:-1]) and methods[-1][1] == 8      # int8 is the last resort
+    assert {c.lm_head_bits for c in DEFAULT_LADDER} == {8, 32} and BUILT_LADDER is DEFAULT_LADDER
+    assert (TOP1_MIN, KL_MAX) == (0.95, 0.05)                                            # thresholds unchanged
+
+
+def test_asym_clip_search_never_worse():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_t(3, (256, 64)) * 0.02).astype(np.float32)                        # heavy tails: clipping helps
+    h = rng.uniform(0.1, 4.0, 256).astype(np.float32)
+    plain = weighted_rel_error(w, quantize_weight(w, 4, 32, "asym").dequantized, h)
+    refit = quantize_weight(w, 4, 32, "asym", refine=6, h=h)
+    assert refit.zero_points is not None and refit.correction is None                  # same layout, same bytes
+    assert weighted_rel_error(w, refit.dequantized, h) < 0.95 * plain
+
+
+def test_grid_weights_skip_the_asym_rungs(tmp_path):
+    llm, _ = tiny_llm(seed=6)
+    assert not on_block_grid(ModuleWeights(llm), _module_shape(llm))
+    fresh = quantized_builder(ModuleWeights(llm), _module_shape(llm)).skip
+    assert all(fresh(c, DEFAULT_LADDER[k + 1:]) is None for k, c in enumerate(DEFAULT_LADDER))
+    _snap_to_grid(llm)
+    src, shape = ModuleWeights(llm), _module_shape(llm)
+    assert on_block_grid(src, shape)
+    quantize = quantized_builder(src, shape)
+    assert quantize.skip(DEFAULT_LADDER[0], DEFAULT_LADDER[1:]).startswith("weights on a 4-bit block-32 grid")
+    assert quantize.skip(DEFAULT_LADDER[0], ()) is None                                 # nothing exact after it
+    ev = ScriptedEvaluator({"affine-b32-lm8": (0.97, 0.01)})
+    choice = choose_decoder_config(None, tmp_path / "q", ev, ladder=DEFAULT_LADDER, quantize=quantize, verbose=False)
+    assert ev.calls == ["affine-b32-lm8"]                                               # nothing built or scored before
+    assert [a.get("skipped") is not None for a in choice.attempts] == [True, True, False]
+    assert choice.config.name == "affine-b32-lm8" and choice.passed
