@@ -553,6 +553,307 @@ def _rib_pattern(cv: _Canvas, an: _Anatomy, side: int, fracture: tuple[int, floa
     return out
 
 
+# ---- Findings: one registered draw function each -------------------------------------------------------
+# A finding changes the picture in one of two stages, or both: GEOMETRY functions move the anatomy before it
+# is drawn (a larger heart, a raised hemidiaphragm, a broken rib); OPACITY functions add to the overlay of
+# attenuation after it (fluid, air, opacities, lines). Each reads and writes the _Scene and draws from its
+# finding's own stream. They run in the order they are registered in, which is part of the output (the
+# overlay is a float sum): do not reorder them. Devices are drawn by the DEVICE functions, one per type.
+
+
+@dataclass
+class _Scene:
+    """The render's state that the finding draw functions read and change."""
+
+    spec: PhantomSpec
+    size: int
+    cv: _Canvas
+    an: _Anatomy
+    info: dict[str, Any]
+    fracture_at: tuple[int, int, float] | None = None  # (side, rib, d), from the fracture geometry
+    # Set once the base anatomy is drawn (the OPACITY stage):
+    lungs: dict[int, np.ndarray] = field(default_factory=dict)
+    lung: np.ndarray | None = None
+    heart: np.ndarray | None = None
+    air: np.ndarray | None = None
+    overlay: np.ndarray | None = None
+    marking_mask: np.ndarray | None = None    # where vessel markings and texture show (air and fluid remove them)
+
+    @property
+    def scale(self) -> float:
+        return self.size / 224.0
+
+
+_GEOMETRY: dict[str, Any] = {}
+_OPACITY: dict[str, Any] = {}
+_DEVICE_DRAW: dict[str, Any] = {}
+
+
+def _registered(table: dict[str, Any], name: str):
+    def register(fn):
+        if name in table:
+            raise ValueError(f"{name} is registered twice")
+        table[name] = fn
+        return fn
+    return register
+
+
+@_registered(_GEOMETRY, "hyperinflation")
+def _hyperinflation_geometry(s: _Scene, r: np.random.Generator) -> None:
+    an = s.an
+    sev = _SEV[_attr(s.spec, "hyperinflation", "severity", r, SEVERITIES, [0.4, 0.4, 0.2])]
+    drop = 0.05 + 0.02 * sev
+    an.dome = (an.dome[0] + drop, an.dome[1] + drop)
+    an.k_lat *= 0.55
+    an.k_med *= 0.5
+    an.lucency *= 1.1 + 0.04 * sev
+    an.heart_ab = (an.heart_ab[0] * 0.86, an.heart_ab[1] * 1.02)
+    an.heart_c = (an.heart_c[0] - 0.01, an.heart_c[1] + 0.035)
+    an.w_lung += 0.008
+    s.info["hyperinflation"] = {"severity": SEVERITIES[sev]}
+
+
+@_registered(_GEOMETRY, "cardiomegaly")
+def _cardiomegaly_geometry(s: _Scene, r: np.random.Generator) -> None:
+    an = s.an
+    sev = _SEV[_attr(s.spec, "cardiomegaly", "severity", r, SEVERITIES, [0.45, 0.35, 0.2])]
+    fa = (1.3, 1.42, 1.55)[sev] + float(r.uniform(-0.03, 0.03))
+    an.heart_ab = (an.heart_ab[0] * fa, an.heart_ab[1] * (1.08 + 0.04 * sev))
+    an.heart_c = (an.heart_c[0] + 0.015 + 0.008 * sev, an.heart_c[1] + 0.012)
+    s.info["cardiomegaly"] = {"severity": SEVERITIES[sev], "scale": fa}
+
+
+@_registered(_GEOMETRY, "enlarged_cardiomediastinum")
+def _enlarged_cardiomediastinum_geometry(s: _Scene, r: np.random.Generator) -> None:
+    an = s.an
+    sev = _SEV[_attr(s.spec, "enlarged_cardiomediastinum", "severity", r, SEVERITIES, [0.4, 0.4, 0.2])]
+    an.med_widen = 0.03 + 0.012 * sev + float(r.uniform(0, 0.005))
+    an.knob_r *= 1.25
+    s.info["enlarged_cardiomediastinum"] = {"severity": SEVERITIES[sev], "widen": an.med_widen}
+
+
+@_registered(_GEOMETRY, "atelectasis")
+def _atelectasis_geometry(s: _Scene, r: np.random.Generator) -> None:
+    """Volume loss: the hemidiaphragm rises, the mediastinum shifts toward the collapse."""
+    an = s.an
+    side = _attr(s.spec, "atelectasis", "side", r, SIDES, [0.35, 0.35, 0.3])
+    sev = _SEV[_attr(s.spec, "atelectasis", "severity", r, SEVERITIES, [0.5, 0.35, 0.15])]
+    zone = _attr(s.spec, "atelectasis", "zone", r, ZONES, [0.15, 0.15, 0.7])
+    lift = 0.02 + 0.015 * sev
+    dome = list(an.dome)
+    for sd in _sides(side):
+        dome[0 if sd < 0 else 1] -= lift
+    an.dome = (dome[0], dome[1])
+    if side != "bilateral":
+        an.cx += (0.006 + 0.006 * sev) * (-1 if side == "right" else 1)
+    s.info["atelectasis"] = {"side": side, "severity": SEVERITIES[sev], "zone": zone, "lift": lift}
+
+
+@_registered(_GEOMETRY, "fracture")
+def _fracture_geometry(s: _Scene, r: np.random.Generator) -> None:
+    side = _attr(s.spec, "fracture", "side", r, ("right", "left"))
+    s.fracture_at = (-1 if side == "right" else 1, int(r.integers(3, 7)), float(r.uniform(0.24, 0.33)))
+    s.info["fracture"] = {"side": side, "rib": s.fracture_at[1], "d": s.fracture_at[2]}
+
+
+@_registered(_OPACITY, "pneumothorax")
+def _pneumothorax_opacity(s: _Scene, r: np.random.Generator) -> None:
+    """Pleural air: the lung edge pulls away from the chest wall; no markings beyond it."""
+    cv, an, V, size, scale = s.cv, s.an, s.cv.V, s.size, s.scale
+    side = _attr(s.spec, "pneumothorax", "side", r, SIDES, [0.45, 0.45, 0.1])
+    sev = _SEV[_attr(s.spec, "pneumothorax", "severity", r, SEVERITIES, [0.5, 0.35, 0.15])]
+    gap = (0.04, 0.075, 0.13)[sev] + float(r.uniform(0, 0.01))
+    reach = (0.3, 0.5, 0.85)[sev]
+    zone = np.zeros(s.overlay.shape, dtype=bool)
+    for sd in _sides(side):
+        taper = np.clip(1 - (V - an.v_apex) / reach, 0.0, 1.0) ** 0.6
+        inner = _lung_mask(cv, an, sd, shrink_lat=gap * taper, shrink_top=gap * 0.9)
+        ptx = np.clip(s.lungs[sd] - inner, 0, 1)
+        zone |= ptx > 0.5
+        s.marking_mask = np.clip(s.marking_mask - ptx, 0, 1)
+        s.overlay -= 0.06 * ptx
+        edge = 4 * _blur(ptx, 0.8 * scale) * _blur(inner, 0.8 * scale)
+        s.overlay += 0.2 * np.clip(edge, 0, 1) * s.lungs[sd]
+    s.info["pneumothorax"] = {"side": side, "severity": SEVERITIES[sev], "gap": gap, "zone": zone}
+
+
+@_registered(_OPACITY, "pleural_effusion")
+def _pleural_effusion_opacity(s: _Scene, r: np.random.Generator) -> None:
+    """Dependent fluid with a meniscus that climbs the lateral chest wall."""
+    an, X, V, size, scale, cx = s.an, s.cv.X, s.cv.V, s.size, s.scale, s.an.cx
+    side = _attr(s.spec, "pleural_effusion", "side", r, SIDES, [0.35, 0.3, 0.35])
+    sev = _SEV[_attr(s.spec, "pleural_effusion", "severity", r, SEVERITIES, [0.5, 0.35, 0.15])]
+    height = (0.075, 0.16, 0.3)[sev] + float(r.uniform(0, 0.02))
+    for sd in _sides(side):
+        d = sd * (X - cx)
+        v_cp = float(_diaphragm_v(an, sd, an.w_lung))
+        lat = np.clip((d - an.d_med) / (an.w_lung - an.d_med), 0, 1)
+        top = v_cp - height - 0.07 * lat ** 2          # meniscus: climbs the lateral chest wall
+        fluid = _blur(_soft_lt(top, V, size), 1.5 * scale) * s.lungs[sd]
+        depth = np.clip((V - top) / 0.12, 0, 1)
+        s.overlay += fluid * s.air * (1 - 0.82 * s.heart) * (0.85 + 0.15 * depth)
+        s.marking_mask = np.clip(s.marking_mask - fluid, 0, 1)
+    s.info["pleural_effusion"] = {"side": side, "severity": SEVERITIES[sev], "height": height}
+
+
+@_registered(_OPACITY, "consolidation")
+def _consolidation_opacity(s: _Scene, r: np.random.Generator) -> None:
+    """Patchy airspace opacity with air bronchograms."""
+    cv, size, scale, cx = s.cv, s.size, s.scale, s.an.cx
+    side = _attr(s.spec, "consolidation", "side", r, SIDES, [0.35, 0.35, 0.3])
+    sev = _SEV[_attr(s.spec, "consolidation", "severity", r, SEVERITIES, [0.4, 0.4, 0.2])]
+    zone = _attr(s.spec, "consolidation", "zone", r, ZONES, [0.2, 0.2, 0.6])
+    patch_all = np.zeros_like(s.overlay)
+    centers = []
+    for sd in _sides(side):
+        zv = {"upper": 0.28, "mid": 0.44, "lower": 0.56}[zone] + float(r.uniform(-0.02, 0.02))
+        zd = float(r.uniform(0.17, 0.25))
+        g = np.zeros_like(s.overlay)
+        for _ in range(4 + 2 * sev):
+            gx = cx + sd * (zd + float(r.normal(0, 0.04)))
+            gy = zv + float(r.normal(0, 0.035))
+            s_ = (0.035 + 0.015 * sev) * float(r.uniform(0.8, 1.25))
+            g += _gauss(cv, gx, gy, s_, s_ * 0.9)
+        mod = 0.65 + 0.35 * _smooth_noise(r, size, max(6, int(18 * scale)))
+        patch = np.clip((g * mod - 0.35) * 1.6, 0, 1) * s.lungs[sd]
+        # Air bronchograms: dark branching lines inside the opacity.
+        blayer, bdraw = cv.layer()
+        for _ in range(3):
+            bx, bv = cx + sd * (zd - 0.06), zv + float(r.uniform(-0.03, 0.03))
+            pts = [(bx, bv)]
+            h = float(r.uniform(-0.4, 0.4))
+            for _ in range(5):
+                h += float(r.normal(0, 0.15))
+                bx += sd * np.cos(h) * 0.022
+                bv += np.sin(h) * 0.022
+                pts.append((bx, bv))
+            bdraw.line(cv.px(pts), fill=1.0, width=max(1, int(round(1.2 * scale))))
+        bronch = _blur(cv.array(blayer), 0.6 * scale)
+        patch_all += patch * (1 - 0.5 * bronch)
+        centers.append((cx + sd * zd, zv))
+    s.overlay += (0.3 + 0.06 * sev) * np.clip(patch_all, 0, 1.2)
+    s.info["consolidation"] = {"side": side, "severity": SEVERITIES[sev], "zone": zone, "centers": centers}
+
+
+@_registered(_OPACITY, "lung_lesion")
+def _lung_lesion_opacity(s: _Scene, r: np.random.Generator) -> None:
+    """A round nodule, or a larger lobulated mass."""
+    X, V, size, cx = s.cv.X, s.cv.V, s.size, s.an.cx
+    side = _attr(s.spec, "lung_lesion", "side", r, ("right", "left"))
+    zone = _attr(s.spec, "lung_lesion", "zone", r, ZONES, [0.35, 0.35, 0.3])
+    kind = _attr(s.spec, "lung_lesion", "kind", r, ("nodule", "mass"), [0.75, 0.25])
+    sd = -1 if side == "right" else 1
+    lv = {"upper": 0.26, "mid": 0.4, "lower": 0.53}[zone] + float(r.uniform(-0.03, 0.03))
+    ld = float(r.uniform(0.18, 0.27))
+    rad = float(r.uniform(0.015, 0.022)) if kind == "nodule" else float(r.uniform(0.035, 0.055))
+    phase = float(r.uniform(0, 2 * np.pi))
+    lx = cx + sd * ld
+    ang = np.arctan2(V - lv, X - lx)
+    wob = 1.0 + (0.12 * np.sin(3 * ang + phase) if kind == "mass" else 0.0)
+    dist = np.sqrt((X - lx) ** 2 + (V - lv) ** 2)
+    lesion = np.clip((rad * wob - dist) * size / 1.2 + 0.5, 0, 1)
+    s.overlay += 0.42 * lesion * np.sqrt(np.clip(1 - (dist / (rad * wob * 1.05)) ** 2, 0, 1))
+    s.info["lung_lesion"] = {"side": side, "zone": zone, "kind": kind, "center": (lx, lv), "radius": rad}
+
+
+@_registered(_OPACITY, "atelectasis")
+def _atelectasis_opacity(s: _Scene, r: np.random.Generator) -> None:
+    """Plate-like lines (and a lobar wedge when severe); the stream goes on from the geometry stage."""
+    cv, an, scale, cx = s.cv, s.an, s.scale, s.an.cx
+    atel = s.info["atelectasis"]
+    sev = _SEV[atel["severity"]]
+    for sd in _sides(atel["side"]):
+        dome = an.dome[0] if sd < 0 else an.dome[1]
+        if sev == 2:
+            # Lobar collapse: a dense wedge from the hilum to the base.
+            tl, td = cv.layer()
+            td.polygon(cv.px([(cx + sd * 0.08, 0.46), (cx + sd * 0.3, dome - 0.005), (cx + sd * 0.1, dome + 0.01)]), fill=1.0)
+            s.overlay += 0.4 * _blur(cv.array(tl), 1.5 * scale) * s.lungs[sd]
+        zv = {"upper": 0.3, "mid": 0.45, "lower": dome - 0.06}[atel["zone"]]
+        llayer, ldraw = cv.layer()
+        for k in range(1 + (sev >= 1)):
+            v0 = zv - 0.035 * k + float(r.uniform(-0.01, 0.01))
+            x0, x1 = cx + sd * float(r.uniform(0.09, 0.13)), cx + sd * float(r.uniform(0.26, 0.32))
+            pts = _curve((x0, v0 + 0.012), ((x0 + x1) / 2, v0 + float(r.uniform(-0.012, 0.004))), (x1, v0 - 0.006), 12)
+            ldraw.line(cv.px(pts), fill=1.0, width=max(1, int(round((1.6 + 0.6 * sev) * scale))))
+        s.overlay += 0.3 * _blur(cv.array(llayer), 0.9 * scale) * s.lungs[sd]
+
+
+@_registered(_OPACITY, "edema")
+def _edema_opacity(s: _Scene, r: np.random.Generator) -> None:
+    """Perihilar haze and Kerley B lines (the base anatomy also blurs and strengthens the vessels)."""
+    cv, an, scale, cx = s.cv, s.an, s.scale, s.an.cx
+    sev = _SEV[_attr(s.spec, "edema", "severity", r, SEVERITIES, [0.45, 0.35, 0.2])]
+    haze = np.zeros_like(s.overlay)
+    klayer, kdraw = cv.layer()
+    for sd in (-1, 1):
+        haze += _gauss(cv, cx + sd * 0.13, 0.47, 0.11, 0.13) * s.lungs[sd]
+        # Kerley B lines: short horizontal lines at the lateral lung bases.
+        for _ in range(5 + 2 * sev):
+            kv = float(r.uniform(0.5, float(_diaphragm_v(an, sd, an.w_lung)) - 0.03))
+            kx1 = cx + sd * (an.w_lung - 0.004)
+            kx0 = kx1 - sd * float(r.uniform(0.025, 0.04))
+            kdraw.line(cv.px([(kx0, kv), (kx1, kv)]), fill=1.0, width=max(1, int(round(scale))))
+    s.overlay += 0.16 * _blur(cv.array(klayer), 0.5 * scale) * s.lung
+    s.overlay += (0.22 + 0.08 * sev) * haze
+    s.info["edema"] = {"severity": SEVERITIES[sev]}
+
+
+@_registered(_DEVICE_DRAW, "ett")
+def _draw_ett(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -> None:
+    cv, cx = s.cv, s.an.cx
+    tip = s.an.carina_v - float(sub.uniform(0.03, 0.07))
+    ddraw.line(cv.px([(cx - 0.004, 0.0), (cx - 0.004, tip)]), fill=0.7, width=cv.width(0.011))
+    ddraw.line(cv.px([(cx - 0.004, 0.0), (cx - 0.004, tip)]), fill=0.9, width=max(1, cv.width(0.004)))
+
+
+@_registered(_DEVICE_DRAW, "tracheostomy")
+def _draw_tracheostomy(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -> None:
+    cv, cx = s.cv, s.an.cx
+    tip = s.an.carina_v - float(sub.uniform(0.07, 0.1))
+    ddraw.line(cv.px([(cx - 0.004, 0.1), (cx - 0.004, tip)]), fill=0.9, width=cv.width(0.014))
+    ddraw.line(cv.px([(cx - 0.06, 0.1), (cx + 0.055, 0.1)]), fill=1.0, width=cv.width(0.01))
+
+
+@_registered(_DEVICE_DRAW, "enteric_tube")
+def _draw_enteric_tube(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -> None:
+    cv, cx = s.cv, s.an.cx
+    gx = cx + 0.16 + float(sub.uniform(-0.02, 0.02))
+    gy = float(_diaphragm_v(s.an, 1, 0.16)) + float(sub.uniform(0.05, 0.09))
+    pts = [(cx + 0.008, 0.0), (cx + 0.012, 0.5)] + _curve((cx + 0.012, 0.5), (cx + 0.03, gy), (gx, gy))
+    ddraw.line(cv.px(pts), fill=1.1, width=max(1, cv.width(0.006)))
+
+
+@_registered(_DEVICE_DRAW, "cvc")
+def _draw_cvc(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -> None:
+    cv, cx = s.cv, s.an.cx
+    sd = -1 if sub.uniform() < 0.7 else 1
+    tip = (cx - 0.03, 0.44 + float(sub.uniform(-0.02, 0.03)))
+    pts = _curve((cx + sd * 0.27, 0.11), (cx + sd * 0.06, 0.13), (cx - 0.03, 0.25)) + [tip]
+    ddraw.line(cv.px(pts), fill=1.1, width=max(1, cv.width(0.006)))
+
+
+@_registered(_DEVICE_DRAW, "chest_drain")
+def _draw_chest_drain(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -> None:
+    cv, an, cx = s.cv, s.an, s.an.cx
+    sd = -1 if sub.uniform() < 0.6 else 1
+    pts = _curve((cx + sd * (an.w_lung + 0.07), 0.62), (cx + sd * (an.w_lung - 0.02), 0.55),
+                 (cx + sd * 0.2, 0.2 + float(sub.uniform(0, 0.05))))
+    ddraw.line(cv.px(pts), fill=1.0, width=cv.width(0.013))
+    ddraw.line(cv.px(pts), fill=0.55, width=max(1, cv.width(0.004)))
+
+
+@_registered(_DEVICE_DRAW, "pacemaker")
+def _draw_pacemaker(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -> None:
+    cv, cx, size = s.cv, s.an.cx, s.size
+    gx, gy = cx + 0.3, 0.17 + float(sub.uniform(-0.015, 0.015))
+    box = [(gx - 0.04) * size, (gy - 0.028) * size, (gx + 0.04) * size, (gy + 0.028) * size]
+    ddraw.rounded_rectangle(box, radius=max(1, int(0.012 * size)), fill=3.0)
+    for k, target in enumerate([(cx - 0.01, 0.55), (cx + 0.06, 0.66)]):
+        pts = _curve((gx - 0.03, gy + 0.01), (cx + 0.02 + 0.03 * k, 0.2), target)
+        ddraw.line(cv.px(pts), fill=1.3, width=max(1, cv.width(0.006)))
+
+
 def _render(spec: PhantomSpec, seed: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
     cv = _Canvas(size)
     X, V = cv.X, cv.V
@@ -560,7 +861,7 @@ def _render(spec: PhantomSpec, seed: int, size: int) -> tuple[np.ndarray, dict[s
     rng = _stream(seed, 0)                 # anatomy, vessels and noise: the same for any finding set
     an = _nominal_anatomy(rng)
     has = set(spec.findings)
-    info: dict[str, Any] = {}
+    s = _Scene(spec, size, cv, an, {})
     frng = {f: _stream(seed, 1, _finding_key(f)) for f in FINDINGS}
 
     # Anatomy-stream draws first, in a fixed order, so findings never shift them.
@@ -570,52 +871,9 @@ def _render(spec: PhantomSpec, seed: int, size: int) -> tuple[np.ndarray, dict[s
     fine_noise = rng.standard_normal((size, size), dtype=np.float32)
 
     # ---- Finding-driven geometry (each finding draws from its own stream) -------------------
-    if "hyperinflation" in has:
-        r = frng["hyperinflation"]
-        sev = _SEV[_attr(spec, "hyperinflation", "severity", r, SEVERITIES, [0.4, 0.4, 0.2])]
-        drop = 0.05 + 0.02 * sev
-        an.dome = (an.dome[0] + drop, an.dome[1] + drop)
-        an.k_lat *= 0.55
-        an.k_med *= 0.5
-        an.lucency *= 1.1 + 0.04 * sev
-        an.heart_ab = (an.heart_ab[0] * 0.86, an.heart_ab[1] * 1.02)
-        an.heart_c = (an.heart_c[0] - 0.01, an.heart_c[1] + 0.035)
-        an.w_lung += 0.008
-        info["hyperinflation"] = {"severity": SEVERITIES[sev]}
-    if "cardiomegaly" in has:
-        r = frng["cardiomegaly"]
-        sev = _SEV[_attr(spec, "cardiomegaly", "severity", r, SEVERITIES, [0.45, 0.35, 0.2])]
-        fa = (1.3, 1.42, 1.55)[sev] + float(r.uniform(-0.03, 0.03))
-        an.heart_ab = (an.heart_ab[0] * fa, an.heart_ab[1] * (1.08 + 0.04 * sev))
-        an.heart_c = (an.heart_c[0] + 0.015 + 0.008 * sev, an.heart_c[1] + 0.012)
-        info["cardiomegaly"] = {"severity": SEVERITIES[sev], "scale": fa}
-    if "enlarged_cardiomediastinum" in has:
-        r = frng["enlarged_cardiomediastinum"]
-        sev = _SEV[_attr(spec, "enlarged_cardiomediastinum", "severity", r, SEVERITIES, [0.4, 0.4, 0.2])]
-        an.med_widen = 0.03 + 0.012 * sev + float(r.uniform(0, 0.005))
-        an.knob_r *= 1.25
-        info["enlarged_cardiomediastinum"] = {"severity": SEVERITIES[sev], "widen": an.med_widen}
-    atel: dict[str, Any] = {}
-    if "atelectasis" in has:
-        r = frng["atelectasis"]
-        side = _attr(spec, "atelectasis", "side", r, SIDES, [0.35, 0.35, 0.3])
-        sev = _SEV[_attr(spec, "atelectasis", "severity", r, SEVERITIES, [0.5, 0.35, 0.15])]
-        zone = _attr(spec, "atelectasis", "zone", r, ZONES, [0.15, 0.15, 0.7])
-        lift = 0.02 + 0.015 * sev
-        dome = list(an.dome)
-        for sd in _sides(side):
-            dome[0 if sd < 0 else 1] -= lift
-        an.dome = (dome[0], dome[1])
-        if side != "bilateral":
-            an.cx += (0.006 + 0.006 * sev) * (-1 if side == "right" else 1)
-        atel = {"side": side, "severity": SEVERITIES[sev], "zone": zone, "rng": r}
-        info["atelectasis"] = {"side": side, "severity": SEVERITIES[sev], "zone": zone, "lift": lift}
-    fracture_at: tuple[int, int, float] | None = None
-    if "fracture" in has:
-        r = frng["fracture"]
-        side = _attr(spec, "fracture", "side", r, ("right", "left"))
-        fracture_at = (-1 if side == "right" else 1, int(r.integers(3, 7)), float(r.uniform(0.24, 0.33)))
-        info["fracture"] = {"side": side, "rib": fracture_at[1], "d": fracture_at[2]}
+    for name, move in _GEOMETRY.items():
+        if name in has:
+            move(s, frng[name])
 
     # ---- Base anatomy, as attenuation T -------------------------------------------------------
     cx = an.cx
@@ -658,7 +916,7 @@ def _render(spec: PhantomSpec, seed: int, size: int) -> tuple[np.ndarray, dict[s
     T -= 0.35 * np.clip(_gauss(cv, cx + 0.17, gv, 0.045, 0.022) * 1.6 - 0.3, 0, 1) * (V > gv - 0.02)
 
     for sd in (-1, 1):
-        frac = (fracture_at[1], fracture_at[2]) if fracture_at is not None and fracture_at[0] == sd else None
+        frac = (s.fracture_at[1], s.fracture_at[2]) if s.fracture_at is not None and s.fracture_at[0] == sd else None
         T += _rib_pattern(cv, an, sd, frac) * body
 
     # Vessel markings (what a pneumothorax removes) and fine parenchymal texture.
@@ -670,132 +928,16 @@ def _render(spec: PhantomSpec, seed: int, size: int) -> tuple[np.ndarray, dict[s
     vessel_gain = 0.16 * (1.0 + 0.5 * np.clip((0.42 - V) / 0.3, 0, 1) * ("edema" in has))
     marking_mask = lung * (1.0 - 0.75 * heart)
 
-    # ---- Pleural findings ---------------------------------------------------------------------
-    overlay = np.zeros_like(T)
-    if "pneumothorax" in has:
-        r = frng["pneumothorax"]
-        side = _attr(spec, "pneumothorax", "side", r, SIDES, [0.45, 0.45, 0.1])
-        sev = _SEV[_attr(spec, "pneumothorax", "severity", r, SEVERITIES, [0.5, 0.35, 0.15])]
-        gap = (0.04, 0.075, 0.13)[sev] + float(r.uniform(0, 0.01))
-        reach = (0.3, 0.5, 0.85)[sev]
-        zone = np.zeros(T.shape, dtype=bool)
-        for sd in _sides(side):
-            taper = np.clip(1 - (V - an.v_apex) / reach, 0.0, 1.0) ** 0.6
-            inner = _lung_mask(cv, an, sd, shrink_lat=gap * taper, shrink_top=gap * 0.9)
-            ptx = np.clip(lungs[sd] - inner, 0, 1)
-            zone |= ptx > 0.5
-            marking_mask = np.clip(marking_mask - ptx, 0, 1)
-            overlay -= 0.06 * ptx
-            edge = 4 * _blur(ptx, 0.8 * scale) * _blur(inner, 0.8 * scale)
-            overlay += 0.2 * np.clip(edge, 0, 1) * lungs[sd]
-        info["pneumothorax"] = {"side": side, "severity": SEVERITIES[sev], "gap": gap, "zone": zone}
-    if "pleural_effusion" in has:
-        r = frng["pleural_effusion"]
-        side = _attr(spec, "pleural_effusion", "side", r, SIDES, [0.35, 0.3, 0.35])
-        sev = _SEV[_attr(spec, "pleural_effusion", "severity", r, SEVERITIES, [0.5, 0.35, 0.15])]
-        height = (0.075, 0.16, 0.3)[sev] + float(r.uniform(0, 0.02))
-        for sd in _sides(side):
-            d = sd * (X - cx)
-            v_cp = float(_diaphragm_v(an, sd, an.w_lung))
-            lat = np.clip((d - an.d_med) / (an.w_lung - an.d_med), 0, 1)
-            top = v_cp - height - 0.07 * lat ** 2          # meniscus: climbs the lateral chest wall
-            fluid = _blur(_soft_lt(top, V, size), 1.5 * scale) * lungs[sd]
-            depth = np.clip((V - top) / 0.12, 0, 1)
-            overlay += fluid * air * (1 - 0.82 * heart) * (0.85 + 0.15 * depth)
-            marking_mask = np.clip(marking_mask - fluid, 0, 1)
-        info["pleural_effusion"] = {"side": side, "severity": SEVERITIES[sev], "height": height}
+    # ---- Pleural and parenchymal findings, on one overlay -------------------------------------
+    s.lungs, s.lung, s.heart, s.air = lungs, lung, heart, air
+    s.overlay, s.marking_mask = np.zeros_like(T), marking_mask
+    for name, draw in _OPACITY.items():
+        if name in has:
+            draw(s, frng[name])
 
-    # ---- Parenchymal findings ---------------------------------------------------------------
-    if "consolidation" in has:
-        r = frng["consolidation"]
-        side = _attr(spec, "consolidation", "side", r, SIDES, [0.35, 0.35, 0.3])
-        sev = _SEV[_attr(spec, "consolidation", "severity", r, SEVERITIES, [0.4, 0.4, 0.2])]
-        zone = _attr(spec, "consolidation", "zone", r, ZONES, [0.2, 0.2, 0.6])
-        patch_all = np.zeros_like(T)
-        centers = []
-        for sd in _sides(side):
-            zv = {"upper": 0.28, "mid": 0.44, "lower": 0.56}[zone] + float(r.uniform(-0.02, 0.02))
-            zd = float(r.uniform(0.17, 0.25))
-            g = np.zeros_like(T)
-            for _ in range(4 + 2 * sev):
-                gx = cx + sd * (zd + float(r.normal(0, 0.04)))
-                gy = zv + float(r.normal(0, 0.035))
-                s_ = (0.035 + 0.015 * sev) * float(r.uniform(0.8, 1.25))
-                g += _gauss(cv, gx, gy, s_, s_ * 0.9)
-            mod = 0.65 + 0.35 * _smooth_noise(r, size, max(6, int(18 * scale)))
-            patch = np.clip((g * mod - 0.35) * 1.6, 0, 1) * lungs[sd]
-            # Air bronchograms: dark branching lines inside the opacity.
-            blayer, bdraw = cv.layer()
-            for _ in range(3):
-                bx, bv = cx + sd * (zd - 0.06), zv + float(r.uniform(-0.03, 0.03))
-                pts = [(bx, bv)]
-                h = float(r.uniform(-0.4, 0.4))
-                for _ in range(5):
-                    h += float(r.normal(0, 0.15))
-                    bx += sd * np.cos(h) * 0.022
-                    bv += np.sin(h) * 0.022
-                    pts.append((bx, bv))
-                bdraw.line(cv.px(pts), fill=1.0, width=max(1, int(round(1.2 * scale))))
-            bronch = _blur(cv.array(blayer), 0.6 * scale)
-            patch_all += patch * (1 - 0.5 * bronch)
-            centers.append((cx + sd * zd, zv))
-        overlay += (0.3 + 0.06 * sev) * np.clip(patch_all, 0, 1.2)
-        info["consolidation"] = {"side": side, "severity": SEVERITIES[sev], "zone": zone, "centers": centers}
-    if "lung_lesion" in has:
-        r = frng["lung_lesion"]
-        side = _attr(spec, "lung_lesion", "side", r, ("right", "left"))
-        zone = _attr(spec, "lung_lesion", "zone", r, ZONES, [0.35, 0.35, 0.3])
-        kind = _attr(spec, "lung_lesion", "kind", r, ("nodule", "mass"), [0.75, 0.25])
-        sd = -1 if side == "right" else 1
-        lv = {"upper": 0.26, "mid": 0.4, "lower": 0.53}[zone] + float(r.uniform(-0.03, 0.03))
-        ld = float(r.uniform(0.18, 0.27))
-        rad = float(r.uniform(0.015, 0.022)) if kind == "nodule" else float(r.uniform(0.035, 0.055))
-        phase = float(r.uniform(0, 2 * np.pi))
-        lx = cx + sd * ld
-        ang = np.arctan2(V - lv, X - lx)
-        wob = 1.0 + (0.12 * np.sin(3 * ang + phase) if kind == "mass" else 0.0)
-        dist = np.sqrt((X - lx) ** 2 + (V - lv) ** 2)
-        lesion = np.clip((rad * wob - dist) * size / 1.2 + 0.5, 0, 1)
-        overlay += 0.42 * lesion * np.sqrt(np.clip(1 - (dist / (rad * wob * 1.05)) ** 2, 0, 1))
-        info["lung_lesion"] = {"side": side, "zone": zone, "kind": kind, "center": (lx, lv), "radius": rad}
-    if atel:
-        r = atel["rng"]
-        sev = _SEV[atel["severity"]]
-        for sd in _sides(atel["side"]):
-            dome = an.dome[0] if sd < 0 else an.dome[1]
-            if sev == 2:
-                # Lobar collapse: a dense wedge from the hilum to the base.
-                tl, td = cv.layer()
-                td.polygon(cv.px([(cx + sd * 0.08, 0.46), (cx + sd * 0.3, dome - 0.005), (cx + sd * 0.1, dome + 0.01)]), fill=1.0)
-                overlay += 0.4 * _blur(cv.array(tl), 1.5 * scale) * lungs[sd]
-            zv = {"upper": 0.3, "mid": 0.45, "lower": dome - 0.06}[atel["zone"]]
-            llayer, ldraw = cv.layer()
-            for k in range(1 + (sev >= 1)):
-                v0 = zv - 0.035 * k + float(r.uniform(-0.01, 0.01))
-                x0, x1 = cx + sd * float(r.uniform(0.09, 0.13)), cx + sd * float(r.uniform(0.26, 0.32))
-                pts = _curve((x0, v0 + 0.012), ((x0 + x1) / 2, v0 + float(r.uniform(-0.012, 0.004))), (x1, v0 - 0.006), 12)
-                ldraw.line(cv.px(pts), fill=1.0, width=max(1, int(round((1.6 + 0.6 * sev) * scale))))
-            overlay += 0.3 * _blur(cv.array(llayer), 0.9 * scale) * lungs[sd]
-    if "edema" in has:
-        r = frng["edema"]
-        sev = _SEV[_attr(spec, "edema", "severity", r, SEVERITIES, [0.45, 0.35, 0.2])]
-        haze = np.zeros_like(T)
-        klayer, kdraw = cv.layer()
-        for sd in (-1, 1):
-            haze += _gauss(cv, cx + sd * 0.13, 0.47, 0.11, 0.13) * lungs[sd]
-            # Kerley B lines: short horizontal lines at the lateral lung bases.
-            for _ in range(5 + 2 * sev):
-                kv = float(r.uniform(0.5, float(_diaphragm_v(an, sd, an.w_lung)) - 0.03))
-                kx1 = cx + sd * (an.w_lung - 0.004)
-                kx0 = kx1 - sd * float(r.uniform(0.025, 0.04))
-                kdraw.line(cv.px([(kx0, kv), (kx1, kv)]), fill=1.0, width=max(1, int(round(scale))))
-        overlay += 0.16 * _blur(cv.array(klayer), 0.5 * scale) * lung
-        overlay += (0.22 + 0.08 * sev) * haze
-        info["edema"] = {"severity": SEVERITIES[sev]}
-
-    T += overlay
-    T += vessel_gain * vessels * marking_mask
-    T += 0.07 * texture * marking_mask
+    T += s.overlay
+    T += vessel_gain * vessels * s.marking_mask
+    T += 0.07 * texture * s.marking_mask
 
     # ---- Devices ------------------------------------------------------------------------------
     if "support_devices" in has:
@@ -807,39 +949,9 @@ def _render(spec: PhantomSpec, seed: int, size: int) -> tuple[np.ndarray, dict[s
                 continue
             sub = _stream(seed, 2, _finding_key(dev))
             placed.append(dev)
-            if dev == "ett":
-                tip = an.carina_v - float(sub.uniform(0.03, 0.07))
-                ddraw.line(cv.px([(cx - 0.004, 0.0), (cx - 0.004, tip)]), fill=0.7, width=cv.width(0.011))
-                ddraw.line(cv.px([(cx - 0.004, 0.0), (cx - 0.004, tip)]), fill=0.9, width=max(1, cv.width(0.004)))
-            elif dev == "tracheostomy":
-                tip = an.carina_v - float(sub.uniform(0.07, 0.1))
-                ddraw.line(cv.px([(cx - 0.004, 0.1), (cx - 0.004, tip)]), fill=0.9, width=cv.width(0.014))
-                ddraw.line(cv.px([(cx - 0.06, 0.1), (cx + 0.055, 0.1)]), fill=1.0, width=cv.width(0.01))
-            elif dev == "enteric_tube":
-                gx = cx + 0.16 + float(sub.uniform(-0.02, 0.02))
-                gy = float(_diaphragm_v(an, 1, 0.16)) + float(sub.uniform(0.05, 0.09))
-                pts = [(cx + 0.008, 0.0), (cx + 0.012, 0.5)] + _curve((cx + 0.012, 0.5), (cx + 0.03, gy), (gx, gy))
-                ddraw.line(cv.px(pts), fill=1.1, width=max(1, cv.width(0.006)))
-            elif dev == "cvc":
-                sd = -1 if sub.uniform() < 0.7 else 1
-                tip = (cx - 0.03, 0.44 + float(sub.uniform(-0.02, 0.03)))
-                pts = _curve((cx + sd * 0.27, 0.11), (cx + sd * 0.06, 0.13), (cx - 0.03, 0.25)) + [tip]
-                ddraw.line(cv.px(pts), fill=1.1, width=max(1, cv.width(0.006)))
-            elif dev == "chest_drain":
-                sd = -1 if sub.uniform() < 0.6 else 1
-                pts = _curve((cx + sd * (an.w_lung + 0.07), 0.62), (cx + sd * (an.w_lung - 0.02), 0.55),
-                             (cx + sd * 0.2, 0.2 + float(sub.uniform(0, 0.05))))
-                ddraw.line(cv.px(pts), fill=1.0, width=cv.width(0.013))
-                ddraw.line(cv.px(pts), fill=0.55, width=max(1, cv.width(0.004)))
-            elif dev == "pacemaker":
-                gx, gy = cx + 0.3, 0.17 + float(sub.uniform(-0.015, 0.015))
-                box = [(gx - 0.04) * size, (gy - 0.028) * size, (gx + 0.04) * size, (gy + 0.028) * size]
-                ddraw.rounded_rectangle(box, radius=max(1, int(0.012 * size)), fill=3.0)
-                for k, target in enumerate([(cx - 0.01, 0.55), (cx + 0.06, 0.66)]):
-                    pts = _curve((gx - 0.03, gy + 0.01), (cx + 0.02 + 0.03 * k, 0.2), target)
-                    ddraw.line(cv.px(pts), fill=1.3, width=max(1, cv.width(0.006)))
+            _DEVICE_DRAW[dev](s, ddraw, sub)
         T += _blur(cv.array(dlayer), 0.45 * scale)
-        info["support_devices"] = {"devices": placed}
+        s.info["support_devices"] = {"devices": placed}
 
     # ---- Acquisition: blur, exposure gradient, log-compression, contrast, quantum noise -------
     T = _blur(T, 0.5 * scale) * (1.0 + 0.04 * lowfreq) - 0.2 * (1.0 - body)
@@ -849,8 +961,8 @@ def _render(spec: PhantomSpec, seed: int, size: int) -> tuple[np.ndarray, dict[s
     img = np.where(x < _KNEE, x, _KNEE + (1.0 - _KNEE) * np.tanh((x - _KNEE) / (1.0 - _KNEE)))
     img = np.clip(img, 0.0, 1.0) ** an.gamma
     img = img + 0.006 * fine_noise
-    info["anatomy"] = an
-    return np.clip(img, 0.0, 1.0).astype(np.float32), info
+    s.info["anatomy"] = an
+    return np.clip(img, 0.0, 1.0).astype(np.float32), s.info
 
 
 def render_phantom(findings: Iterable[str] | PhantomSpec = (), seed: int = 0, size: int = 224, *,

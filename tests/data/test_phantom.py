@@ -234,6 +234,16 @@ def test_every_finding_has_an_effect_check():
     assert set(EFFECT_CHECKS) == set(ph.FINDINGS)
 
 
+def test_every_finding_and_device_has_a_draw_function():
+    """One registered draw function per finding (geometry and/or opacity stage), one per device type; the
+    opacity stage runs in a fixed order (the overlay is a float sum, its order is part of the output)."""
+    drawn = set(ph._GEOMETRY) | set(ph._OPACITY) | {"support_devices"}
+    assert drawn == set(ph.FINDINGS)
+    assert set(ph._DEVICE_DRAW) == set(ph.DEVICES)
+    assert list(ph._OPACITY) == ["pneumothorax", "pleural_effusion", "consolidation", "lung_lesion", "atelectasis",
+                                 "edema"]
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("finding", ph.FINDINGS)
 def test_finding_changes_its_region(finding, seed):
