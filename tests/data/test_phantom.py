@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from emrrg.data import phantom as ph
+from emrrg.data import phantom_render as pr
 from emrrg.data.annotation import SPLITS, load_annotation
 
 HAS_RADLABELS = importlib.util.find_spec("radlabels") is not None
@@ -155,7 +156,7 @@ def _check_lung_lesion(seed):
                                    attributes={"lung_lesion": {"kind": "nodule"}})
     x, v = info["lung_lesion"]["center"]
     r = info["lung_lesion"]["radius"]
-    cv = ph._Canvas(SIZE)
+    cv = pr._Canvas(SIZE)
     dist = np.sqrt((cv.X - x) ** 2 + (cv.V - v) ** 2) * SIZE
     inside = dist < 0.6 * r * SIZE
     outside = dist > r * SIZE + 3
@@ -237,10 +238,10 @@ def test_every_finding_has_an_effect_check():
 def test_every_finding_and_device_has_a_draw_function():
     """One registered draw function per finding (geometry and/or opacity stage), one per device type; the
     opacity stage runs in a fixed order (the overlay is a float sum, its order is part of the output)."""
-    drawn = set(ph._GEOMETRY) | set(ph._OPACITY) | {"support_devices"}
+    drawn = set(pr._GEOMETRY) | set(pr._OPACITY) | {"support_devices"}
     assert drawn == set(ph.FINDINGS)
-    assert set(ph._DEVICE_DRAW) == set(ph.DEVICES)
-    assert list(ph._OPACITY) == ["pneumothorax", "pleural_effusion", "consolidation", "lung_lesion", "atelectasis",
+    assert set(pr._DEVICE_DRAW) == set(ph.DEVICES)
+    assert list(pr._OPACITY) == ["pneumothorax", "pleural_effusion", "consolidation", "lung_lesion", "atelectasis",
                                  "edema"]
 
 
