@@ -46,7 +46,7 @@ from emrrg.runtime.generation import DecodeSettings, generate
 from emrrg.config import DECODE_KEYS
 from emrrg.runtime.oplib import OpLibraryMissingError, find_op_library, register
 from emrrg.runtime.gate import InputPolicy, load_study
-from emrrg.runtime.logs import ort_severity
+from emrrg.runtime.logs import ort_severity, quiet_onnxruntime
 from emrrg.runtime.preprocess import DEFAULT_MAX_MEGAPIXELS
 from emrrg.runtime.sessions import session_options
 
@@ -130,6 +130,7 @@ class Runtime:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        quiet_onnxruntime()   # ORT's own log at the command's verbosity (runtime/logs.py)
         if backend not in BACKENDS:
             raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         DecoderPool.check_size(max_concurrency)    # before loading anything
