@@ -121,8 +121,8 @@ def server(tiny_bundle, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60.0) as c:
+def client(server):   # also imported by the other service tests, each with its own `server`
+    with httpx.Client(base_url=server.url, timeout=60.0, verify=server.verify) as c:
         yield c
 
 

@@ -15,8 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from emrrg.assets import chest_dicom
-from tests.runtime.test_serve import Server, assert_error, check_report, dicom_bytes, jpeg_path
+from tests.runtime.test_serve import Server, assert_error, check_report, client, dicom_bytes, jpeg_path  # noqa: F401
 
 LIVENESS_S = 60.0               # bound on waiting for something that must happen (not a timing assertion)
 SLOW = {"beams": 8, "max_new_tokens": 300}   # long enough to be seen running by a scrape loop
@@ -27,12 +26,6 @@ def server(tiny_bundle, tmp_path_factory):
     srv = Server(tiny_bundle, tmp_path_factory.mktemp("serve-obs"), "--queue-size", "3")
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60.0) as c:
-        yield c
 
 
 def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from emrrg.assets import chest_dicom
-from tests.runtime.test_serve import Server, assert_error, check_report, dicom_bytes, free_port
+from tests.runtime.test_serve import Server, assert_error, check_report, client, dicom_bytes, free_port  # noqa: F401
 
 KEY = "k3y-Z9q-8675309-emrrg"
 SETTINGS = {"beams": 1, "max_new_tokens": 8}
@@ -45,12 +45,6 @@ def server(tiny_bundle, tmp_path_factory, tls):
                  "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), env={"EMRRG_API_KEY": KEY}, ca=cert)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60.0, verify=server.verify) as c:
-        yield c
 
 
 def post(client: httpx.Client, headers: dict) -> httpx.Response:
