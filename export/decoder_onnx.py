@@ -427,8 +427,14 @@ def _finish_onnx(src: Path, dst: Path, names: dict[str, str], meta: dict | None)
     save_onnx(model, dst)
 
 
+def needs_external_data(model) -> bool:
+    """True when the initializers exceed EXTERNAL_DATA_ABOVE_BYTES (save_onnx then writes them to ``.data``)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_ABOVE_BYTES
+
+
 def save_onnx(model, dst: str | Path, external: bool | None = None) -> Path:
-    """Save a ModelProto; initializers go to ``<name>.data`` when they exceed EXTERNAL_DATA_ABOVE_BYTES."""
+    """The one ONNX saver of the export (the encoder's save_model and the quantizers call it): initializers go
+    to ``<name>.data`` when they exceed EXTERNAL_DATA_ABOVE_BYTES (or when ``external``); a stale ``.data`` goes."""
     import onnx
 
     dst = Path(dst)
@@ -436,7 +442,7 @@ def save_onnx(model, dst: str | Path, external: bool | None = None) -> Path:
     if data.exists():
         data.unlink()
     if external is None:
-        external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_ABOVE_BYTES
+        external = needs_external_data(model)
     if external:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)

@@ -45,7 +45,6 @@ from emrrg.export.errors import ValidationError
 
 VARIANTS = ("custom_op", "pure_onnx")
 INPUT_NAME, OUTPUT_NAME = ENCODER_INPUT, ENCODER_OUTPUT   # the bundle contract's names (emrrg.runtime.contract)
-TWO_GB = 2**31  # protobuf's hard limit on one serialized message; above it the weights go to external data
 METADATA_VARIANT = "emrrg.scan_variant"
 _DROP_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")  # local paths, bulky
 
@@ -198,24 +197,21 @@ def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def save_model(model: onnx.ModelProto, out_path: str | os.PathLike, check: bool = True) -> dict:
-    """Save (external data above 2 GB), run onnx.checker, return {'bytes', 'external_data'}."""
+    """decoder_onnx.save_onnx (external data above its EXTERNAL_DATA_ABOVE_BYTES) with onnx.checker; returns
+    {'bytes', 'external_data'}."""
+    from emrrg.export.decoder_onnx import needs_external_data, save_onnx
+
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    external = model.ByteSize() > TWO_GB - 64 * 2**20  # margin for the graph around the weights
-    data_name = out.name + ".data"
-    if (out.parent / data_name).exists():
-        (out.parent / data_name).unlink()
-    if external:
-        onnx.save_model(model, out, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        if check:
-            onnx.checker.check_model(str(out), full_check=False)  # the path form handles > 2 GB
-    else:
-        if check:
-            onnx.checker.check_model(model, full_check=False)
-        onnx.save_model(model, out)
-    size = out.stat().st_size + ((out.parent / data_name).stat().st_size if external else 0)
-    return {"bytes": size, "external_data": data_name if external else None}
+    external = needs_external_data(model)
+    if check and not external:
+        onnx.checker.check_model(model, full_check=False)
+    save_onnx(model, out, external=external)
+    if check and external:
+        onnx.checker.check_model(str(out), full_check=False)  # the path form reads the external data
+    data = out.with_name(out.name + ".data")
+    return {"bytes": out.stat().st_size + (data.stat().st_size if external else 0),
+            "external_data": data.name if external else None}
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -41,6 +41,7 @@ import onnx
 from emrrg.export import onnx_ops
 from emrrg.runtime import logs
 from emrrg.export.errors import ExportError, QuantizationError
+from emrrg.export.decoder_onnx import save_onnx
 from emrrg.export.encoder_onnx import METADATA_VARIANT, get_metadata, op_counts, save_model, set_metadata
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
@@ -515,7 +516,7 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
     with tempfile.TemporaryDirectory(prefix="emrrg-int8-") as tmp:
         pure_f32 = Path(tmp) / "pure_f32.onnx"
         pure_q = Path(tmp) / "pure_int8.onnx"
-        onnx.save_model(pure, pure_f32, save_as_external_data=pure.ByteSize() > 2**30, location="pure_f32.onnx.data")
+        save_onnx(pure, pure_f32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import logging

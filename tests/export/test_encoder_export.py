@@ -348,3 +348,29 @@ def test_calibration_folder_skips_unreadable_files(tmp_path):
     pixels, facts = load_calibration_set(tmp_path, 64)
     assert pixels.shape == (1, 3, 64, 64) and facts["count"] == 1
     assert [s["name"] for s in facts["skipped"]] == ["b.png"]
+
+
+def test_one_saver_inline_and_external(tmp_path, monkeypatch):
+    """encoder_onnx.save_model is decoder_onnx.save_onnx plus the checker: inline under the limit, one .data file
+    above it (a stale .data of an earlier save removed), the same graph read back either way."""
+    import onnx.helper as oh
+    from onnx import numpy_helper
+
+    from emrrg.export import decoder_onnx
+    from emrrg.export.encoder_onnx import save_model
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+                          [numpy_helper.from_array(w, "w")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+    out = tmp_path / "m.onnx"
+    (tmp_path / "m.onnx.data").write_bytes(b"stale")
+    inline = save_model(model, out)
+    assert inline["external_data"] is None and not (tmp_path / "m.onnx.data").exists()
+    monkeypatch.setattr(decoder_onnx, "EXTERNAL_DATA_ABOVE_BYTES", w.nbytes - 1)   # just below the weights
+    external = save_model(model, out)
+    assert external["external_data"] == "m.onnx.data" and (tmp_path / "m.onnx.data").stat().st_size == w.nbytes
+    assert external["bytes"] == out.stat().st_size + w.nbytes
+    np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(out)).graph.initializer[0]), w)
