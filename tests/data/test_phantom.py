@@ -95,20 +95,22 @@ def test_unknown_finding_is_an_error():
         ph.render_phantom(["dragon"], 0)
 
 
-def _check_cardiomegaly(seed):
+def _bright_area_ratio(seed, finding, region):
+    """How much more of `region` is brighter than halfway between lung and heart with a mild `finding`."""
     R = ph.phantom_regions(seed)
-    base, sick = _render([], seed), _render(["cardiomegaly"], seed, severity="mild")
+    base, sick = _render([], seed), _render([finding], seed, severity="mild")
     thr = (np.median(base[R["right_lung"]]) + np.median(base[R["heart"]])) / 2
-    ratio = (sick[R["heart_band"]] > thr).mean() / (base[R["heart_band"]] > thr).mean()
+    return (sick[R[region]] > thr).mean() / (base[R[region]] > thr).mean()
+
+
+def _check_cardiomegaly(seed):
+    ratio = _bright_area_ratio(seed, "cardiomegaly", "heart_band")
     print(f"cardiomegaly seed {seed}: bright heart-band area x{ratio:.3f}")
     assert ratio > MIN_CARDIOMEGALY_AREA_RATIO
 
 
 def _check_enlarged_cardiomediastinum(seed):
-    R = ph.phantom_regions(seed)
-    base, sick = _render([], seed), _render(["enlarged_cardiomediastinum"], seed, severity="mild")
-    thr = (np.median(base[R["right_lung"]]) + np.median(base[R["heart"]])) / 2
-    ratio = (sick[R["upper_mediastinum"]] > thr).mean() / (base[R["upper_mediastinum"]] > thr).mean()
+    ratio = _bright_area_ratio(seed, "enlarged_cardiomediastinum", "upper_mediastinum")
     print(f"mediastinum seed {seed}: bright upper-mediastinal area x{ratio:.3f}")
     assert ratio > MIN_MEDIASTINUM_RATIO
 
