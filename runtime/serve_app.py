@@ -20,6 +20,8 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
            queue_wait_ms is the time between the upload being decoded and generation starting.
       400  empty body, malformed multipart, no `views` part, an empty view, more than 8 views; both
            Content-Length and Transfer-Encoding (error bad_framing; the connection is closed)
+      401  unauthorized: the server has --api-key (or $EMRRG_API_KEY) and the request sent no key or a wrong
+           one (checked before the body is read; with WWW-Authenticate: Bearer)
       408  the body did not arrive within --body-timeout (30 s) of the request head (the connection
            is closed)
       413  body larger than --max-request-mb (by Content-Length, or counted while reading)
@@ -50,7 +52,7 @@ API (OpenAPI schema at /openapi.json, interactive docs at /docs):
   GET /healthz    200 {"status": "ok", "model_loaded": bool, "state": "loading|ready|failed|stopping",
                        "backend": str|null, "queue": {"capacity", "queue_size", "active", "running", "waiting",
                        "uploads", "upload_bytes", "upload_budget_bytes", "mean_generation_s", "retry_after_s"}}
-  GET /metrics    Prometheus text format: requests by route and status, queue depth, seconds per stage
+  GET /metrics    (behind the API key like /v1/*) Prometheus text format: requests by route and status, queue depth, seconds per stage
                   (load, preprocess, encode, prefill, decode, queue_wait), tokens and tokens/s (ServeMetrics)
   GET /v1/model   200 Runtime.summary(): bundle_sha256, backend, versions, artifacts, generation,
                       validation (503 until the model is loaded); absolute paths cut to file names
