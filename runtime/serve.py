@@ -88,13 +88,17 @@ def check_tls_files(certfile: str, keyfile: str) -> None:
                          f"({getattr(e, 'reason', None) or e}): give a PEM certificate and its unencrypted PEM key") from None
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def _setup_logging() -> None:
+    """The service's log on stderr: CommandParser already set the format and the level of emrrg and uvicorn
+    (-q, -v, EMRRG_LOG_LEVEL: runtime/logs.py); this covers create_app callers that did not parse a command line."""
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("emrrg", "uvicorn.error"):
-        logging.getLogger(name).setLevel(logging.INFO)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
+        for name in ("emrrg", "uvicorn.error"):
+            logging.getLogger(name).setLevel(logging.INFO)
     # pydicom's own log messages can quote element values; its real failures surface as exceptions anyway.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
@@ -172,7 +176,8 @@ def _port(s: str) -> int:
 
 
 def serve_main(argv: list[str] | None = None) -> None:
-    p = CommandParser(prog="emrrg-serve", formatter_class=DefaultsHelpFormatter,
+    p = CommandParser(prog="emrrg-serve", formatter_class=DefaultsHelpFormatter, log_format=LOG_FORMAT,
+                      log_names=("uvicorn",),
                                 description="HTTP report service for an X-ray console: POST /v1/reports (DICOM/PNG/"
                                             "JPEG, or multipart 'views'), GET /healthz, GET /v1/model, /openapi.json.")
     p.add_argument("bundle", help="bundle directory written by emrrg-export")
