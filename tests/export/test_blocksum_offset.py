@@ -88,3 +88,22 @@ def test_three_graphs_same_logits(graphs, env_lib, monkeypatch):
         assert report(f"{g} prefill", logits, OrtScorer(paths["onnx"], embed).run(embed[ids[:, :10]], None)[0]) \
             <= ATOL_OFFSET_GRAPHS
         assert report(f"{g} step", step, ref) <= ATOL_OFFSET_GRAPHS
+
+
+def test_runtime_step_model_on_the_fused_graph(graphs):
+    """The runtime's StepModel (one cache buffer per layer bound as past and present, IOBinding) writes the same
+    greedy tokens on the fused graph as on the standard-ONNX one."""
+    from emrrg.export.decoder_onnx import ort_session
+    from emrrg.runtime.decoder_shared import SharedCacheDecoder
+    from emrrg.runtime.generation import DecodeSettings, greedy
+
+    src, shape, paths = graphs
+    embed = src.get("model.embed_tokens.weight")
+    prompt = embed[np.random.default_rng(3).integers(4, 512, size=9)][None]
+    s = DecodeSettings(num_beams=1, repetition_penalty=1.0, min_new_tokens=24, max_new_tokens=24, eos_token_id=2)
+    out = {}
+    for g in ("fused", "onnx"):
+        dec = SharedCacheDecoder(ort_session(paths[g]), embed, shape.layers, shape.kv_heads, shape.head_dim,
+                                 max_len=64, max_rows=2)
+        out[g] = greedy(dec, prompt, s)
+    assert out["fused"] == out["onnx"] and len(out["fused"]) == 24
