@@ -51,7 +51,7 @@ from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 SERIAL = r'''
 import sys
-from emrrg.runtime.engine import Runtime
+from emrrg.runtime.report_runtime import Runtime
 bundle, tokens, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 rt = Runtime.from_pretrained(bundle, threads=%d)
 for f in files:

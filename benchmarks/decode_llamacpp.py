@@ -78,7 +78,7 @@ def prompt_ids(manifest: dict, tokenizer_json: Path, n: int) -> list[int]:
 
 class Ours:
     def __init__(self, bundle: Path, threads: int):
-        from emrrg.runtime.engine import Runtime, _TimedStep
+        from emrrg.runtime.report_runtime import Runtime, _TimedStep
         from emrrg.runtime.generation import DecodeSettings
 
         self.rt = Runtime.from_pretrained(bundle, threads=threads)
@@ -144,7 +144,7 @@ def accuracy(bundle: Path, gguf: Path, prompts: int, threads: int) -> dict:
     from emrrg.decoder import load_base_decoder
     from emrrg.export.decoder_eval import (DecoderEvaluator, NEW_TOKENS, PROMPT_TOKENS, TorchDecoder,
                                            build_reference, eval_prompts, evaluate)
-    from emrrg.runtime.engine import Runtime
+    from emrrg.runtime.report_runtime import Runtime
 
     llm, tok = load_base_decoder(decoder_config("smollm2-135m"))
     ref = build_reference(TorchDecoder(llm), eval_prompts(tok, n=prompts, prompt_tokens=PROMPT_TOKENS), NEW_TOKENS)
@@ -177,7 +177,7 @@ def profile_decode(bundle: Path, ids: list[int], tokens: int, threads: int) -> d
     """ORT profile of the bundle decoder's decode steps (after the prefill): % of kernel time per op type."""
     from decoder_graph import op_profile, session  # benchmarks/decoder_graph.py
 
-    from emrrg.runtime.engine import Runtime
+    from emrrg.runtime.report_runtime import Runtime
 
     rt = Runtime.from_pretrained(bundle, threads=threads)
     dec = rt.decoder

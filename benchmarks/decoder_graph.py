@@ -101,7 +101,7 @@ def profile_md(title: str, prof: dict) -> list[str]:
 
 
 def run(dec, ids: list[int], tokens: int) -> dict:
-    from emrrg.runtime.engine import _TimedStep
+    from emrrg.runtime.report_runtime import _TimedStep
     from emrrg.runtime.generation import DecodeSettings, greedy
 
     class Steps(_TimedStep):                    # + each decode step's time, for the low percentile

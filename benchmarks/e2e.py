@@ -96,7 +96,7 @@ class TorchRef:
 
 class RuntimeRun:
     def __init__(self, bundle: Path, threads: int):
-        from emrrg.runtime.engine import Runtime
+        from emrrg.runtime.report_runtime import Runtime
         self.rt = Runtime.from_pretrained(bundle, threads=threads)
 
     def run(self, images, tokens: int) -> dict:
@@ -168,7 +168,7 @@ def _child(kind: str, path: str, images: list[str], tokens: int, threads: int) -
         TorchRef(Path(path)).run(images, tokens)
     else:
         RuntimeRun(Path(path), threads).run(images, tokens)
-    from emrrg.runtime.engine import peak_rss_mb
+    from emrrg.runtime.report_runtime import peak_rss_mb
 
     print(peak_rss_mb())  # VmHWM: ru_maxrss would also count this benchmark process it was forked from
 

@@ -201,7 +201,7 @@ class BundleGenerator:
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> "BundleGenerator":
-        from emrrg.runtime.engine import Runtime
+        from emrrg.runtime.report_runtime import Runtime
         return cls(Runtime.from_pretrained(path, backend=backend, threads=threads))
 
     def settings(self, over: dict) -> dict:

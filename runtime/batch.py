@@ -326,7 +326,7 @@ class ReportWorker:
     """One Runtime per actor. Called with a batch of prepared studies, returns one result row per study."""
 
     def __init__(self, bundle: str, threads: int, backend: str, bundle_sha256: str, decode: dict, sr: bool):
-        from emrrg.runtime.engine import Runtime
+        from emrrg.runtime.report_runtime import Runtime
 
         self.rt = Runtime.from_pretrained(bundle, backend=backend, threads=threads)
         if self.rt.sha256 != bundle_sha256:
@@ -615,7 +615,7 @@ def run_batch(a) -> PartWriter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from emrrg.runtime.engine import BACKENDS
+    from emrrg.runtime.report_runtime import BACKENDS
     from emrrg.runtime.gate import add_input_arguments
 
     p = CommandParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)

@@ -20,7 +20,7 @@ from emrrg.runtime.extras import SR_MODULES, require_extra
 
 
 def run_main(argv: list[str] | None = None) -> None:
-    from .engine import BACKENDS
+    from emrrg.runtime.report_runtime import BACKENDS
     from .gate import add_input_arguments
 
     p = CommandParser(prog="emrrg-run", description=__doc__.split("\n")[0],
@@ -43,7 +43,7 @@ def run_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     from .bundle import BundleError
-    from .engine import BackendUnavailableError, Runtime
+    from emrrg.runtime.report_runtime import BackendUnavailableError, Runtime
     from .oplib import OpLibraryMissingError
     from .gate import check_study, policy_from_args, read_views
     from .preprocess import ImageError

@@ -407,7 +407,7 @@ def forward_sr(path: str | os.PathLike, host: str, port: int, ae_title: str,
 # --------------------------------------------------------------------------- CLI
 
 def scp_main(argv: list[str] | None = None) -> None:
-    from emrrg.runtime.engine import BACKENDS
+    from emrrg.runtime.report_runtime import BACKENDS
     from emrrg.runtime.extras import SR_MODULES, require_extra
     from emrrg.runtime.gate import add_input_arguments
 
@@ -431,7 +431,7 @@ def scp_main(argv: list[str] | None = None) -> None:
     logging.getLogger("highdicom").setLevel(logging.WARNING)    # a line per copied module, per SR
 
     from emrrg.runtime.bundle import BundleError
-    from emrrg.runtime.engine import BackendUnavailableError, Runtime
+    from emrrg.runtime.report_runtime import BackendUnavailableError, Runtime
     from emrrg.runtime.gate import policy_from_args
     from emrrg.runtime.oplib import OpLibraryMissingError
 

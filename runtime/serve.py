@@ -22,7 +22,7 @@ import signal
 import sys
 
 from emrrg.runtime.bundle import BundleError, load_manifest
-from emrrg.runtime.engine import BACKENDS
+from emrrg.runtime.report_runtime import BACKENDS
 from emrrg.runtime.gate import add_input_arguments, policy_from_args
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, count_int, positive_int
 from emrrg.runtime.serve_app import API_KEY_ENV, MAX_HEADER_BYTES, OPEN_PATHS, create_app, log

@@ -171,7 +171,7 @@ class ReportService:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def _load(self) -> None:
-        from emrrg.runtime.engine import Runtime
+        from emrrg.runtime.report_runtime import Runtime
 
         t0 = time.perf_counter()
         try:

@@ -176,7 +176,7 @@ def test_task_pixels_are_what_preprocess_gives(dicom_tree):
 
 @pytest.fixture(scope="module")
 def runtime(tiny_bundle):
-    from emrrg.runtime.engine import Runtime
+    from emrrg.runtime.report_runtime import Runtime
 
     return Runtime.from_pretrained(tiny_bundle, threads=1)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from emrrg.assets import chest_dicom, pneumonia_images
-from emrrg.runtime.engine import Runtime
+from emrrg.runtime.report_runtime import Runtime
 from emrrg.runtime.preprocess import load_image
 
 THREADS, CALLS = 4, 20

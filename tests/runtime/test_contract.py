@@ -15,7 +15,7 @@ from emrrg.assets import chest_dicom
 from emrrg.runtime import contract as C
 from emrrg.runtime.bundle import BundleError, open_bundle, verify_bundle
 from emrrg.runtime.cli import run_main
-from emrrg.runtime.engine import Runtime
+from emrrg.runtime.report_runtime import Runtime
 
 BIN = Path(sys.executable).parent
 CLI_TIMEOUT_S = 300  # a cold interpreter importing onnxruntime on a loaded 2-core machine; normally ~2 s

@@ -12,7 +12,7 @@ from emrrg.assets import chest_dicom, pneumonia_images
 from emrrg.checkpoint import load_checkpoint
 from emrrg.runtime.bundle import BundleError, verify_bundle
 from emrrg.runtime.cli import run_main
-from emrrg.runtime.engine import BackendUnavailableError, Runtime
+from emrrg.runtime.report_runtime import BackendUnavailableError, Runtime
 from emrrg.runtime.oplib import OpLibraryMissingError, find_op_library
 
 # f32 ONNX encoder vs PyTorch: same f32 graph in a different summation order (MLAS vs oneDNN), ~1e-6
@@ -270,7 +270,7 @@ def test_peak_rss_is_this_process_not_a_forked_parent():
     import numpy as np
 
     ballast = np.ones(400 * 2**20 // 8)                                  # 400 MB, touched
-    code = ("import resource; from emrrg.runtime.engine import peak_rss_mb; "
+    code = ("import resource; from emrrg.runtime.report_runtime import peak_rss_mb; "
             "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     ours, maxrss = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                              check=True).stdout.split())

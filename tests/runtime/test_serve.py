@@ -25,7 +25,7 @@ import pydicom
 import pytest
 
 from emrrg.assets import chest_dicom, pneumonia_images
-from emrrg.runtime.engine import Runtime
+from emrrg.runtime.report_runtime import Runtime
 from emrrg.runtime.serve import serve_main, warn_if_exposed
 
 HOST = "127.0.0.1"

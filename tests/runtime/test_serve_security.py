@@ -125,7 +125,7 @@ def test_bad_tls_and_key_options_exit_2_with_one_line(tiny_bundle, tls, tmp_path
 
 
 def test_report_over_https_equals_plain_runtime(client, tiny_bundle):
-    from emrrg.runtime.engine import Runtime
+    from emrrg.runtime.report_runtime import Runtime
 
     ref = Runtime.from_pretrained(tiny_bundle).generate([str(chest_dicom())], num_beams=1,
                                                         max_new_tokens=SETTINGS["max_new_tokens"])

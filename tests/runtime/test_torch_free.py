@@ -117,8 +117,8 @@ def no_proc(file, *a, **k):  # no VmHWM either, as on Windows and macOS (psutil 
     return real_open(file, *a, **k)
 builtins.open = no_proc
 
-import emrrg.runtime.cli, emrrg.runtime.engine, emrrg.runtime.serve
-from emrrg.runtime.engine import peak_rss_mb
+import emrrg.runtime.cli, emrrg.runtime.report_runtime, emrrg.runtime.serve
+from emrrg.runtime.report_runtime import peak_rss_mb
 print(json.dumps({"rss": peak_rss_mb(), "resource": "resource" in sys.modules}))
 '''
 
