@@ -67,7 +67,7 @@ class TrainError(ValueError):
 
 def quantize_llm_4bit(llm) -> int:
     """QLoRA's base: the LLM's frozen linears in bitsandbytes NF4 (emrrg.decoder.quantize_llm_nf4)."""
-    from .decoder import DecoderLoadError, quantize_llm_nf4
+    from emrrg.decoder import DecoderLoadError, quantize_llm_nf4
 
     try:
         return quantize_llm_nf4(llm)
@@ -77,8 +77,8 @@ def quantize_llm_4bit(llm) -> int:
 
 def _add_missing_adapters(model, enc_rank: int, enc_alpha: float, llm_rank: int, llm_alpha: float) -> None:
     """Give a checkpoint without adapters the requested ones (an existing adapter must match)."""
-    from .decoder import add_llm_lora
-    from .lora import PartialLoRA
+    from emrrg.decoder import add_llm_lora
+    from emrrg.lora import PartialLoRA
 
     cfg = model.cfg
     if enc_rank:
@@ -101,10 +101,10 @@ def build_model(a):
     """The model to train, from --init or from presets, with the generation settings of the run."""
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .config import DECODE_KEYS, make_config
-    from .decoder import default_hybrid_layers, load_base_decoder
-    from .model import EMRRG
+    from emrrg.checkpoint import load_checkpoint
+    from emrrg.config import DECODE_KEYS, make_config
+    from emrrg.decoder import default_hybrid_layers, load_base_decoder
+    from emrrg.model import EMRRG
 
     torch.manual_seed(a.seed)
     if a.init:
@@ -185,7 +185,7 @@ class StudyData:
     """One split: tokenized reports (+EOS, truncated) and lazily cached pixels from the shared preprocess."""
 
     def __init__(self, split, tokenizer, image_size: int, max_report_tokens: int):
-        from .runtime.preprocess import preprocess_study
+        from emrrg.runtime.preprocess import preprocess_study
 
         self.split, self.size = split, image_size
         self._pre = preprocess_study
@@ -261,8 +261,8 @@ def lm_loss(model, px, ids, labels, bf16: bool = False):
 
 def use_scan(model, which: str) -> None:
     """Select the encoder's SelectiveScan implementation for training ('fast' or 'ref')."""
-    from .ops.scan_fast import selective_scan_fast
-    from .ops.selective_scan import selective_scan
+    from emrrg.ops.scan_fast import selective_scan_fast
+    from emrrg.ops.selective_scan import selective_scan
 
     fn = selective_scan_fast if which == "fast" else selective_scan
     for layer in model.visual_encoder.layers:
@@ -273,7 +273,7 @@ def use_scan(model, which: str) -> None:
 
 def report_labels(reports: Sequence[str]) -> np.ndarray:
     """(n, 14) 0/1 CheXpert labels of the training reports from the rule-based labeler (uncertain -> 1)."""
-    from .metrics.labeler import CHEXPERT_CLASSES, label_reports
+    from emrrg.metrics.labeler import CHEXPERT_CLASSES, label_reports
 
     return np.array([[lab[c] for c in CHEXPERT_CLASSES] for lab in label_reports(list(reports))], dtype=np.float32)
 
@@ -347,7 +347,7 @@ def write_checkpoint(model, run_dir: Path, name: str, extra: dict[str, Any] | No
     """
     import torch
 
-    from .checkpoint import save_checkpoint
+    from emrrg.checkpoint import save_checkpoint
 
     final, stage, old = run_dir / name, run_dir / f".{name}.staging", run_dir / f".{name}.old"
     shutil.rmtree(stage, ignore_errors=True)
@@ -395,7 +395,7 @@ class _Saver:
 
 def validate(model, split, batch_size: int, max_new_tokens: int | None, min_new_tokens: int | None) -> dict:
     """Greedy decoding on `split` with the run's repetition penalty; NLG (no METEOR) + CE + the score."""
-    from .evaluate import TorchGenerator, predict_split, score_reports
+    from emrrg.evaluate import TorchGenerator, predict_split, score_reports
 
     was_training = model.training
     model.eval()
@@ -470,8 +470,8 @@ def train(a, log=print) -> dict:
     """Run (or resume) a training job described by the parsed arguments `a`. Returns a summary."""
     import torch
 
-    from .evaluate import load_split
-    from .model import count_parameters
+    from emrrg.evaluate import load_split
+    from emrrg.model import count_parameters
 
     run_dir = Path(a.output)
     if a.resume:
@@ -492,7 +492,7 @@ def train(a, log=print) -> dict:
 
     # data + model -------------------------------------------------------------------------------------
     if last is not None:
-        from .checkpoint import load_checkpoint
+        from emrrg.checkpoint import load_checkpoint
         model = load_checkpoint(last)
     else:
         model = build_model(a)
@@ -625,7 +625,7 @@ def train(a, log=print) -> dict:
 # ---- CLI ---------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
+    from emrrg.config import DECODER_PRESETS, ENCODER_PRESETS, GENERATION_PRESETS
 
     p = CommandParser(prog="emrrg-train", formatter_class=DefaultsHelpFormatter,
                                 description="Partial LoRA fine-tuning of EMRRG on an R2Gen annotation.json "
@@ -695,7 +695,7 @@ def _parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> None:
     p = _parser()
     a = p.parse_args(argv)
-    from .cli import _cli_errors
+    from emrrg.cli import _cli_errors
 
     with _cli_errors(p.prog):
         try:

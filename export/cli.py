@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import ExportError, disk_full_message, is_disk_full
-from .options import check_extra_options, extra_help, split_extra_options
-from .pipeline import TARGETS
+from emrrg.export.errors import ExportError, disk_full_message, is_disk_full
+from emrrg.export.options import check_extra_options, extra_help, split_extra_options
+from emrrg.export.pipeline import TARGETS
 from emrrg.runtime import logs
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
@@ -48,10 +48,10 @@ def export_main(argv: list[str] | None = None) -> None:
     except ExportError as e:
         _fail(e)
 
-    from ..cli import require_torch
+    from emrrg.cli import require_torch
 
     require_torch("emrrg-export")
-    from .pipeline import ExportOptions, export_bundle
+    from emrrg.export.pipeline import ExportOptions, export_bundle
 
     quiet_library_warnings()
 
@@ -119,13 +119,13 @@ def _fail(e: BaseException | str) -> NoReturn:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """ExportError (every error emrrg.export raises on purpose) and the errors of what the export reads."""
-    from ..assets import MissingAssetError
-    from ..checkpoint import CheckpointError
-    from ..config import UnknownPresetError
-    from ..decoder import DecoderLoadError
-    from ..lora import AdapterMismatchError
-    from ..runtime.oplib import OpLibraryMissingError
-    from ..runtime.preprocess import ImageError
+    from emrrg.assets import MissingAssetError
+    from emrrg.checkpoint import CheckpointError
+    from emrrg.config import UnknownPresetError
+    from emrrg.decoder import DecoderLoadError
+    from emrrg.lora import AdapterMismatchError
+    from emrrg.runtime.oplib import OpLibraryMissingError
+    from emrrg.runtime.preprocess import ImageError
 
     return (ExportError, CheckpointError, UnknownPresetError, DecoderLoadError, AdapterMismatchError, ImageError,
             MissingAssetError, OpLibraryMissingError, FileNotFoundError)

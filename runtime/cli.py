@@ -21,7 +21,7 @@ from emrrg.runtime.extras import SR_MODULES, require_extra
 
 def run_main(argv: list[str] | None = None) -> None:
     from emrrg.runtime.report_runtime import BACKENDS
-    from .gate import add_input_arguments
+    from emrrg.runtime.gate import add_input_arguments
 
     p = CommandParser(prog="emrrg-run", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
@@ -42,11 +42,11 @@ def run_main(argv: list[str] | None = None) -> None:
     add_input_arguments(p)
     a = p.parse_args(argv)
 
-    from .bundle import BundleError
+    from emrrg.runtime.bundle import BundleError
     from emrrg.runtime.report_runtime import BackendUnavailableError, Runtime
-    from .oplib import OpLibraryMissingError
-    from .gate import check_study, policy_from_args, read_views
-    from .preprocess import ImageError
+    from emrrg.runtime.oplib import OpLibraryMissingError
+    from emrrg.runtime.gate import check_study, policy_from_args, read_views
+    from emrrg.runtime.preprocess import ImageError
 
     shown: set[str] = set()
 
@@ -106,14 +106,14 @@ def _sr_sources(path: str, images: list[str]) -> list:
     """The views' DICOM headers for --sr, read before the model loads, so a PNG / JPEG view or an unwritable
     output folder fails at once (SRError, a ValueError), not after the report is generated."""
     require_extra("emrrg-run", "runtime", SR_MODULES, "--sr (DICOM SR output)")
-    from .sr import check_output_path, read_headers
+    from emrrg.runtime.sr import check_output_path, read_headers
 
     check_output_path(path)
     return read_headers(images)
 
 
 def _write_sr(path: str, headers: list, out: dict) -> None:
-    from .sr import SRError, write_sr
+    from emrrg.runtime.sr import SRError, write_sr
 
     try:
         write_sr(path, headers, out, labels=None)
