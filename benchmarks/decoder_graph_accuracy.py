@@ -84,6 +84,8 @@ def render(out: dict, path: Path) -> None:
                       f"| {r.get('build_s', '')} | {r.get('eval_s', '')} |")
         if "_on_grid" in rows:
             md.append(f"| {v} | (grid check) | | | | | | on grid: {rows['_on_grid']} | {rows['_grid_check_s']} | |")
+    for note in out.get("notes", []):                 # free text added to the JSON by hand (e.g. an export's ladder run)
+        md += ["", note]
     path.write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
