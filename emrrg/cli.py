@@ -6,6 +6,7 @@ line on stderr and exit status 2; nothing is left half-written (checkpoints are 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 import time
@@ -161,12 +162,11 @@ def generate_main(argv: list[str] | None = None) -> None:
                 print(f"[LLM: {n} linear layers in NF4]", file=sys.stderr)
         t1 = time.perf_counter()
         px = model.pixel_values(a.images)
-        over = {k: v for k, v in (("num_beams", a.beams), ("max_new_tokens", a.max_new_tokens),
-                                  ("min_new_tokens", a.min_new_tokens),
-                                  ("no_repeat_ngram_size", a.no_repeat_ngram_size)) if v is not None}
-        if "max_new_tokens" in over and over["max_new_tokens"] < model.cfg.generation.min_new_tokens:
-            over.setdefault("min_new_tokens", over["max_new_tokens"])
-        ids = model.generate_ids(px, **over)
+        gen = model.cfg.generation
+        gen = type(gen).resolve(dataclasses.asdict(gen), {
+            "num_beams": a.beams, "max_new_tokens": a.max_new_tokens, "min_new_tokens": a.min_new_tokens,
+            "no_repeat_ngram_size": a.no_repeat_ngram_size})
+        ids = model.generate_ids(px, gen)
         t2 = time.perf_counter()
         print(model.decode(ids[0].tolist()))
         if not logs.quiet():  # -q: the report alone

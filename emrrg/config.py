@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 
 class UnknownPresetError(ValueError):
@@ -89,6 +90,18 @@ class GenerationConfig:
     # Ban any n-gram of this many tokens from occurring twice in one report (transformers'
     # no_repeat_ngram_size over the generated tokens only; 0 = off, as upstream).
     no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        # The one place that clamps the token limits: min_new_tokens never exceeds max_new_tokens, so a
+        # max_new_tokens given below the preset's min_new_tokens lowers the min with it.
+        self.min_new_tokens = min(self.min_new_tokens, self.max_new_tokens)
+
+    @classmethod
+    def resolve(cls, base: Mapping[str, Any], over: Mapping[str, Any] | None = None, **extra):
+        """`base` decoding settings with the non-None values of `over` (keys that neither gives take the
+        defaults); `extra` passes a subclass's own fields. The limits are clamped after the merge."""
+        merged = {**base, **{k: v for k, v in (over or {}).items() if v is not None}}
+        return cls(**merged, **extra)
 
 
 # Every decoding setting's name, in one place: the CLIs' overrides, the evaluators and the runtime read it.

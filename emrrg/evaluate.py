@@ -124,18 +124,7 @@ def decode_overrides(beams: int | None = None, min_new_tokens: int | None = None
     over = {"num_beams": beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens,
             "repetition_penalty": repetition_penalty, "length_penalty": length_penalty,
             "no_repeat_ngram_size": no_repeat_ngram_size}
-    over = {k: v for k, v in over.items() if v is not None}
-    if "max_new_tokens" in over and "min_new_tokens" not in over:
-        over["min_new_tokens"] = -1  # resolved against the source's own min below
-    return over
-
-
-def _resolve(base: dict, over: dict) -> dict:
-    g = {**base, **over}
-    if g.get("min_new_tokens", 0) < 0:
-        g["min_new_tokens"] = min(base["min_new_tokens"], g["max_new_tokens"])
-    g["min_new_tokens"] = min(g["min_new_tokens"], g["max_new_tokens"])
-    return g
+    return {k: v for k, v in over.items() if v is not None}   # resolved against each source's own settings
 
 
 class TorchGenerator:
@@ -154,7 +143,8 @@ class TorchGenerator:
 
     def settings(self, over: dict) -> dict:
         from dataclasses import asdict
-        return _resolve(asdict(self.model.cfg.generation), over)
+        gen = self.model.cfg.generation
+        return asdict(type(gen).resolve(asdict(gen), over))
 
     def pixels(self, images: Sequence[Path]) -> np.ndarray:
         from emrrg.runtime.preprocess import preprocess_study
@@ -205,8 +195,7 @@ class BundleGenerator:
         return cls(Runtime.from_pretrained(path, backend=backend, threads=threads))
 
     def settings(self, over: dict) -> dict:
-        base = self.rt.settings().as_generation()
-        return _resolve(base, over)
+        return self.rt.settings(**over).as_generation()
 
     def generate(self, studies: Sequence[Sequence[Path]], over: dict,
                  on_done: Callable[[int], None] | None = None) -> list[list[int]]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -125,11 +126,8 @@ def build_model(a):
             cfg.decoder.hybrid_layers = tuple(int(x) for x in a.hybrid_layers.split(","))
         model = EMRRG(cfg, llm, tok)
     gen = model.cfg.generation
-    for k in DECODE_KEYS:
-        v = getattr(a, f"gen_{k}", None)
-        if v is not None:
-            setattr(gen, k, v)
-    gen.min_new_tokens = min(gen.min_new_tokens, gen.max_new_tokens)
+    model.cfg.generation = type(gen).resolve(dataclasses.asdict(gen),
+                                             {k: getattr(a, f"gen_{k}", None) for k in DECODE_KEYS})
     return model
 
 
@@ -401,13 +399,7 @@ def validate(model, split, batch_size: int, max_new_tokens: int | None, min_new_
     model.eval()
     try:
         gen = TorchGenerator(model, batch_size)
-        over = {"num_beams": 1}
-        if max_new_tokens is not None:
-            over["max_new_tokens"] = max_new_tokens
-        if min_new_tokens is not None:
-            over["min_new_tokens"] = min_new_tokens
-        over = {**over, "min_new_tokens": min(over.get("min_new_tokens", model.cfg.generation.min_new_tokens),
-                                              over.get("max_new_tokens", model.cfg.generation.max_new_tokens))}
+        over = {"num_beams": 1, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
         rows = predict_split(gen, split, over)
         res = score_reports([r["prediction"] for r in rows], [r["reference"] for r in rows], meteor=False)
         res["samples"] = [{"id": r["id"], "prediction": r["prediction"]} for r in rows[:3]]

@@ -35,13 +35,13 @@ class DecodeSettings(GenerationConfig):
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
+        super().__post_init__()   # min_new_tokens <= max_new_tokens (emrrg.config.GenerationConfig)
         if self.num_beams < 1 or self.max_new_tokens < 1:
             raise ValueError("num_beams and max_new_tokens must be >= 1")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
         if self.no_repeat_ngram_size < 0:
             raise ValueError("no_repeat_ngram_size must be >= 0 (0 = off)")
-        self.min_new_tokens = min(self.min_new_tokens, self.max_new_tokens)
 
     def as_generation(self) -> dict:
         """The decoding settings alone (the GenerationConfig fields), without the EOS id."""

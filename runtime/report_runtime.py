@@ -226,10 +226,7 @@ class Runtime:
 
     def settings(self, **over) -> DecodeSettings:
         g = {k: self.gen[k] for k in DECODE_KEYS if k in self.gen}   # older bundles lack newer keys: defaults
-        g.update({k: v for k, v in over.items() if v is not None})
-        if over.get("max_new_tokens") is not None and over.get("min_new_tokens") is None:
-            g["min_new_tokens"] = min(g["min_new_tokens"], g["max_new_tokens"])
-        return DecodeSettings(eos_token_id=int(self.special["eos_token_id"]), **g)
+        return DecodeSettings.resolve(g, over, eos_token_id=int(self.special["eos_token_id"]))
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """Upstream clean-up: drop a leading BOS/UNK/PAD, cut at EOS, remove <unk>, strip."""

@@ -328,3 +328,13 @@ def test_qlora_trains_and_saves_f32(tiny_phantom, tmp_path):
     ck = load_checkpoint(run / "best")  # the saved base decoder is the f32 one
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in ck.modules())
     assert load_split(tiny_phantom, "val").examples
+
+
+def test_build_model_clamps_the_run_token_limits(tiny_phantom, tmp_path):
+    from emrrg.train import _parser, build_model
+
+    args = ["--data", str(tiny_phantom), "-o", str(tmp_path / "x"), "--encoder", "tiny", "--decoder", "tiny-llama"]
+    gen = build_model(_parser().parse_args([*args, "--gen-max-new-tokens", "10"])).cfg.generation
+    assert (gen.min_new_tokens, gen.max_new_tokens) == (10, 10)        # below the preset's min: the min follows
+    gen = build_model(_parser().parse_args([*args, "--gen-min-new-tokens", "3", "--gen-num-beams", "2"])).cfg.generation
+    assert (gen.min_new_tokens, gen.num_beams) == (3, 2) and gen.max_new_tokens > 3

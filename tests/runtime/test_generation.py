@@ -4,12 +4,14 @@ A torch-backed StepModel feeds the numpy loops the very logits transformers sees
 is in the search algorithm itself: greedy must match token for token, beam search for the whole
 output (the issue asks for the first 40 tokens; we compare up to the end).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
 
-from emrrg.config import make_config
+from emrrg.config import GenerationConfig, make_config
 from emrrg.model import EMRRG
 from emrrg.runtime.generation import (DecodeSettings, apply_processors, banned_ngram_tokens, beam_search, generate,
                                       greedy)
@@ -158,3 +160,28 @@ def test_beam_search_rejects_bad_settings():
     with pytest.raises(ValueError):
         DecodeSettings(num_beams=0)
     assert beam_search  # imported API
+
+
+def test_one_clamp_of_the_token_limits():
+    """GenerationConfig.resolve: the overrides' non-None values over the base, then min <= max; DecodeSettings
+    (the runtime), the evaluators' TorchGenerator and emrrg-train's build_model go through it."""
+    from emrrg.evaluate import TorchGenerator, decode_overrides
+
+    base = dataclasses.asdict(GenerationConfig(min_new_tokens=80, max_new_tokens=120))
+    g = GenerationConfig.resolve(base, {"max_new_tokens": 50, "num_beams": None})
+    assert (g.min_new_tokens, g.max_new_tokens, g.num_beams) == (50, 50, base["num_beams"])   # a max below the min lowers it
+    g = GenerationConfig.resolve(base, {"min_new_tokens": 100})
+    assert (g.min_new_tokens, g.max_new_tokens) == (100, 120)                                  # a min below the max stays
+    g = GenerationConfig.resolve(base, {"min_new_tokens": 200, "max_new_tokens": 90})
+    assert (g.min_new_tokens, g.max_new_tokens) == (90, 90)                                    # an explicit min too
+    g = GenerationConfig.resolve({"max_new_tokens": 30})                                       # an older bundle's keys
+    assert (g.min_new_tokens, g.max_new_tokens, g.no_repeat_ngram_size) == (30, 30, 0)
+    s = DecodeSettings.resolve(base, {"max_new_tokens": 7}, eos_token_id=5)
+    assert (type(s), s.min_new_tokens, s.max_new_tokens, s.eos_token_id) == (DecodeSettings, 7, 7, 5)
+    assert DecodeSettings(min_new_tokens=9, max_new_tokens=4).min_new_tokens == 4
+
+    model = EMRRG(make_config("tiny", "tiny-llama", "iu"))                                   # iu: 40 .. 100 new tokens
+    tg = TorchGenerator(model)
+    assert (tg.settings(decode_overrides(max_new_tokens=10))["min_new_tokens"],
+            tg.settings(decode_overrides(min_new_tokens=60))["min_new_tokens"],
+            tg.settings(decode_overrides(min_new_tokens=99, max_new_tokens=12))["min_new_tokens"]) == (10, 60, 12)
