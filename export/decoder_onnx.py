@@ -549,6 +549,39 @@ def ort_session(path: str | Path, threads: int = 2, optimization: str = "all"):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+@contextlib.contextmanager
+def probe_session(model, names: Sequence[str], threads: int | None = 2, keep_model: bool = True) -> Iterator:
+    """An ort_session of `model` with the tensors `names` as extra graph outputs (intermediate activations for
+    calibration statistics). The model goes through save_onnx into a temporary folder, so one too large for a
+    protobuf (a 7B decoder) works too; `model` leaves with its own outputs before the session opens, and with
+    its weights read back from that folder when they went to external data. keep_model=False: the caller is
+    done with `model` and its weights may stay out (a 7B decoder's f32 weights are not read back)."""
+    import tempfile
+
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    outputs = model.graph.output
+    own = len(outputs)
+    have = {o.name for o in outputs}
+    outputs.extend(onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in have)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = save_onnx(model, Path(tmp) / "probe.onnx")
+        finally:
+            del outputs[own:]
+            moved = [t for t in model.graph.initializer if uses_external_data(t)]   # onnx.save_model moved them
+            if moved and keep_model:
+                load_external_data_for_model(model, tmp)
+                for t in moved:
+                    t.ClearField("data_location")   # back to unset (DEFAULT), as before the save
+        sess = ort_session(path, threads=threads)
+        try:
+            yield sess
+        finally:
+            del sess
+
+
 def validate_decoder(export: DecoderExport, llm, *, batch: int = 2, prompt_len: int = 7, steps: int = 2,
                      visual_len: int = 5, atol: float = LOGITS_ATOL, rtol: float = LOGITS_RTOL,
                      seed: int = 0, verbose: bool = True) -> dict:

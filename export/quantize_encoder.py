@@ -41,7 +41,7 @@ import onnx
 from emrrg.export import onnx_ops
 from emrrg.runtime import logs
 from emrrg.export.errors import ExportError, QuantizationError
-from emrrg.export.decoder_onnx import save_onnx
+from emrrg.export.decoder_onnx import probe_session, save_onnx
 from emrrg.export.encoder_onnx import METADATA_VARIANT, get_metadata, op_counts, save_model, set_metadata
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
@@ -196,15 +196,9 @@ def _smoothing_targets(model: onnx.ModelProto, exclude: set[str]) -> dict[str, l
 
 def _intermediates(model: onnx.ModelProto, names: list[str], pixels: np.ndarray, batch_size: int):
     """Yield (name, value) of the named tensors of an f32 pure_onnx model, batch by batch over the pixels."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    outs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in outs)
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    del probe
-    for i in range(0, len(pixels), batch_size):
-        yield from zip(names, sess.run(names, {"pixel_values": pixels[i:i + batch_size, None]}))
+    with probe_session(model, names, threads=None) as sess:          # threads: ORT's default, all cores
+        for i in range(0, len(pixels), batch_size):
+            yield from zip(names, sess.run(names, {"pixel_values": pixels[i:i + batch_size, None]}))
 
 
 def smooth_activations(model: onnx.ModelProto, pixels: np.ndarray, alpha: float = 0.5, exclude: Iterable[str] = (),
