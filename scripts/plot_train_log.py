@@ -104,6 +104,7 @@ def plot(jsonl: Path, out: Path, log: Path | None = None, title: str | None = No
         ax_val.set(title=f"validation (first {n} val studies, greedy)", xlabel="step")
     else:
         ax_val.set(title="validation (none logged)", xlabel="step")
+    ax_val.set_xlim(ax_loss.get_xlim())  # the same step axis as the loss
     ax_val.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
