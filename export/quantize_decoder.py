@@ -331,32 +331,23 @@ def collect_activation_stats(f32_onnx: str | Path, feeds: Sequence[dict], thread
     Runs a copy of the f32 decoder whose MatMul inputs are extra graph outputs, so this needs only
     onnxruntime and works on any exported decoder (hybrid layers included).
     """
-    import tempfile
-
     import onnx
 
-    from .decoder_onnx import ort_session, save_onnx
+    from emrrg.export.decoder_onnx import probe_session
 
     model = onnx.load(str(f32_onnx))
     nodes = weight_matmuls(model)
     a_names = sorted({n.input[0] for n in nodes})
-    existing = {o.name for o in model.graph.output}
-    for a in a_names:
-        if a not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None))
     sums: dict[str, np.ndarray] = {}
     count = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_onnx(model, Path(tmp) / "stats.onnx", external=True)
+    with probe_session(model, a_names, threads=threads, keep_model=False) as sess:
         del model
-        sess = ort_session(path, threads=threads)
         for f in feeds:
             outs = sess.run(a_names, f)
             for a, x in zip(a_names, outs):
                 x = x.reshape(-1, x.shape[-1]).astype(np.float64)
                 sums[a] = sums.get(a, 0.0) + (x * x).sum(0)
             count += int(np.prod(outs[0].shape[:-1]))
-        del sess
     return {n.name: (sums[n.input[0]] / max(count, 1)).astype(np.float32) for n in nodes}
 
 
