@@ -51,11 +51,11 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from ..runtime.contract import CACHE_SHARED
-from ..runtime.oplib import BLOCKSUM_OP_TYPE, OP_DOMAIN, OP_VERSION
-from .decoder_onnx import (CROSS_KV_ONNX, DECODER_FORMAT, DECODER_ONNX, EMBED_TOKENS_NPY, OPSET, DecoderExport,
+from emrrg.runtime.contract import CACHE_SHARED
+from emrrg.runtime.oplib import BLOCKSUM_OP_TYPE, OP_DOMAIN, OP_VERSION
+from emrrg.export.decoder_onnx import (CROSS_KV_ONNX, DECODER_FORMAT, DECODER_ONNX, EMBED_TOKENS_NPY, OPSET, DecoderExport,
                            DecoderExportError, DecoderSpec)
-from .quantize_decoder import (DEFAULT_LADDER, LM_HEAD, MS_DOMAIN, QuantConfig, QuantizationError, QuantizedWeight,
+from emrrg.export.quantize_decoder import (DEFAULT_LADDER, LM_HEAD, MS_DOMAIN, QuantConfig, QuantizationError, QuantizedWeight,
                                _plan_bits, pack_zp, quantize_weight, weighted_rel_error)
 
 BUILDER_FORMAT_VERSION = 2
@@ -149,7 +149,7 @@ class LlamaShape:
 
     @classmethod
     def from_config(cls, c, hybrid: dict[int, int] | None = None) -> "LlamaShape":
-        from .decoder_onnx import _rope_theta
+        from emrrg.config import rope_theta
 
         heads = c.num_attention_heads
         rp = getattr(c, "rope_scaling", None) or {}
@@ -167,7 +167,7 @@ class LlamaShape:
         return cls(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=heads, kv_heads=c.num_key_value_heads,
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
                    intermediate=c.intermediate_size, vocab=c.vocab_size, rms_eps=float(c.rms_norm_eps),
-                   rope_theta=_rope_theta(c) or 10000.0, max_positions=int(c.max_position_embeddings),
+                   rope_theta=rope_theta(c) or 10000.0, max_positions=int(c.max_position_embeddings),
                    tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)), hybrid=dict(hybrid or {}))
 
 
@@ -627,7 +627,7 @@ def build_cross_kv(src: WeightSource, shape: LlamaShape, out_dir: str | Path) ->
 
 def _module_shape(llm, min_positions: int = 0) -> LlamaShape:
     """The builder's shape of a transformers Llama; the rotary tables cover at least `min_positions`."""
-    from .decoder_onnx import _hybrid_modules
+    from emrrg.export.decoder_onnx import _hybrid_modules
 
     shape = LlamaShape.from_config(llm.config, {i: x.heads for i, x in _hybrid_modules(llm)})
     return dataclasses.replace(shape, max_positions=max(shape.max_positions, int(min_positions)))
@@ -643,7 +643,7 @@ def export_decoder_built(llm, out_dir: str | Path, *, tokenizer=None, validate: 
                          min_positions: int = 0, **tol) -> DecoderExport:
     """The builder's f32 decoder for an in-memory (merged) LlamaForCausalLM: decoder.onnx (+ .data),
     embed_tokens.npy, cross_kv.onnx for hybrid decoders, validated against PyTorch f32 like the traced one."""
-    from .decoder_onnx import decoder_spec, validate_decoder
+    from emrrg.export.decoder_onnx import decoder_spec, validate_decoder
 
     if hasattr(llm, "merge_and_unload") or hasattr(llm, "peft_config"):
         raise DecoderExportError("the decoder still carries peft LoRA; merge it first (EMRRG.merge_adapters() "
@@ -723,7 +723,7 @@ def quantized_builder(src: WeightSource, shape: LlamaShape, spec_extra: dict | N
                       ) -> Callable[..., "object"]:
     """quantize(config, out_dir, act_stats) for choose_decoder_config: builds the quantized decoder from the
     weights (worst_k_8bit resolved by a first pass over the per-matmul errors)."""
-    from .quantize_decoder import QuantizeResult, onnx_bytes
+    from emrrg.export.quantize_decoder import QuantizeResult, onnx_bytes
 
     def quantize(cfg: QuantConfig, out_dir: Path, act_stats: dict | None = None) -> QuantizeResult:
         t0 = time.time()

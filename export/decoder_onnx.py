@@ -137,9 +137,6 @@ def _hybrid_modules(llm) -> list[tuple[int, object]]:
     return [(i, layer.cross_attn) for i, layer in enumerate(decoder_layers(llm)) if hasattr(layer, "cross_attn")]
 
 
-_rope_theta = rope_theta  # the name export/decoder_builder.py imports
-
-
 def decoder_spec(llm, tokenizer=None) -> DecoderSpec:
     """The contract's numbers for a (merged) LlamaForCausalLM; token ids from the tokenizer when given."""
     c = llm.config

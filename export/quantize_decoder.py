@@ -67,7 +67,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import NoPassingConfigError, QuantizationError  # noqa: F401  (NoPassingConfigError: importable from here)
+from emrrg.export.errors import NoPassingConfigError, QuantizationError  # noqa: F401  (NoPassingConfigError: importable from here)
 
 # Acceptance thresholds for a quantized decoder vs the f32 PyTorch reference, measured teacher-forced
 # over greedy reference continuations (decoder_eval). llama.cpp's own Q4_1 of SmolLM2-135M (lossless
@@ -499,7 +499,7 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, bits: int = 4, b
     """
     import onnx
 
-    from .decoder_onnx import save_onnx
+    from emrrg.export.decoder_onnx import save_onnx
 
     t0 = time.time()
     if config is None:
