@@ -279,9 +279,6 @@ class _Graph:
 
     def _nbits(self, x: str, w_kn: np.ndarray, name: str, bits: int) -> str:
         cfg = self.quant
-        if cfg.method == "affine" and cfg.offset != "blocksum":
-            raise QuantizationError(f"offset encoding {cfg.offset!r} is not built: float zero points run on ORT's "
-                                    "de-quantizing path (~60x slower); use offset=blocksum")
         h = self.act_stats.get(name) if (cfg.act_weighted and self.act_stats) else None
         stats = self.act_stats.get(name) if self.act_stats else None
         qw, rel_err = quantize_columns(w_kn, bits, cfg, h, stats)
@@ -334,7 +331,7 @@ def quantize_columns(w_kn: np.ndarray, bits: int, cfg: QuantConfig, h: np.ndarra
     hh = np.ones(K, np.float32) if stats is None else np.asarray(stats, np.float32)
     for a in range(0, N, step):
         w = np.ascontiguousarray(w_kn[:, a:a + step], np.float32)
-        q = quantize_weight(w, bits, cfg.block_size, cfg.method, "blocksum", cfg.refine if bits < 8 else 0, h)
+        q = quantize_weight(w, bits, cfg.block_size, cfg.method, cfg.refine if bits < 8 else 0, h)
         num += float((hh[:, None] * (w - q.dequantized) ** 2).sum())
         den += float((hh[:, None] * w ** 2).sum())
         q.dequantized = None

@@ -4,7 +4,7 @@ MatMulNBits stores B (K x N) in blocks of `block_size` along K, one scale per bl
 
     w[k, n] = (q[k, n] - zp[b, n]) * scale[b, n],   b = k // block_size,  q in [0, 2^bits)
 
-zp is uint8 (packed like q) or absent (then 2^(bits-1)), or -- on ORT's unpacked path -- a float.
+zp is uint8 (packed like q) or absent (then 2^(bits-1)).
 ORT CPU runs it with int8 activations quantized per block when ``accuracy_level=4`` (MLAS
 CompInt8); ORT CUDA has MatMulNBits kernels too (not run here: no GPU). On SmolLM2-135M the int8
 activations are what separates an exact weight re-encoding (100% top-1 at accuracy_level 0) from
@@ -23,9 +23,7 @@ Methods (`QuantConfig.method`), all our own numpy code:
   With ``refine > 0`` the (s, m) of each block are re-fitted by (activation-weighted) least
   squares over a few candidate grids; weights already on a grid keep their zero error.
 
-How the float offset gets into ONNX (``offset``):
-
-* ``"blocksum"`` (default): the offset is moved out of the quantized matmul,
+How the float offset gets into ONNX: it is moved out of the quantized matmul ("blocksum"),
 
         y = x @ W = sum_b sum_{k in b} x_k (s_b (q_k - 8)) + sum_b (sum_{k in b} x_k) (m_b + 8 s_b)
 
@@ -37,12 +35,10 @@ How the float offset gets into ONNX (``offset``):
                |                                                                  ^
                +--> Reshape (..., K/bs, bs) --> ReduceSum(-1) --> MatMul(C) -------+
 
-* ``"float_zp"``: MatMulNBits with a float zero_points input zp = -m/s (same dtype as scales).
-  ORT 1.32's CPU kernel honours it -- tests/export reads grid weights back to 1e-6 -- but only on
-  its unpacked path: with a non-uint8 zero point it skips pre-packing, de-quantizes the whole B to
-  f32 on every call and runs an f32 GEMM (accuracy_level is ignored). On SmolLM2-135M that decodes
-  ~7x slower than "blocksum" with the same numbers. Other EPs' support for float zero points is not
-  checked here; "blocksum" needs only MatMulNBits without zero points plus standard ops.
+MatMulNBits' float zero_points input (zp = -m/s) is not written: ORT CPU honours it only on its
+unpacked path (de-quantizes the whole B to f32 on every call; SmolLM2-135M decoded ~7x slower with the
+same numbers, benchmarks/results/decoder_4bit.md's "fzp" row), and "blocksum" needs only MatMulNBits
+without zero points plus standard ops.
 
 8-bit weights always use llama.cpp's Q8_0 form (symmetric, s = absmax / 127, no zero point), which
 re-encodes SmolLM2's Q8_0 embedding exactly when it is used as the tied lm_head.
@@ -92,7 +88,6 @@ class QuantConfig:
     bits: int = 4
     block_size: int = 32
     method: str = "affine"          # "affine" (float offset, Q4_1 form), "asym" (uint8 zp), "sym"
-    offset: str = "blocksum"        # affine only: "blocksum" (packed kernel + f32 correction) | "float_zp"
     accuracy_level: int = 4         # 4: int8 activations (MLAS CompInt8); 0/1: f32 compute
     lm_head_bits: int = 8           # 4, 8, or 32 (keep f32)
     keep_fp: tuple[str, ...] = ()   # fnmatch patterns over node names kept f32
@@ -261,13 +256,13 @@ class QuantizedWeight:
     block_size: int
     packed: np.ndarray                 # (N, nb, bs*bits/8) uint8
     scales: np.ndarray                 # (N, nb) float32
-    zero_points: np.ndarray | None     # (N, ceil(nb*bits/8)) uint8, or (N, nb) float32 (float_zp)
+    zero_points: np.ndarray | None     # (N, ceil(nb*bits/8)) uint8 (asym)
     correction: np.ndarray | None      # (nb, N) float32: blocksum C = m + 2^(bits-1) s
     dequantized: np.ndarray            # (K, N) float32, what the graph computes (for error metrics)
 
 
-def quantize_weight(w_kn: np.ndarray, bits: int, block_size: int, method: str, offset: str = "blocksum",
-                    refine: int = 0, h: np.ndarray | None = None) -> QuantizedWeight:
+def quantize_weight(w_kn: np.ndarray, bits: int, block_size: int, method: str, refine: int = 0,
+                    h: np.ndarray | None = None) -> QuantizedWeight:
     """Quantize one (K, N) f32 weight. h: optional (K,) importance per input channel."""
     K, N = w_kn.shape
     wb = _to_blocks(w_kn, block_size)                                     # (N, nb, bs)
@@ -287,12 +282,7 @@ def quantize_weight(w_kn: np.ndarray, bits: int, block_size: int, method: str, o
     elif method == "affine":
         q, s, m = quantize_affine(wb, bits, refine=refine, h=hb)
         deq = s[..., None] * q.astype(np.float32) + m[..., None]
-        if offset == "blocksum":
-            corr = np.ascontiguousarray((m + half * s).T.astype(np.float32))   # (nb, N)
-        elif offset == "float_zp":
-            zp = (-m / s).astype(np.float32)                                     # (N, nb)
-        else:
-            raise QuantizationError(f"unknown offset encoding {offset!r} (blocksum, float_zp)")
+        corr = np.ascontiguousarray((m + half * s).T.astype(np.float32))   # (nb, N): the blocksum correction
     else:
         raise QuantizationError(f"unknown method {method!r} (affine, asym, sym)")
     return QuantizedWeight(K=K, N=N, bits=bits, block_size=block_size, packed=pack_q(q, bits),
@@ -480,34 +470,19 @@ class _Rewriter:
         return nodes
 
 
-def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, bits: int = 4, block_size: int = 32,
-                     symmetric: bool = False, accuracy_level: int = 4, lm_head_bits: int = 8,
-                     keep_fp: Sequence[str] = (), *, method: str | None = None, offset: str = "blocksum",
-                     keep_8bit: Sequence[str] = (), refine: int = 0, act_stats: dict[str, np.ndarray] | None = None,
-                     act_weighted: bool = False, worst_k_8bit: int = 0, config: QuantConfig | None = None,
-                     name: str | None = None, verbose: bool = False) -> QuantizeResult:
-    """Quantize decoder.onnx's weight MatMuls to MatMulNBits; writes out_dir/decoder.onnx.
+def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, config: QuantConfig = QuantConfig(), *,
+                     act_stats: dict[str, np.ndarray] | None = None, verbose: bool = False) -> QuantizeResult:
+    """Quantize decoder.onnx's weight MatMuls to MatMulNBits as `config` says; writes out_dir/decoder.onnx.
 
-    bits/block_size: 4 (or 8) bits in blocks of 32 or 128 along K. symmetric=True selects "sym"
-    (no zero point); otherwise `method` defaults to "affine" (float per-block offset, Q4_1 form)
-    encoded as `offset` ("blocksum" or "float_zp"); "asym" is RTN with a uint8 zero point.
-    lm_head_bits: 4, 8 (Q8_0 form) or 32 (keep f32). keep_fp / keep_8bit: fnmatch patterns over
-    node names. refine/act_weighted/act_stats: least-squares refit of affine blocks, weighted by
-    E[x^2] from collect_activation_stats. worst_k_8bit: after a first pass, re-quantize the k
-    MatMuls with the largest (weighted) relative error at 8 bits. `config` overrides all of these.
-    The embedding table (embed_tokens.npy) and cross_kv.onnx are not touched; they stay f32.
+    act_stats: collect_activation_stats output, needed when config.act_weighted (the refit's weights) and
+    used for the per-MatMul weighted errors that worst_k_8bit ranks by. The embedding table
+    (embed_tokens.npy) and cross_kv.onnx are not touched; they stay f32.
     """
     import onnx
 
     from emrrg.export.decoder_onnx import save_onnx
 
     t0 = time.time()
-    if config is None:
-        config = QuantConfig(name=name or "custom", bits=bits, block_size=block_size,
-                             method=method or ("sym" if symmetric else "affine"), offset=offset,
-                             accuracy_level=accuracy_level, lm_head_bits=lm_head_bits, keep_fp=tuple(keep_fp),
-                             keep_8bit=tuple(keep_8bit), refine=refine, act_weighted=act_weighted,
-                             worst_k_8bit=worst_k_8bit)
     cfg = config
     if cfg.bits not in (4, 8) or cfg.lm_head_bits not in (4, 8, 32):
         raise QuantizationError(f"bits must be 4 or 8 and lm_head_bits 4, 8 or 32; got {cfg.bits}, {cfg.lm_head_bits}")
@@ -535,7 +510,7 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, bits: int = 4, b
 
     def quant(k, b):
         h = importance(k) if cfg.act_weighted else None
-        return quantize_weight(weights[k], b, cfg.block_size, cfg.method, cfg.offset, cfg.refine, h)
+        return quantize_weight(weights[k], b, cfg.block_size, cfg.method, cfg.refine, h)
 
     qws = {k: quant(k, b) for k, b in plan.items() if b < 32}
     rel = {k: weighted_rel_error(weights[k], q.dequantized, importance(k)) for k, q in qws.items()}
@@ -557,8 +532,7 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, bits: int = 4, b
             continue
         new_nodes.extend(rw.replace(node, qw))
         report.append({"name": node.name, "K": qw.K, "N": qw.N, "bits": qw.bits,
-                       "rel_err": rel[node.name], "offset": "blocksum" if qw.correction is not None else
-                       ("float_zp" if qw.zero_points is not None and qw.zero_points.dtype == np.float32 else None)})
+                       "rel_err": rel[node.name], "offset": "blocksum" if qw.correction is not None else None})
     for n in nodes:
         if plan[n.name] == 32:
             report.append({"name": n.name, "K": weights[n.name].shape[0], "N": weights[n.name].shape[1],

@@ -209,12 +209,6 @@ def test_quantized_ladder_rungs_on_tiny(built, tmp_path):
         assert r.top1 >= TINY_TOP1_MIN
 
 
-def test_float_zero_points_are_refused(built, tmp_path):
-    llm, _, _ = built
-    with pytest.raises(Exception, match="float zero points"):
-        build_decoder(ModuleWeights(llm), _module_shape(llm), tmp_path, quant=QuantConfig("fz", offset="float_zp"))
-
-
 def test_streams_from_safetensors(built, tmp_path):
     """The same graph from a bf16 safetensors file, read tensor by tensor, equals the in-memory build's on
     those bf16 weights."""
