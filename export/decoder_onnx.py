@@ -49,7 +49,8 @@ The lm_head is always a weight of its own inside decoder.onnx (SmolLM2 ties it t
 stored as a plain (hidden, vocab) MatMul initializer so that the 4-bit quantizer reaches it.
 Every weight MatMul is renamed after its torch module (node ``model.layers.3.mlp.down_proj``,
 initializer ``model.layers.3.mlp.down_proj.weight_t``), which is how `quantize_decoder`'s
-``keep_fp`` patterns and per-layer reports name them.
+``keep_fp`` patterns and per-layer reports name them. The module comes from the exporter's own
+per-node metadata (`NAME_SCOPES_KEY`), read before the rest of that metadata is dropped.
 
 Every export ends with `validate_decoder`: ORT vs the PyTorch f32 model for a prefill and two
 incremental decode steps through the cache (and through cross_kv.onnx for hybrid decoders).
@@ -57,7 +58,6 @@ incremental decode steps through the cache (and through cross_kv.onnx for hybrid
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -365,47 +365,48 @@ def _example_inputs(spec: DecoderSpec, B=2, T=3, P=4, Lv=5, seed=0):
     return embeds, mask, pos, past, vis
 
 
-def _weight_names(module) -> dict[str, str]:
-    """sha1 of each Linear weight, transposed to ONNX's (K, N) layout -> torch module name."""
+# torch.onnx (dynamo=True) tags every node with the module path it was traced in; onnxscript's optimize=True
+# keeps the tag (checked with torch 2.13 / onnxscript 0.7.2: every weight MatMul of tests/export's tiny Llama,
+# q/k/v/o, gate/up/down and lm_head, carries it after optimization). Looks like "['', 'llm.model',
+# 'llm.model.layers.0', 'llm.model.layers.0.self_attn', 'llm.model.layers.0.self_attn.q_proj', 'linear']".
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def _linear_names(wrapper, llm) -> dict[str, str]:
+    """Module path inside the exported wrapper -> name in llm, for every torch Linear of llm
+    (DecoderWithCache's ``llm.model.layers.0.mlp.up_proj`` -> ``model.layers.0.mlp.up_proj``)."""
     import torch
 
-    names = {}
-    for name, m in module.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            w = m.weight.detach().float().t().contiguous().cpu().numpy()
-            names.setdefault(hashlib.sha1(w.tobytes()).hexdigest() + str(w.shape), name)
-    return names
+    own = {id(m): name for name, m in llm.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {name: own[id(m)] for name, m in wrapper.named_modules() if id(m) in own}
 
 
 def _name_weight_matmuls(model, names: dict[str, str]) -> int:
-    """Rename each weight MatMul and its (K, N) initializer after the torch module it came from."""
-    from onnx import numpy_helper
+    """Rename each weight MatMul and its (K, N) initializer after the torch Linear it came from: the innermost
+    of the node's name scopes (NAME_SCOPES_KEY) that `names` (from _linear_names) knows."""
+    import ast
 
     inits = {t.name: t for t in model.graph.initializer}
-    renamed = 0
-    used = set()
+    used, rename = set(), {}
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
+        t = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if t is None or len(t.dims) != 2:
             continue
-        t = inits[node.input[1]]
-        if len(t.dims) != 2:
-            continue
-        w = numpy_helper.to_array(t)
-        key = hashlib.sha1(np.ascontiguousarray(w).tobytes()).hexdigest() + str(w.shape)
-        mod = names.get(key)
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == NAME_SCOPES_KEY), None)
+        if scopes is None:
+            raise DecoderExportError(f"MatMul {node.name} has no {NAME_SCOPES_KEY} metadata: this torch.onnx does "
+                                     "not record module names; export with torch.onnx.export(dynamo=True) of torch 2.13")
+        mod = next((names[sc] for sc in reversed(scopes) if sc in names), None)
         if mod is None or mod in used:
             continue
         used.add(mod)
-        new = f"{mod}.weight_t"
-        old = t.name
-        t.name = new
-        for n in model.graph.node:
-            for k, inp in enumerate(n.input):
-                if inp == old:
-                    n.input[k] = new
         node.name = mod
-        renamed += 1
-    return renamed
+        if node.input[1] not in rename:  # equal weights share one initializer (the optimizer merges them)
+            rename[node.input[1]] = f"{mod}.weight_t"
+            t.name = rename[node.input[1]]
+    for n in model.graph.node:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    return len(used)
 
 
 def _finish_onnx(src: Path, dst: Path, names: dict[str, str], meta: dict | None) -> None:
@@ -413,9 +414,9 @@ def _finish_onnx(src: Path, dst: Path, names: dict[str, str], meta: dict | None)
     import onnx
 
     model = onnx.load(str(src))
+    _name_weight_matmuls(model, names)
     for node in model.graph.node:  # the exporter's per-node stack traces: ~2 KB a node, no use at runtime
         del node.metadata_props[:]
-    _name_weight_matmuls(model, names)
     if meta:
         del model.metadata_props[:]
         for k, v in meta.items():
@@ -488,7 +489,6 @@ def export_decoder(llm, out_dir: str | Path, *, tokenizer=None, validate: bool =
     try:
         with torch.no_grad(), untied_lm_head(llm), export_attention(llm), tempfile.TemporaryDirectory() as tmpd:
             tmpd = Path(tmpd)
-            names = _weight_names(llm)
             wrapper = DecoderWithCache(llm)
             example = _example_inputs(spec)
             dyn = ({0: B, 1: T}, {0: B, 1: total}, {0: B, 1: T},
@@ -497,14 +497,15 @@ def export_decoder(llm, out_dir: str | Path, *, tokenizer=None, validate: bool =
             if not spec.hybrid_layers:  # torch.export rejects an empty tuple input paired with its shapes
                 example, dyn = example[:4], dyn[:4]
             _onnx_export(wrapper, example, spec.input_names, spec.output_names, dyn, tmpd / "decoder.onnx")
-            _finish_onnx(tmpd / "decoder.onnx", out_dir / DECODER_ONNX, names, spec.to_dict())
+            _finish_onnx(tmpd / "decoder.onnx", out_dir / DECODER_ONNX, _linear_names(wrapper, llm), spec.to_dict())
             cross = None
             if spec.hybrid_layers:
                 vis = torch.randn(2, 5, spec.hidden)
-                _onnx_export(CrossKV(llm), (vis,), [C.CROSS_KV_INPUT], spec.visual_kv_names,
+                cross_module = CrossKV(llm)
+                _onnx_export(cross_module, (vis,), [C.CROSS_KV_INPUT], spec.visual_kv_names,
                              ({0: B, 1: Lv},), tmpd / "cross_kv.onnx")
                 cross = out_dir / CROSS_KV_ONNX
-                _finish_onnx(tmpd / "cross_kv.onnx", cross, names,
+                _finish_onnx(tmpd / "cross_kv.onnx", cross, _linear_names(cross_module, llm),
                              {"format": DECODER_FORMAT + "-cross-kv", "format_version": DECODER_FORMAT_VERSION,
                               "hybrid_layers": spec.hybrid_layers})
         embed = save_embed_tokens(llm, out_dir)

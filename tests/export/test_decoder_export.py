@@ -160,6 +160,10 @@ def test_hybrid_decoder_and_cross_kv_match_torch(hybrid):
     assert spec.hybrid_layers == [1] and exp.cross_kv.name == CROSS_KV_ONNX
     m = onnx.load(str(exp.decoder))
     assert [i.name for i in m.graph.input][-2:] == ["visual_kv.1.key", "visual_kv.1.value"]
+    # weight MatMuls carry the llm's module names in both files (CrossKV holds the layer as xattn.0)
+    assert {"model.layers.1.cross_attn.q_proj", "lm_head"} <= {n.name for n in m.graph.node if n.op_type == "MatMul"}
+    assert {n.name for n in onnx.load(str(exp.cross_kv)).graph.node if n.op_type == "MatMul"} == {
+        "model.layers.1.cross_attn.k_proj", "model.layers.1.cross_attn.v_proj"}
     xattn = llm.model.layers[1].cross_attn
     vis = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 6, 64)).astype(np.float32))
     kv = ort_session(exp.cross_kv).run(None, {"visual_tokens": vis.numpy()})
