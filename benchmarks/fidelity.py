@@ -127,23 +127,30 @@ def teacher_forced_argmax_torch(model, px: np.ndarray, ids: list[int]) -> tuple[
     return logits[T0 - 1:T0 - 1 + len(ids)].argmax(-1).numpy(), visual[0].numpy()
 
 
+_TF_SCORERS: dict = {}
+
+
 def teacher_forced_argmax_bundle(rt, px: np.ndarray, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """One decoder.onnx call over [prompt | report] with an empty cache (P = 0)."""
+    """One pass over [prompt | report] with an empty cache, through the export's scorer (OrtScorer), which
+    knows every decoder layout a bundle may hold: traced graphs (position_ids, concatenated cache) and built
+    ones (shared cache, last-position logits: scored through their all-positions twin)."""
+    from emrrg.export.decoder_eval import OrtScorer
+    from emrrg.runtime.contract import DECODER
+
     visual = rt.encode(px[None])                                               # (1, Lv, H)
-    feeds = {}
+    visual_kv = {}
     if rt.cross_kv is not None:
         names = [o.name for o in rt.cross_kv.get_outputs()]
-        feeds.update(dict(zip(names, rt.cross_kv.run(None, {"visual_tokens": visual}))))
+        visual_kv = dict(zip(names, rt.cross_kv.run(None, {"visual_tokens": visual})))
     prompt = rt.prompt_embeds(visual)                                          # (1, T0, H)
     embeds = np.concatenate([prompt, rt.decoder.embed[ids][None]], axis=1).astype(np.float32)
-    T = embeds.shape[1]
-    d = rt.decoder
-    feeds.update({"inputs_embeds": embeds, "attention_mask": np.ones((1, T), np.int64),
-                  "position_ids": np.arange(T, dtype=np.int64)[None]})
-    for i in range(d.nl):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, d.kvh, 0, d.hd), np.float32)
-    logits = rt.decoder.sess.run(["logits"], feeds)[0][0]
+    scorer = _TF_SCORERS.get(id(rt))
+    if scorer is None:  # one session per bundle (a built graph's all-positions twin is written once)
+        table = np.asarray(rt.decoder.embed[np.arange(rt.contract.decoder.vocab)], np.float32)  # any storage -> (V, H)
+        scorer = OrtScorer(rt.contract.path(DECODER), table, threads=rt.threads or 2, visual_kv=visual_kv)
+        scorer = _TF_SCORERS[id(rt)] = scorer._all_positions() if scorer.last_only else scorer
+    scorer.visual_kv = visual_kv
+    logits = scorer.run(embeds, None)[0][0]
     T0 = prompt.shape[1]
     return logits[T0 - 1:T0 - 1 + len(ids)].argmax(-1), visual[0]
 
