@@ -115,7 +115,7 @@ def profile_runtime(bundle: Path, images, tokens: int, threads: int, top: int = 
     import onnxruntime as ort
 
     from emrrg.runtime import contract as C
-    from emrrg.runtime.oplib import register
+    from emrrg.runtime.oplib import register, register_if_found
 
     rt = RuntimeRun(bundle, threads).rt
     out = {}
@@ -126,8 +126,11 @@ def profile_runtime(bundle: Path, images, tokens: int, threads: int, top: int = 
             so.intra_op_num_threads = threads
             so.enable_profiling = True
             so.profile_file_prefix = f"{tmp}/{name}"
+            # the encoder needs the op library; the decoder uses it when built (BlockSumMatMulAdd), as the Runtime does
             if ops:
                 register(so)
+            else:
+                register_if_found(so)
             sessions[name] = ort.InferenceSession(str(rt.contract.path(art)), so)
         rt.encoder, rt.decoder.sess = sessions["encoder"], sessions["decoder"]
         rt.gen.update(repetition_penalty=1.0)
