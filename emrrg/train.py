@@ -414,10 +414,15 @@ class _Progress:
     """tqdm bar (loss, lr, ETA) on a terminal; plain log lines every `every` steps otherwise."""
 
     def __init__(self, total: int, start: int, mode: str, every: int):
+        from emrrg.runtime.logs import quiet
+
         self.total, self.every = total, every
         self.bar = None
+        self.quiet = quiet()   # -q / EMRRG_LOG_LEVEL=error: no bar, no step lines (errors still reach stderr)
         tty = sys.stderr.isatty()
-        if mode == "bar" or (mode == "auto" and tty):
+        if self.quiet:
+            pass
+        elif mode == "bar" or (mode == "auto" and tty):
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, desc="emrrg-train", unit="step", file=sys.stderr,
                             dynamic_ncols=True)
@@ -427,6 +432,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             self.bar.update(1)
+        elif self.quiet:
+            return
         elif step % self.every == 0 or step == self.total:
             el = time.perf_counter() - self.t0
             rate = el / max(1, step - self.s0)
@@ -435,6 +442,8 @@ class _Progress:
                   f"elapsed {el / 60:.1f} min ETA {eta / 60:.1f} min", flush=True)
 
     def write(self, msg: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
         else:
@@ -460,6 +469,11 @@ def _args_from_run(run_dir: Path, cli) -> argparse.Namespace:
 
 def train(a, log=print) -> dict:
     """Run (or resume) a training job described by the parsed arguments `a`. Returns a summary."""
+    from emrrg.runtime.logs import quiet
+
+    if quiet():                   # -q / EMRRG_LOG_LEVEL=error: the run's files (log.jsonl, checkpoints) only
+        log = lambda *_a, **_k: None  # noqa: E731
+
     import torch
 
     from emrrg.evaluate import load_split

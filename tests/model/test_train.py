@@ -338,3 +338,19 @@ def test_build_model_clamps_the_run_token_limits(tiny_phantom, tmp_path):
     assert (gen.min_new_tokens, gen.max_new_tokens) == (10, 10)        # below the preset's min: the min follows
     gen = build_model(_parser().parse_args([*args, "--gen-min-new-tokens", "3", "--gen-num-beams", "2"])).cfg.generation
     assert (gen.min_new_tokens, gen.num_beams) == (3, 2) and gen.max_new_tokens > 3
+
+
+def test_quiet_run_prints_nothing_and_still_writes_its_files(tiny_phantom, tmp_path, capsys):
+    """emrrg-train -q: no step lines, no model/done lines on stdout or stderr; the run's files are written."""
+    from emrrg.runtime import logs
+    from emrrg.train import train_main
+
+    run = tmp_path / "run"
+    try:
+        train_main(["-q", "--data", str(tiny_phantom), "-o", str(run), *TINY, "--steps", "2", "--batch-size", "2",
+                    "--log-every", "1"])
+        out, err = capsys.readouterr()
+    finally:
+        logs.configure("pytest", "info")   # the level is process-wide: give the next tests the default back
+    assert (out, err) == ("", "")
+    assert (run / "log.jsonl").stat().st_size > 0 and (run / "last").is_dir()
