@@ -117,7 +117,10 @@ try:
 except SystemExit as e:
     code = e.code or 0
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-print(json.dumps({"seconds": round(time.time() - t0, 1), "peak_rss_mb": round(hwm), "exit": code}))
+import resource
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": round(time.time() - t0, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
+                  "peak_rss_mb": round(hwm), "exit": code}))
 """
 
 
@@ -186,11 +189,11 @@ def memory_model(rows: dict, reference: str) -> dict | None:
             "max_residual_mb": round(float(np.abs(a * x + b - y).max()) / 2**20)}
 
 
-def write_results(out_dir: Path, rows: dict, build_only: dict) -> None:
+def write_results(out_dir: Path, rows: dict, build_only: dict, report: dict | None = None) -> None:
     out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "load_average": round(os.getloadavg()[0], 2),
            "extra_options": EXTRA, "full_export": rows,
            "memory_model": {ref: memory_model(rows, ref) for ref in ("f32", "streamed")},
-           "decoder_build_only": build_only}
+           "decoder_build_only": build_only, "report": report}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "export_scale.json").write_text(json.dumps(out, indent=2) + "\n")
     md = ["# Export at scale: the full `emrrg-export --llm-bits 4` from bf16 safetensors", "",
@@ -198,22 +201,33 @@ def write_results(out_dir: Path, rows: dict, build_only: dict) -> None:
           "weights (bf16 safetensors), SmolLM2's tokenizer, base encoder; one child process per shape running the "
           "whole export (peak RSS = its VmHWM). `--extra-options " + " ".join(EXTRA) + "`: one pinned 4-bit "
           "candidate, scored on 1 prompt of 64 tokens + 16 reference tokens. Reference: `f32` = the f32 LLM in "
-          "memory, `streamed` = f32 layer by layer from the safetensors (export/streamed_reference.py).", "",
+          "memory, `streamed` = f32 layer by layer from the safetensors (export/streamed_reference.py). Seconds: wall "
+          "time on a machine shared with other jobs (load average 5 to 20 during these runs); CPU s: the child's "
+          "user + system time. Top-1 / KL of random weights are not an accuracy figure (a random deep net amplifies "
+          "the 4-bit rounding; real weights: decoder_graph_accuracy.md).", "",
           "| shape | parameters | bf16 file MB | f32 MB | reference | peak RSS MB | peak RSS / f32 | seconds | "
-          "bundle MB | top-1 / KL vs f32 |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+          "CPU s | bundle MB | top-1 / KL vs f32 |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         if "error" in r:
             md.append(f"| {name} | {r['params'] / 1e6:.0f}M | {r['bf16_mb']} | {r['f32_mb']} | - | {r['peak_rss_mb']} "
-                      f"| - | {r['seconds']} | failed: {r['error']} | |")
+                      f"| - | {r['seconds']} | {r.get('cpu_s', '-')} | failed: {r['error']} | |")
             continue
         md.append(f"| {name} | {r['params'] / 1e6:.0f}M | {r['bf16_mb']} | {r['f32_mb']} | {r['reference']} | "
-                  f"{r['peak_rss_mb']} | {r['peak_rss_mb'] / r['f32_mb']:.2f} | {r['seconds']} | {r['bundle_mb']} | "
+                  f"{r['peak_rss_mb']} | {r['peak_rss_mb'] / r['f32_mb']:.2f} | {r['seconds']} | {r.get('cpu_s', '-')} | {r['bundle_mb']} | "
                   f"{r['top1']:.2f} / {r['kl_mean']:.3g} |")
     for ref, mm in out["memory_model"].items():
         if mm:
             md += ["", f"Memory model, {ref} reference (least squares over its {mm['rows']} rows): peak RSS = "
                        f"{mm['bytes_per_param']} bytes per parameter + {mm['constant_mb']} MB (largest residual "
                        f"{mm['max_residual_mb']} MB)."]
+    if report:
+        t = report["run"]["timings_ms"]
+        md += ["", f"A report from the {report['shape']} bundle on this machine: `{report['command']}`: "
+                   f"{report['run']['tokens']} tokens in {t['total'] / 1000:.1f} s (encoder {t['encoder'] / 1000:.1f} s, "
+                   f"prefill {t['prefill'] / 1000:.1f} s, decode {t['decode'] / 1000:.1f} s = "
+                   f"{t['decode'] / max(report['run']['tokens'] - 1, 1) / 1000:.2f} s/token), peak RSS "
+                   f"{report['run']['peak_rss_mb']:.0f} MB; wall times on the shared machine (the text is noise: random "
+                   "weights)."]
     if build_only:
         md += ["", "Decoder build only (`decoder_builder.build_decoder` from the safetensors, earlier run):", "",
                "| shape | parameters | peak RSS MB | seconds | decoder MB |", "|---|---:|---:|---:|---:|"]
@@ -230,20 +244,28 @@ def main(argv=None) -> None:
                    help="shapes whose LLM folder and bundle stay in --work (e.g. to run a report)")
     p.add_argument("--reference", default="auto", choices=("auto", "f32", "streamed"),
                    help="the export's decoder_reference (rows other than auto are keyed SHAPE/REFERENCE)")
+    p.add_argument("--add-report", nargs=2, metavar=("SHAPE", "RUN_JSON"), default=None,
+                   help="record `emrrg-run BUNDLE IMAGE --json` output (a file) as SHAPE's report and rewrite the results")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
+    f = a.out_dir / "export_scale.json"
+    if a.add_report:
+        old = json.loads(f.read_text())
+        report = {"shape": a.add_report[0], "command": f"emrrg-run bundle-{a.add_report[0]} RG1_UNCR.dcm --beams 1 --max-new-tokens 20 "
+                             "--min-new-tokens 20 --json", "run": json.loads(Path(a.add_report[1]).read_text())}
+        write_results(a.out_dir, old["full_export"], old.get("decoder_build_only", {}), report)
+        return
     a.work.mkdir(parents=True, exist_ok=True)
     for name in a.shapes:
         row = run_shape(name, a.work, name in a.keep, a.reference)
         key = name if a.reference == "auto" else f"{name}/{a.reference}"
         print(key, row, flush=True)
         # re-read right before writing: another invocation (another shape) may have written its row meanwhile
-        f = a.out_dir / "export_scale.json"
         old = json.loads(f.read_text()) if f.is_file() else {}
         rows = dict(old.get("full_export", {}), **{key: row})
         order = [k for n in SHAPES for k in (n, f"{n}/f32", f"{n}/streamed")]
         write_results(a.out_dir, {k: rows[k] for k in order if k in rows},
-                      old.get("decoder_build_only", old.get("shapes", {})))
+                      old.get("decoder_build_only", old.get("shapes", {})), old.get("report"))
 
 
 if __name__ == "__main__":
