@@ -588,8 +588,9 @@ def run_batch(a) -> PartWriter:
         studies = found if source.is_file() else scan_folder(ray, source, found)
         writer = PartWriter(out, done)
         pending = [s for s in studies if (s.study_id, sha) not in done]
-        print(f"{PROG}: {len(studies)} studies, {len(studies) - len(pending)} already in {out}; "
-              f"{a.workers} workers x {a.threads} threads", file=sys.stderr, flush=True)
+        if not logs.quiet():
+            print(f"{PROG}: {len(studies)} studies, {len(studies) - len(pending)} already in {out}; "
+                  f"{a.workers} workers x {a.threads} threads", file=sys.stderr, flush=True)
         progress = _Progress(writer, len(pending), sys.stderr.isatty() or logs.quiet())  # -q: no progress lines
         batch_size = a.batch_size
         while pending:
@@ -609,8 +610,9 @@ def run_batch(a) -> PartWriter:
                          "once fixed); the Ray logs have the details") from None
     finally:
         ray.shutdown()
-    print(f"{PROG}: {writer.rows} studies written to {out} ({writer.ok} reports, {writer.errors} errors), "
-          f"{rate:.2f} studies/s", file=sys.stderr, flush=True)
+    if not logs.quiet():   # -q: the output folder says it all (errors are rows there; failures still exit 2)
+        print(f"{PROG}: {writer.rows} studies written to {out} ({writer.ok} reports, {writer.errors} errors), "
+              f"{rate:.2f} studies/s", file=sys.stderr, flush=True)
     return writer
 
 

@@ -240,6 +240,9 @@ def test_embedded_local_ray_18_reports_2_errors_with_srs(tiny_bundle, runtime, d
         sr = pydicom.dcmread(r["sr_path"])
         assert sr.Modality == "SR" and sr.StudyInstanceUID == r["study_id"]
     assert len(list((out / batch.SR_DIR).glob("*.dcm"))) == N_STUDIES - len(BROKEN)
+    quiet = run_batch_cli(tiny_bundle, root, out, "--resume", "-q")   # -q: nothing left to do, nothing said
+    assert "already in" not in quiet.stderr and "studies written" not in quiet.stderr, quiet.stderr[-2000:]
+    assert read_out(out) == rows                                     # and nothing run twice
     again = run_batch_cli(tiny_bundle, root, out, check=False)     # no silent second run into the same OUT
     assert again.returncode == 2 and "--resume" in again.stderr.strip().splitlines()[-1]
 
