@@ -19,10 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import share_external_data, staged_bundle, write_manifest
-from .errors import ExportError, NoPassingConfigError
+from emrrg.export.bundle import share_external_data, staged_bundle, write_manifest
+from emrrg.export.errors import ExportError, NoPassingConfigError
 
-from ..runtime import contract as C  # artifact keys, file names, I/O names and the manifest's sections
+from emrrg.runtime import contract as C  # artifact keys, file names, I/O names and the manifest's sections
 
 TARGETS = ("cpu", "cuda", "tensorrt", "jetson")
 # Merging replaces W x + s·B(A x) by (W + s·BA) x: f32 rounding of one extra matmul per layer, amplified by
@@ -44,7 +44,7 @@ class ExportOptions:
 
     def values(self) -> dict:
         """`extra` as typed values, checked against export/options.py's table (OptionError when one is wrong)."""
-        from .options import check_extra_options
+        from emrrg.export.options import check_extra_options
         return check_extra_options(self.extra, int8=self.int8, llm_bits=self.llm_bits)
 
 
@@ -94,8 +94,8 @@ class _Progress:
 
 
 def _images(opts: ExportOptions) -> list:
-    from ..assets import real_xrays
-    from .quantize_encoder import list_calibration_images
+    from emrrg.assets import real_xrays
+    from emrrg.export.quantize_encoder import list_calibration_images
 
     imgs = list_calibration_images(opts.calib) if opts.calib else real_xrays()
     if opts.max_calib:
@@ -118,9 +118,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     opts.values()  # unknown --extra-options keys and bad values stop the export here, before any work
     import torch
 
-    from ..checkpoint import load_checkpoint
-    from ..runtime.bundle import sha256_tree
-    from .encoder_onnx import export_encoder, validate_encoder
+    from emrrg.checkpoint import load_checkpoint
+    from emrrg.runtime.bundle import sha256_tree
+    from emrrg.export.encoder_onnx import export_encoder, validate_encoder
 
     steps = _steps(opts)
     bar = _Progress(steps, progress)
@@ -137,7 +137,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             images = _images(opts)
             calib, held = _split(images)
             size = model.cfg.encoder.img_size
-            from ..runtime.preprocess import preprocess_study
+            from emrrg.runtime.preprocess import preprocess_study
             px_all = np.stack([preprocess_study([p], size=size) for p in images])       # (N, 1, 3, S, S)
             bar.done()
             # 2. merge, checked against the unmerged model ---------------------------------------------
@@ -162,7 +162,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             sets = {"calibration": px_all[: len(calib)], "held_out": px_all[len(calib):] if len(images) > 1 else px_all}
             val = {"encoder_f32_pure": validate_encoder(work / "encoder.f32.scan.onnx", model, sets,
                                                         oplib=False, reference_outputs=ref_tokens, verbose=False)}
-            from ..runtime.oplib import find_op_library
+            from emrrg.runtime.oplib import find_op_library
             if find_op_library() is not None:
                 val["encoder_f32"] = validate_encoder(work / "encoder.f32.onnx", model, sets, reference_outputs=ref_tokens,
                                                       verbose=False)
@@ -228,10 +228,10 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
     Returns (calibration facts with every attempt, validation figures)."""
     import onnx
 
-    from ..runtime.oplib import find_op_library
-    from .encoder_onnx import validate_encoder
-    from .options import pinned, value
-    from .quantize_encoder import ENCODER_INT8_LADDER, mlp_down_nodes, quantize_int8
+    from emrrg.runtime.oplib import find_op_library
+    from emrrg.export.encoder_onnx import validate_encoder
+    from emrrg.export.options import pinned, value
+    from emrrg.export.quantize_encoder import ENCODER_INT8_LADDER, mlp_down_nodes, quantize_int8
 
     x = opts.values()
     ladder = ENCODER_INT8_LADDER
@@ -290,7 +290,7 @@ def _write_embedding(src: Path, root: Path, quantized: bool) -> dict:
     if not quantized:
         shutil.move(str(src), root / C.EMBED_TOKENS_FILE)
         return C.Artifact(C.EMBED_TOKENS_FILE, C.EMBED_FP32, "any").to_dict()
-    from ..runtime.embedding import Q8_BLOCK, Q8BlockEmbedding, quantize_q8_blocks
+    from emrrg.runtime.embedding import Q8_BLOCK, Q8BlockEmbedding, quantize_q8_blocks
 
     w = np.load(src)
     q, scales = quantize_q8_blocks(w)
@@ -310,8 +310,8 @@ def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
 def _ladder(values: dict):
     """The decoder keys of --extra-options (typed, ExportOptions.values()) pin one configuration, the keys not
     given at export/options.py's defaults; without them the accuracy-aware ladder of quantize_decoder is walked."""
-    from .options import pinned, value
-    from .quantize_decoder import DEFAULT_LADDER, QuantConfig
+    from emrrg.export.options import pinned, value
+    from emrrg.export.quantize_decoder import DEFAULT_LADDER, QuantConfig
 
     pins = pinned(values, "decoder")
     if not pins:
@@ -338,9 +338,9 @@ def decoder_positions(model) -> int:
 def _export_decoder(model, out: Path, opts: ExportOptions, log: Callable[[str], None], min_positions: int = 0):
     """The f32 decoder: built from the weights (export/decoder_builder.py, the default) or traced with torch.onnx
     (--extra-options decoder_graph=traced). A decoder the builder does not know falls back to traced, with a log line."""
-    from .decoder_builder import BuilderUnsupported, export_decoder_built
-    from .decoder_onnx import export_decoder
-    from .options import value
+    from emrrg.export.decoder_builder import BuilderUnsupported, export_decoder_built
+    from emrrg.export.decoder_onnx import export_decoder
+    from emrrg.export.options import value
 
     llm = model.llama_model
     if value(opts.values(), "decoder_graph") == "built":
@@ -354,9 +354,9 @@ def _export_decoder(model, out: Path, opts: ExportOptions, log: Callable[[str], 
 
 def _decoder_reference(checkpoint, opts: ExportOptions) -> tuple[str, str]:
     """("f32" | "streamed", why): what the 4-bit candidates are scored against (export/streamed_reference.py)."""
-    from ..checkpoint import read_config
-    from .options import value
-    from .streamed_reference import choose_reference
+    from emrrg.checkpoint import read_config
+    from emrrg.export.options import value
+    from emrrg.export.streamed_reference import choose_reference
 
     if opts.llm_bits != 4:
         return "f32", "f32 LLM in memory (--llm-bits 32)"
@@ -366,7 +366,7 @@ def _decoder_reference(checkpoint, opts: ExportOptions) -> tuple[str, str]:
 def _streamed_shape(model):
     import dataclasses
 
-    from .decoder_builder import LlamaShape
+    from emrrg.export.decoder_builder import LlamaShape
 
     shape = LlamaShape.from_config(model.llama_model.config)
     return dataclasses.replace(shape, max_positions=max(shape.max_positions, decoder_positions(model)))
@@ -375,9 +375,9 @@ def _streamed_shape(model):
 def _streamed_decoder(model, checkpoint, out: Path):
     """The decoder step without an f32 decoder: the spec and the f32 embedding table, read from the safetensors
     (an f32 decoder.onnx of a 7B would be 28 GB, and its validation would hold it in an ORT session)."""
-    from .decoder_builder import SafetensorsWeights, builder_spec, save_embed_table, token_ids
-    from .decoder_onnx import DecoderExport, decoder_spec
-    from .streamed_reference import llm_weight_files
+    from emrrg.export.decoder_builder import SafetensorsWeights, builder_spec, save_embed_table, token_ids
+    from emrrg.export.decoder_onnx import DecoderExport, decoder_spec
+    from emrrg.export.streamed_reference import llm_weight_files
 
     t0 = time.perf_counter()
     shape = _streamed_shape(model)
@@ -397,10 +397,10 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
     from the safetensors."""
     import torch
 
-    from .decoder_eval import DecoderEvaluator, TorchDecoder, build_reference, eval_prompts, prefill_feeds
-    from .decoder_onnx import ort_session
-    from . import quantize_decoder as qd
-    from .options import value
+    from emrrg.export.decoder_eval import DecoderEvaluator, TorchDecoder, build_reference, eval_prompts, prefill_feeds
+    from emrrg.export.decoder_onnx import ort_session
+    from emrrg.export import quantize_decoder as qd
+    from emrrg.export.options import value
 
     x = opts.values()
     n_prompts, n_new, prompt_tokens = (value(x, k) for k in ("eval_prompts", "eval_tokens", "prompt_tokens"))
@@ -423,7 +423,7 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
     stats = qd.collect_activation_stats(dec.decoder, calib)
     ladder, quantize = _ladder(x), None
     if dec.spec.cache == C.CACHE_SHARED:  # built graph: each candidate is built from the weights
-        from .decoder_builder import BUILT_LADDER, ModuleWeights, _module_shape, quantized_builder, token_ids
+        from emrrg.export.decoder_builder import BUILT_LADDER, ModuleWeights, _module_shape, quantized_builder, token_ids
         ladder = ladder if ladder is not qd.DEFAULT_LADDER else BUILT_LADDER
         quantize = quantized_builder(ModuleWeights(model.llama_model),
                                      _module_shape(model.llama_model, min_positions=decoder_positions(model)),
@@ -433,7 +433,7 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
 
 
 def _choose(f32_onnx, work: Path, evaluator, ladder, stats, opts: ExportOptions, quantize) -> tuple[Path, dict]:
-    from . import quantize_decoder as qd
+    from emrrg.export import quantize_decoder as qd
 
     try:
         choice = qd.choose_decoder_config(f32_onnx, work / "decoder_4bit", evaluator,
@@ -450,10 +450,10 @@ def _quantize_streamed(model, checkpoint, prompts, calib_prompts, n_new: int, de
                        ) -> tuple[Path, dict]:
     """_quantize_decoder for an LLM that is never in memory: reference and statistics streamed layer by layer,
     every candidate built from the safetensors, the f32 reference's model dropped before the first candidate."""
-    from .decoder_builder import BUILT_LADDER, SafetensorsWeights, quantized_builder, token_ids
-    from .decoder_eval import DecoderEvaluator
-    from . import quantize_decoder as qd
-    from .streamed_reference import StreamedLlama, llm_weight_files
+    from emrrg.export.decoder_builder import BUILT_LADDER, SafetensorsWeights, quantized_builder, token_ids
+    from emrrg.export.decoder_eval import DecoderEvaluator
+    from emrrg.export import quantize_decoder as qd
+    from emrrg.export.streamed_reference import StreamedLlama, llm_weight_files
 
     files = llm_weight_files(checkpoint, model.cfg)
     ladder = _ladder(opts.values())
@@ -470,7 +470,7 @@ def _manifest(model, dec, opts, src_sha, checkpoint, enc_info, enc_precision, de
               merged, merge_diff, images, calib, held, root: Path) -> dict:
     tok = model.tokenizer
     before, after = model.prompt_ids()
-    from ..model import PROMPT_AFTER, PROMPT_BEFORE
+    from emrrg.model import PROMPT_AFTER, PROMPT_BEFORE
     A = C.Artifact
     arts = {
         C.ENCODER: A(C.ENCODER_FILE, enc_precision, opts.target, data=(C.ENCODER_DATA_FILE,), scan_variant="custom_op",

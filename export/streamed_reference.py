@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ExportError
+from emrrg.export.errors import ExportError
 
 # The in-memory f32 reference holds the f32 LLM, an f32 decoder ONNX and its ORT session at once, plus the
 # candidates' sessions: ~6x the f32 weights at peak (a 324M Llama peaked at 8.1 GB). 2 GiB of f32 weights keeps
@@ -82,7 +82,7 @@ class StreamedLlama:
     def __init__(self, files: Sequence[str | Path], config):
         import torch
 
-        from .decoder_builder import LlamaShape, SafetensorsWeights
+        from emrrg.export.decoder_builder import LlamaShape, SafetensorsWeights
 
         self.src = SafetensorsWeights(files)
         self.shape = LlamaShape.from_config(config)         # refuses what the builder does not write either
@@ -149,7 +149,7 @@ class StreamedLlama:
             note(L + "mlp.down_proj", act)
             x = x + act @ self._w(L + "mlp.down_proj.weight").T
         x = self._norm(x if all_positions else x[:, -1:], self._w(P + "norm.weight"))
-        from .quantize_decoder import LM_HEAD
+        from emrrg.export.quantize_decoder import LM_HEAD
         note(LM_HEAD, x)
         logits = x @ self._w(self.head).T
         return logits if all_positions else logits[:, -1]
@@ -166,7 +166,7 @@ class StreamedLlama:
         prompts of one length in one batch (n_new passes over the weights per length)."""
         import torch
 
-        from .decoder_eval import Reference
+        from emrrg.export.decoder_eval import Reference
 
         conts: list = [None] * len(prompts)
         logits: list = [None] * len(prompts)
