@@ -1,7 +1,8 @@
 """The export pipeline behind `emrrg-export`: checkpoint -> validated bundle.
 
     load checkpoint ─► merge adapters (checked against the unmerged model)
-       ─► encoder ONNX: custom-op (SelectiveScan) + pure-ONNX twin, each validated vs PyTorch f32
+       ─► encoder ONNX: custom-op (SelectiveScan), one torch export, + its pure-ONNX twin (pure_onnx_twin),
+          each validated vs PyTorch f32
        ─► --int8: explicit Q/DQ calibrated on X-rays, validated on calibration + held-out images
        ─► decoder ONNX with KV cache (validated) ─► --llm-bits 4: MatMulNBits, accuracy-aware choice
        ─► tokenizer, embeddings, manifest (every file's sha256) ─► one atomic rename
@@ -120,7 +121,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
 
     from emrrg.checkpoint import load_checkpoint
     from emrrg.runtime.bundle import sha256_tree
-    from emrrg.export.encoder_onnx import export_encoder, validate_encoder
+    from emrrg.export.encoder_onnx import export_encoder, pure_onnx_twin, validate_encoder
 
     steps = _steps(opts)
     bar = _Progress(steps, progress)
@@ -151,10 +152,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
                 raise ExportError(f"merged encoder differs from the unmerged one by {merge_diff:.2e} "
                                   f"(> {MERGE_MAX_ABS}); the checkpoint's adapters do not merge cleanly")
             bar.done()
-            # 3. encoder ONNX, both variants -----------------------------------------------------------
+            # 3. encoder ONNX, both variants: one torch export, the pure-ONNX twin derived from its graph --
             bar.start(steps[2])
             enc_custom = export_encoder(model, work / "encoder.f32.onnx", "custom_op")
-            enc_pure = export_encoder(model, work / "encoder.f32.scan.onnx", "pure_onnx")
+            pure_onnx_twin(work / "encoder.f32.onnx", work / "encoder.f32.scan.onnx")
             bar.done()
             bar.start(steps[3])
             ref_tokens = {"calibration": _ref_tokens(model, px_all[: len(calib)]),
