@@ -309,3 +309,9 @@ def test_smollm2_bundle_greedy_and_beam_equal_the_reference(tmp_path):
     want = ref.generate_ids(px, num_beams=3, min_new_tokens=10, max_new_tokens=40)[0].tolist()
     got = rt.generate(study()[:1], num_beams=3, min_new_tokens=10, max_new_tokens=40)["token_ids"]
     assert got[:40] == want[:40]
+
+
+def test_runtime_sessions_run_without_the_cpu_memory_arena(runtime):
+    """The runtime's sessions trade ORT's CPU arena (kept free blocks, chunked growth) for a lower peak RSS."""
+    sessions = [runtime.encoder, runtime.decoder.sess] + ([runtime.cross_kv] if runtime.cross_kv is not None else [])
+    assert [s.get_session_options().enable_cpu_mem_arena for s in sessions] == [False] * len(sessions)
