@@ -1,13 +1,15 @@
-"""Accuracy of the built decoder graph's 4-bit encodings on the real SmolLM2-135M (as shipped, and LoRA-merged).
+"""Accuracy of the built decoder graph's 4-bit encodings on the real SmolLM2-135M (as shipped, LoRA-merged, demo).
 
 For each variant: the f32 PyTorch reference writes greedy continuations of `--prompts` real-text prompts
 (decoder_eval: EMRRG prompt + radlabels reports, 220 ids, 60 new tokens); each 4-bit encoding is built from
 the weights (decoder_builder.quantized_builder, as emrrg-export does) and scored teacher-forced (top-1, mean
 KL) and greedy, with the thresholds the export uses (quantize_decoder.TOP1_MIN / KL_MAX). The LoRA-merged
 variant (decoder_eval.merge_random_lora: rank 16 on q/v, ||dW|| / ||W|| = 0.15) also gets the activation-weighted
-refit, with statistics from separate calibration prompts.
+refit, with statistics from separate calibration prompts. The demo variant is demo/checkpoint's SmolLM2 with its
+trained LoRA merged (what its bundle's decoder holds), scored the same way.
 
-    .venv/bin/python benchmarks/decoder_graph_accuracy.py --variants shipped lora
+    .venv/bin/python benchmarks/decoder_graph_accuracy.py --variants shipped lora demo
+    .venv/bin/python benchmarks/decoder_graph_accuracy.py --variants demo --keep-others   # one variant anew
 
 Writes benchmarks/results/decoder_graph_accuracy.{json,md}; `--render` rewrites the Markdown from the JSON.
 """
@@ -26,6 +28,9 @@ sys.path.insert(0, str(ROOT))
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 
+VARIANTS = ("shipped", "lora", "demo")
+
+
 def run_variant(variant: str, work: Path, prompts: int) -> dict:
     from emrrg.config import decoder_config
     from emrrg.decoder import load_base_decoder
@@ -34,14 +39,21 @@ def run_variant(variant: str, work: Path, prompts: int) -> dict:
                                            merge_random_lora, prefill_feeds)
     from emrrg.export.quantize_decoder import DEFAULT_LADDER, collect_activation_stats
 
-    llm, tok = load_base_decoder(decoder_config("smollm2-135m"))
+    if variant == "demo":   # the demo checkpoint's SmolLM2 with its trained LoRA merged (what its bundle holds)
+        from emrrg.checkpoint import load_checkpoint
+
+        model = load_checkpoint(ROOT / "demo" / "checkpoint")
+        model.merge_adapters()
+        llm, tok = model.llama_model, model.tokenizer
+    else:
+        llm, tok = load_base_decoder(decoder_config("smollm2-135m"))
     llm = (merge_random_lora(llm) if variant == "lora" else llm).eval()
     src, shape = ModuleWeights(llm), _module_shape(llm)
     ref = build_reference(TorchDecoder(llm), eval_prompts(tok, n=prompts, prompt_tokens=220), 60)
     embed = src.get("model.embed_tokens.weight")
     # the ladder's first rungs (quantize_decoder.DEFAULT_LADDER), each scored even where the export skips it
     configs = [c for c in DEFAULT_LADDER if c.name in ("asym-b32-lm8", "asym-b32-awq-lm8", "affine-b32-lm8")]
-    if variant == "lora":
+    if variant in ("lora", "demo"):
         configs.append(next(c for c in DEFAULT_LADDER if c.name == "affine-b32-awq-lm8"))
     f32 = build_decoder(src, shape, work / "f32")
     stats = collect_activation_stats(f32.path, prefill_feeds(f32.spec, embed, eval_prompts(
@@ -94,8 +106,10 @@ def main(argv=None) -> None:
     import tempfile
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["shipped", "lora"], choices=["shipped", "lora"])
+    p.add_argument("--variants", nargs="+", default=["shipped", "lora"], choices=VARIANTS)
     p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--keep-others", action="store_true",
+                   help="keep the earlier JSON's rows of the variants not given in --variants")
     p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
@@ -104,6 +118,10 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = {"machine": f"{cpu_name()} ({os.cpu_count()} cores)", "prompts": a.prompts,
                    "variants": {v: run_variant(v, Path(tmp) / v, a.prompts) for v in a.variants}}
+        if js.is_file() and a.keep_others:   # the variants not rerun keep their earlier rows
+            old = json.loads(js.read_text())
+            out["variants"] = {**{v: r for v, r in old["variants"].items() if v not in out["variants"]},
+                               **out["variants"]}
         a.out_dir.mkdir(parents=True, exist_ok=True)
         js.write_text(json.dumps(out, indent=2) + "\n")
     render(json.loads(js.read_text()), a.out_dir / "decoder_graph_accuracy.md")
