@@ -69,8 +69,13 @@ def run_main(argv: list[str] | None = None) -> None:
         show_warnings(caught)
         on_token = None
         if a.stream and not a.json:
-            dec = _StreamPrinter(rt)
-            on_token = dec
+            from emrrg.runtime.generation import TextDeltas
+
+            deltas = TextDeltas(rt.decode_text)   # each token's text as it arrives, characters kept whole
+
+            def on_token(tok: int) -> None:
+                sys.stdout.write(deltas.add(tok))
+                sys.stdout.flush()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = rt.generate(a.images, num_beams=a.beams, max_new_tokens=a.max_new_tokens,
@@ -122,21 +127,6 @@ def _write_sr(path: str, headers: list, out: dict) -> None:
         raise SystemExit(2) from None
     out["sr"] = str(path)
     print(f"emrrg-run: wrote the DICOM SR {path}", file=sys.stderr)
-
-
-class _StreamPrinter:
-    """Prints the text of each new token as it arrives (decoding the whole prefix keeps bytes whole)."""
-
-    def __init__(self, rt):
-        self.rt, self.ids, self.shown = rt, [], ""
-
-    def __call__(self, tok: int) -> None:
-        self.ids.append(tok)
-        text = self.rt.decode_text(self.ids)
-        if text.startswith(self.shown) and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(self.shown):])
-            sys.stdout.flush()
-            self.shown = text
 
 
 if __name__ == "__main__":  # pragma: no cover

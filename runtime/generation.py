@@ -172,3 +172,26 @@ def generate(model: StepModel, embeds: np.ndarray, s: DecodeSettings,
         for t in out:
             on_token(t)
     return out
+
+
+class TextDeltas:
+    """The text each new token adds to the report (the whole prefix is decoded each time, so a character
+    split over tokens comes out whole, and the clean-up of Runtime.decode_text applies). Text that may still
+    change (an incomplete character at the end) is held back until a later token settles it."""
+
+    def __init__(self, decode_text: Callable[[list[int]], str]):
+        self.decode_text, self.ids, self.shown = decode_text, [], ""
+
+    def add(self, tok: int) -> str:
+        self.ids.append(tok)
+        return self._advance(self.decode_text(self.ids), final=False)
+
+    def rest(self, report: str) -> str:
+        """What the final report adds to the text given so far ("" when it adds nothing)."""
+        return self._advance(report, final=True)
+
+    def _advance(self, text: str, final: bool) -> str:
+        if not text.startswith(self.shown) or (text.endswith("\ufffd") and not final):
+            return ""
+        delta, self.shown = text[len(self.shown):], text
+        return delta

@@ -119,9 +119,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from emrrg.runtime.gate import ViewInfo
+from emrrg.runtime.generation import TextDeltas
 from emrrg.runtime.serve_models import ErrorResponse, Health, ModelInfo, ReportResponse
 from emrrg.runtime.serve_service import (
-    ApiError, ReportService, TextDeltas, _ClientGone, _Slot, _View,
+    ApiError, ReportService, _ClientGone, _Slot, _View,
 )
 
 log = logging.getLogger("emrrg.serve")
