@@ -420,9 +420,7 @@ class _Progress:
         self.bar = None
         self.quiet = quiet()   # -q / EMRRG_LOG_LEVEL=error: no bar, no step lines (errors still reach stderr)
         tty = sys.stderr.isatty()
-        if self.quiet:
-            pass
-        elif mode == "bar" or (mode == "auto" and tty):
+        if not self.quiet and (mode == "bar" or (mode == "auto" and tty)):
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, desc="emrrg-train", unit="step", file=sys.stderr,
                             dynamic_ncols=True)
