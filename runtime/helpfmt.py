@@ -60,10 +60,14 @@ def count_int(text: str) -> int:
     return int(text)
 
 
-def add_decoding_arguments(p: argparse.ArgumentParser, min_new_tokens: bool = True) -> None:
-    """--beams / --max-new-tokens [/ --min-new-tokens]: per-run overrides of the bundle's decoding settings."""
+def add_decoding_arguments(p: argparse.ArgumentParser, min_new_tokens: bool = True, applies_to: str = "") -> None:
+    """--beams / --max-new-tokens [/ --min-new-tokens]: per-run overrides of the bundle's decoding settings.
+
+    applies_to: what the override is for, in the help (emrrg-serve: " for requests that give none")."""
     p.add_argument("--beams", type=positive_int, default=None,
-                   help="beam count (default: the bundle's setting; 1 = greedy)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="(default: the bundle's setting)")
+                   help=f"beam count{applies_to} (default: the bundle's setting; 1 = greedy)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help=f"max new tokens{applies_to} (default: the bundle's setting)" if applies_to
+                   else "(default: the bundle's setting)")
     if min_new_tokens:
         p.add_argument("--min-new-tokens", type=count_int, default=None, help="(default: the bundle's setting)")

@@ -24,7 +24,7 @@ import sys
 from emrrg.runtime.bundle import BundleError, load_manifest
 from emrrg.runtime.report_runtime import BACKENDS
 from emrrg.runtime.gate import add_input_arguments, policy_from_args
-from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, count_int, positive_int
+from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter, add_decoding_arguments, count_int, positive_int
 from emrrg.runtime.serve_app import API_KEY_ENV, MAX_HEADER_BYTES, OPEN_PATHS, create_app, log
 from emrrg.runtime.serve_service import (  # noqa: F401  (re-exported: tests and callers import them from here)
     DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_MB, DEFAULT_QUEUE_SIZE, FIRST_GENERATION_GUESS_S, UPLOAD_BUDGET_FACTOR,
@@ -199,10 +199,7 @@ def serve_main(argv: list[str] | None = None) -> None:
                    help="seconds for a whole request body to arrive after its head (408 and close after)")
     p.add_argument("--header-timeout", type=_positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
                    help="seconds for a whole request head (line + headers) to arrive; the connection is closed after")
-    p.add_argument("--beams", type=positive_int, default=None,
-                   help="beam count for requests that give none (default: the bundle's setting; 1 = greedy)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="max new tokens for requests that give none (default: the bundle's setting)")
+    add_decoding_arguments(p, min_new_tokens=False, applies_to=" for requests that give none")
     add_input_arguments(p)
     p.add_argument("--graceful-timeout", type=_positive_float, default=DEFAULT_GRACEFUL_TIMEOUT_S,
                    help="seconds to let running and queued requests finish on SIGTERM/SIGINT")
