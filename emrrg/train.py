@@ -16,9 +16,12 @@ What trains (everything else is frozen):
 - the projector: llama_proj and layer_norm;
 - peft LoRA on the LLM's q_proj and v_proj, and the hybrid layers' cross-attention when present.
 
-`--encoder-pretrain-steps N` first pre-trains a fresh encoder for N steps on the training reports'
-CheXpert labels (rule-based labeler, linear head on the mean token, BCE), standing in for upstream's
-pre-trained MambaXray-VL, which does not exist offline.
+`--encoder-pretrain-steps N` first pre-trains a fresh encoder for N steps on the training studies'
+labels (linear head on the mean token, BCE), standing in for upstream's pre-trained MambaXray-VL, which
+does not exist offline: the findings drawn on each image when the annotation has them (phantoms), else
+the rule-based labeler's CheXpert labels of the report (`--pretrain-labels`); the head's BCE / AUC /
+accuracy on the val split go to the log. `--balance-labels P` draws the LM stage's studies with weight
+freq(rarest label) ** -P instead of a plain shuffle (same batches on resume).
 
 AdamW with linear warm-up then cosine decay; gradient clipping. `--qlora` holds the base LLM's
 linear weights in bitsandbytes NF4 (4-bit) and trains the LoRA over them (QLoRA), which runs on CPU.
@@ -182,7 +185,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 class StudyData:
     """One split: tokenized reports (+EOS, truncated) and lazily cached pixels from the shared preprocess."""
 
-    def __init__(self, split, tokenizer, image_size: int, max_report_tokens: int):
+    def __init__(self, split, tokenizer, image_size: int, max_report_tokens: int, balance: float = 0.0):
         from emrrg.runtime.preprocess import preprocess_study
 
         self.split, self.size = split, image_size
@@ -194,6 +197,7 @@ class StudyData:
             ids = tokenizer(e["report"], add_special_tokens=False)["input_ids"] + [eos]
             self.ids.append(ids[:max_report_tokens])  # as upstream: report + EOS, then truncation
         self.lengths = np.array([len(i) for i in self.ids])
+        self.weights = balance_weights(split.examples, balance) if balance else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -204,15 +208,37 @@ class StudyData:
         return self._px[i]
 
     def plan(self, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
-        """Batches of one epoch: shuffled, grouped by length inside blocks of 16 batches (less padding)."""
+        """Batches of one epoch: shuffled, grouped by length inside blocks of 16 batches (less padding).
+
+        With balance weights (`--balance-labels`), the epoch's len(self) studies are drawn with replacement
+        in proportion to them instead of a permutation; the draw depends on (seed, epoch) only, so a
+        resumed run replays the same batches."""
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(self))
+        if self.weights is None:
+            order = rng.permutation(len(self))
+        else:
+            order = rng.choice(len(self), size=len(self), replace=True, p=self.weights)
         block = 16 * batch_size
         batches = []
         for k in range(0, len(order), block):
             chunk = sorted(order[k:k + block].tolist(), key=lambda i: (-self.lengths[i], i))
             batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def balance_weights(examples: Sequence[dict], power: float) -> np.ndarray:
+    """Sampling probabilities that raise rare findings: each study weighs freq(its rarest label) ** -power,
+    normalised to sum to 1. The labels are the drawn ones when every example has them, else the labeler's
+    on the report; a study with none counts as the class 'no finding'. power 0: uniform; 1: every rarest
+    class gets about the same share of the samples."""
+    if power < 0:
+        raise TrainError(f"--balance-labels {power}: give a power >= 0 (0: off, 0.5: square-root, 1: inverse frequency)")
+    y = label_targets(examples, "auto")[0] > 0.5                               # (n, K)
+    y = np.concatenate([y, ~y.any(1, keepdims=True)], axis=1)                 # + 'no finding'
+    freq = y.sum(0) / len(y)                                                  # (K + 1,)
+    rarest = np.where(y, freq[None, :], np.inf).min(1)                        # (n,)
+    w = rarest ** -power
+    return w / w.sum()
 
 
 def collate(data: StudyData, idx: Sequence[int]):
@@ -269,6 +295,9 @@ def use_scan(model, which: str) -> None:
 
 # ---- encoder label pre-training -----------------------------------------------------------------------
 
+PRETRAIN_LABELS = ("auto", "drawn", "report")
+
+
 def report_labels(reports: Sequence[str]) -> np.ndarray:
     """(n, 14) 0/1 CheXpert labels of the training reports from the rule-based labeler (uncertain -> 1)."""
     from emrrg.metrics.labeler import CHEXPERT_CLASSES, label_reports
@@ -276,20 +305,82 @@ def report_labels(reports: Sequence[str]) -> np.ndarray:
     return np.array([[lab[c] for c in CHEXPERT_CLASSES] for lab in label_reports(list(reports))], dtype=np.float32)
 
 
+def has_drawn_labels(examples: Sequence[dict]) -> bool:
+    """Does every example carry 'labels', the findings drawn on its image (emrrg.data.phantom writes them)?"""
+    return bool(examples) and all(isinstance(e.get("labels"), list) for e in examples)
+
+
+def drawn_labels(examples: Sequence[dict]) -> np.ndarray:
+    """(n, 11) 0/1: the findings drawn on each image (the example's 'labels'), in emrrg.data.phantom's FINDINGS order."""
+    from emrrg.data.phantom import FINDINGS
+
+    col = {f: j for j, f in enumerate(FINDINGS)}
+    y = np.zeros((len(examples), len(FINDINGS)), dtype=np.float32)
+    for i, e in enumerate(examples):
+        for f in e.get("labels") or ():
+            if f not in col:
+                raise TrainError(f"{e.get('id', i)}: drawn label {f!r} is not one of {', '.join(FINDINGS)}")
+            y[i, col[f]] = 1.0
+    return y
+
+
+def label_targets(examples: Sequence[dict], which: str = "auto") -> tuple[np.ndarray, str]:
+    """The pre-training targets and their source: 'drawn' (the images' own findings) or 'report' (the labeler
+    on the report text, which also names findings that are not drawn). auto: drawn when every example has them."""
+    if which not in PRETRAIN_LABELS:
+        raise TrainError(f"--pretrain-labels {which!r}: choose one of {', '.join(PRETRAIN_LABELS)}")
+    if which == "auto":
+        which = "drawn" if has_drawn_labels(examples) else "report"
+    if which == "drawn":
+        if not has_drawn_labels(examples):
+            raise TrainError("--pretrain-labels drawn: some examples have no 'labels' (drawn findings); "
+                             "use --pretrain-labels report")
+        return drawn_labels(examples), "drawn"
+    return report_labels([e["report"] for e in examples]), "report"
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
+    """ROC AUC of scores `s` for 0/1 `y` (Mann-Whitney, ties counted half); None when one class is absent."""
+    pos, neg = s[y > 0.5], s[y <= 0.5]
+    if not len(pos) or not len(neg):
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def label_head_metrics(y: np.ndarray, logits: np.ndarray) -> dict:
+    """BCE, macro AUC (over the labels with both classes present), element accuracy at p = 0.5 and the
+    fraction of studies whose whole label set is right, of a multi-label head's logits against `y`."""
+    import torch
+    import torch.nn.functional as F
+
+    bce = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
+    aucs = [a for a in (_auc(y[:, j], logits[:, j]) for j in range(y.shape[1])) if a is not None]
+    pred = logits > 0
+    return {"n": int(len(y)), "bce": bce, "auc_macro": float(np.mean(aucs)) if aucs else None,
+            "accuracy": float((pred == (y > 0.5)).mean()), "exact_sets": float((pred == (y > 0.5)).all(1).mean())}
+
+
 def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: float, seed: int,
-                     log=print) -> list[float]:
-    """Multi-label pre-training of the encoder on the training reports' CheXpert labels.
+                     log=print, labels: str = "auto", val: "StudyData | None" = None) -> dict:
+    """Multi-label pre-training of the encoder on the training studies' labels.
 
     Upstream starts from a MambaXray-VL encoder pre-trained on X-ray image-report pairs; without one (a
     fresh encoder, `--train-encoder full`), this gives the encoder visual features worth projecting
     before the LLM sees them. A linear head on the mean of the encoder's tokens, binary cross-entropy,
     AdamW with a cosine schedule; the head is dropped afterwards. Only the encoder's trainable
-    parameters move. Labels come from the reports alone, so any annotation.json works.
+    parameters move. The labels (`label_targets`) are the findings drawn on each image when the
+    annotation has them (phantoms), else the CheXpert labels of the report text, so any annotation.json
+    works. With `val`, the head is scored on it (BCE, macro AUC, accuracy) at every log point and at the end.
+
+    Returns {"labels": source, "bce": per-step train BCE, "val": the final val metrics or None, "val_curve": [...]}.
     """
     import torch
     import torch.nn.functional as F
 
-    y_all = torch.from_numpy(report_labels([e["report"] for e in data.split.examples]))     # (n, 14)
+    y_np, source = label_targets(data.split.examples, labels)
+    y_all = torch.from_numpy(y_np)                                           # (n, K)
+    y_val = label_targets(val.split.examples, source)[0] if val is not None and len(val) else None
     enc = model.visual_encoder
     params = [p for p in enc.parameters() if p.requires_grad]
     if not params:
@@ -304,12 +395,24 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, steps, 0.0))
     rng = np.random.default_rng([seed, 1234])
-    losses, t0 = [], time.perf_counter()
+
+    def score_val(step: int) -> dict:
+        enc.eval()
+        try:
+            with torch.no_grad():
+                out = [head(enc(torch.from_numpy(np.stack([val.pixels(i)[0] for i in range(k, min(k + 32, len(val)))])))
+                            .mean(1)) for k in range(0, len(val), 32)]
+        finally:
+            enc.train()
+        return {"step": step, **label_head_metrics(y_val, torch.cat(out).numpy())}
+
+    losses, curve, t0 = [], [], time.perf_counter()
+    log(f"encoder pre-training on the {source} labels ({y_all.shape[1]} classes, {len(data)} studies)")
     enc.train()
     for step in range(1, steps + 1):
         idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False).tolist()
         px = torch.from_numpy(np.stack([data.pixels(i)[0] for i in idx]))   # (b, 3, S, S), first view
-        logits = head(enc(px).mean(1))                                       # (b, 14)
+        logits = head(enc(px).mean(1))                                       # (b, K)
         loss = F.binary_cross_entropy_with_logits(logits, y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -318,9 +421,16 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
         sched.step()
         losses.append(float(loss.detach()))
         if step % max(1, steps // 10) == 0 or step == steps:
-            log(f"encoder pre-training {step}/{steps}: BCE {np.mean(losses[-max(1, steps // 10):]):.4f} "
-                f"({(time.perf_counter() - t0) / step:.2f} s/step)")
-    return losses
+            msg = (f"encoder pre-training {step}/{steps}: BCE {np.mean(losses[-max(1, steps // 10):]):.4f} "
+                   f"({(time.perf_counter() - t0) / step:.2f} s/step)")
+            if y_val is not None:
+                curve.append(score_val(step))
+                v = curve[-1]
+                auc = "n/a" if v["auc_macro"] is None else f"{v['auc_macro']:.3f}"
+                msg += (f"; val ({v['n']}): BCE {v['bce']:.4f}, macro AUC {auc}, accuracy {v['accuracy']:.3f}, "
+                        f"label sets exact {v['exact_sets']:.3f}")
+            log(msg)
+    return {"labels": source, "bce": losses, "val": curve[-1] if curve else None, "val_curve": curve}
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -507,7 +617,8 @@ def train(a, log=print) -> dict:
             val_split = load_split(a.data, "val", a.val_limit if a.val_limit and a.val_limit > 0 else None)
         except Exception:  # noqa: BLE001 - an annotation without val examples trains without validation
             val_split = None
-    data = StudyData(train_split, model.tokenizer, model.cfg.encoder.img_size, a.max_report_tokens)
+    data = StudyData(train_split, model.tokenizer, model.cfg.encoder.img_size, a.max_report_tokens,
+                     balance=getattr(a, "balance_labels", 0.0))  # runs saved before the flag have none
     saver = _Saver(model, a.qlora)  # before quantization: a twin (if any) keeps the f32 base
     if a.qlora:
         n4 = quantize_llm_4bit(model.llama_model)
@@ -538,11 +649,19 @@ def train(a, log=print) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"args": vars(a), "trainable": trainable}, indent=1) + "\n")
         if a.encoder_pretrain_steps:
-            bce = pretrain_encoder(model, data, a.encoder_pretrain_steps, a.encoder_pretrain_batch_size,
-                                   a.encoder_pretrain_lr or a.encoder_lr or a.lr, a.seed, log=log)
+            try:   # the whole val split scores the label head (it is cheap: one encoder pass per study)
+                pre_val = StudyData(load_split(a.data, "val"), model.tokenizer, model.cfg.encoder.img_size, 1)
+            except Exception:  # noqa: BLE001 - an annotation without val examples pre-trains without a score
+                pre_val = None
+            pre = pretrain_encoder(model, data, a.encoder_pretrain_steps, a.encoder_pretrain_batch_size,
+                                   a.encoder_pretrain_lr or a.encoder_lr or a.lr, a.seed, log=log,
+                                   labels=a.pretrain_labels, val=pre_val)
+            bce = pre["bce"]
             with open(run_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"encoder_pretrain": {"steps": len(bce), "bce_first": bce[0], "bce_last": bce[-1],
-                                                         "bce_last10pct_mean": float(np.mean(bce[-max(1, len(bce) // 10):]))}})
+                f.write(json.dumps({"encoder_pretrain": {"labels": pre["labels"], "steps": len(bce), "bce_first": bce[0],
+                                                         "bce_last": bce[-1],
+                                                         "bce_last10pct_mean": float(np.mean(bce[-max(1, len(bce) // 10):])),
+                                                         "val": pre["val"], "val_curve": pre["val_curve"]}})
                         + "\n")
         torch.manual_seed(a.seed)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -655,8 +774,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="lora: Partial LoRA only (upstream); full: the whole encoder (no pre-trained encoder)")
     m.add_argument("--qlora", action="store_true", help="base LLM in bitsandbytes NF4 (QLoRA)")
     m.add_argument("--encoder-pretrain-steps", type=int, default=0,
-                   help="before the LM loss: pre-train the encoder on the train reports' CheXpert labels (for an "
-                        "encoder without pre-trained weights; 0: off)")
+                   help="before the LM loss: pre-train the encoder on the train studies' labels (--pretrain-labels; "
+                        "for an encoder without pre-trained weights; 0: off)")
+    m.add_argument("--pretrain-labels", default="auto", choices=PRETRAIN_LABELS,
+                   help="targets of the encoder pre-training: drawn = the findings drawn on each image (the "
+                        "examples' 'labels', as emrrg.data.phantom writes them); report = the labeler's CheXpert "
+                        "labels of the report text; auto = drawn when every train example has them, else report")
     m.add_argument("--encoder-pretrain-batch-size", type=int, default=32, help="images per label pre-training step")
     m.add_argument("--encoder-pretrain-lr", type=float, default=None, help="(default: --encoder-lr)")
     o = p.add_argument_group("optimization")
@@ -669,6 +792,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (a fraction of the steps if < 1)")
     o.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of the peak")
     o.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    o.add_argument("--balance-labels", type=float, default=0.0,
+                   help="label-balanced sampling: each train study is drawn with weight freq(its rarest label) ** "
+                        "-POWER (drawn labels when present, else the report's; 0: off, the plain shuffle; 0.5: "
+                        "square-root; 1: inverse frequency)")
     o.add_argument("--max-report-tokens", type=int, default=128, help="report + EOS truncated to this many tokens")
     o.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the LLM (f32 master weights)")
     o.add_argument("--scan", default="fast", choices=("fast", "ref"), help="SelectiveScan for training")

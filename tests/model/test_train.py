@@ -33,6 +33,9 @@ RESUME_RTOL = 1e-5
 LOSS_DROP_NATS = 0.05
 # Encoder pre-training on 8 studies' labels, 80 steps: the BCE must fall by this much (observed ~0.10).
 PRETRAIN_BCE_DROP = 0.04
+# 200 epochs of 20 draws with replacement: the rare label's observed share vs its expected 1/3 (binomial
+# standard error sqrt(1/3 * 2/3 / 4000) = 0.0075; 4 standard errors).
+BALANCE_SHARE_ATOL = 0.03
 # The loss equals transformers' own LM loss with the prompt masked, up to f32 reduction order.
 LOSS_MATCH_ATOL = 1e-5
 
@@ -212,7 +215,7 @@ def test_lr_schedule():
 
 
 def test_encoder_pretraining_fits_report_labels(tiny_phantom):
-    """The optional encoder pre-training (CheXpert labels of the reports) lowers its BCE and moves only the encoder."""
+    """Encoder pre-training on the CheXpert labels of the reports lowers its BCE and moves only the encoder."""
     from emrrg.evaluate import load_split
     from emrrg.train import StudyData, mark_trainable, pretrain_encoder, report_labels, use_scan
 
@@ -223,11 +226,102 @@ def test_encoder_pretraining_fits_report_labels(tiny_phantom):
     y = report_labels([e["report"] for e in data.split.examples])
     assert y.shape == (8, 14) and set(np.unique(y)) <= {0.0, 1.0}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    bce = pretrain_encoder(model, data, steps=80, batch_size=4, lr=1e-2, seed=0, log=lambda m: None)
+    pre = pretrain_encoder(model, data, steps=80, batch_size=4, lr=1e-2, seed=0, log=lambda m: None, labels="report")
+    assert pre["labels"] == "report" and pre["val"] is None
+    bce = pre["bce"]
     print(f"BCE first 5 {np.mean(bce[:5]):.4f} last 5 {np.mean(bce[-5:]):.4f}")
     assert np.mean(bce[-5:]) < np.mean(bce[:5]) - PRETRAIN_BCE_DROP
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(n.startswith("visual_encoder.") for n in moved)
+
+
+def test_pretraining_labels_are_the_drawn_ones_when_the_annotation_has_them(tiny_phantom):
+    """auto picks the drawn findings when every example has 'labels', the report's labels otherwise."""
+    from emrrg.data.phantom import FINDINGS
+    from emrrg.evaluate import load_split
+    from emrrg.train import TrainError, label_targets
+
+    ex = load_split(tiny_phantom, "train").examples
+    y, source = label_targets(ex)
+    assert source == "drawn" and y.shape == (len(ex), len(FINDINGS))
+    for i, e in enumerate(ex):   # row i marks exactly the findings drawn on image i
+        assert {f for f, v in zip(FINDINGS, y[i]) if v} == set(e["labels"])
+    assert y.sum() > 0
+    stripped = [dict(e) for e in ex]
+    del stripped[3]["labels"]
+    assert label_targets(stripped)[1] == "report" and label_targets(stripped)[0].shape == (len(ex), 14)
+    with pytest.raises(TrainError, match="--pretrain-labels report"):
+        label_targets(stripped, "drawn")
+
+
+def test_pretraining_on_drawn_labels_scores_the_head_on_val(tiny_phantom, tmp_path):
+    """The CLI pre-trains on the drawn labels and logs the label head's val BCE / AUC / accuracy in log.jsonl."""
+    from emrrg.train import train_main
+
+    run = tmp_path / "run"
+    train_main(["--data", str(tiny_phantom), "-o", str(run), *TINY, "--steps", "1", "--batch-size", "2",
+                "--train-encoder", "full", "--encoder-pretrain-steps", "10", "--encoder-pretrain-batch-size", "4",
+                "--encoder-pretrain-lr", "1e-2"])
+    rec = [r["encoder_pretrain"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+           if "encoder_pretrain" in r]
+    assert len(rec) == 1 and rec[0]["labels"] == "drawn" and rec[0]["steps"] == 10
+    val = rec[0]["val"]
+    assert val["n"] == 2 and val["step"] == 10 and math.isfinite(val["bce"])
+    assert 0.0 <= val["accuracy"] <= 1.0 and 0.0 <= val["exact_sets"] <= 1.0
+    assert val["auc_macro"] is None or 0.0 <= val["auc_macro"] <= 1.0
+    assert [v["step"] for v in rec[0]["val_curve"]] == list(range(1, 11))   # every log point (steps // 10 = 1)
+
+
+def test_label_head_metrics_on_known_scores():
+    """AUC / accuracy / exact sets of hand-made logits (perfect, inverted, a constant label left out of the AUC)."""
+    from emrrg.train import label_head_metrics
+
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=np.float32)
+    perfect = label_head_metrics(y, (y * 8 - 4).astype(np.float32))
+    assert perfect["auc_macro"] == 1.0 and perfect["accuracy"] == 1.0 and perfect["exact_sets"] == 1.0
+    inverted = label_head_metrics(y, (4 - y * 8).astype(np.float32))
+    assert inverted["auc_macro"] == 0.0 and inverted["exact_sets"] == 0.0
+    assert inverted["bce"] > perfect["bce"]
+
+
+def _rare_share(examples, plans) -> float:
+    """The share of the pneumothorax studies among every study the epoch plans draw."""
+    rare = [i for i, e in enumerate(examples) if "pneumothorax" in e["labels"]]
+    drawn = [i for plan in plans for batch in plan for i in batch]
+    return sum(i in rare for i in drawn) / len(drawn)
+
+
+def test_balanced_sampling_raises_the_rare_labels_share():
+    """--balance-labels: a finding on 1 study in 20 gets a larger share of the epoch's samples, more with a
+    larger power; the epoch plan depends only on (seed, epoch) (what an exact resume needs)."""
+    from emrrg.train import StudyData, TrainError, balance_weights
+
+    class Split:   # StudyData needs only .examples to plan (pixels are not touched)
+        examples = ([{"report": "Small right pneumothorax.", "labels": ["pneumothorax"]}]
+                    + [{"report": "Cardiomegaly.", "labels": ["cardiomegaly"]}] * 15
+                    + [{"report": "Normal.", "labels": []}] * 4)
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1] * len(text.split())}
+
+    shares = {}
+    for power in (0.0, 0.5, 1.0):
+        data = StudyData(Split, Tok(), 64, 16, balance=power)
+        plans = [data.plan(epoch, 4, seed=0) for epoch in range(200)]
+        shares[power] = _rare_share(Split.examples, plans)
+        assert [data.plan(7, 4, seed=0)] == [plans[7]]   # replayable
+    print("pneumothorax share of the samples:", shares)
+    assert shares[0.0] == pytest.approx(1 / 20)           # a permutation: every study once per epoch
+    # inverse frequency: pneumothorax (1/20), cardiomegaly (15/20) and 'no finding' (4/20) get a third each
+    assert shares[1.0] == pytest.approx(1 / 3, abs=BALANCE_SHARE_ATOL)
+    assert shares[0.0] < shares[0.5] < shares[1.0]
+    w = balance_weights(Split.examples, 1.0)
+    assert w.sum() == pytest.approx(1.0) and w[0] == pytest.approx(15 * w[1])
+    with pytest.raises(TrainError, match="power >= 0"):
+        balance_weights(Split.examples, -1.0)
 
 
 # ---- the CLI: loss goes down, resume, atomic checkpoints ------------------------------------------------------
@@ -250,11 +344,12 @@ def test_loss_goes_down(tiny_phantom, tmp_path):
     assert not list(run.glob(".*"))  # no staging leftovers
 
 
-def test_resume_continues_with_same_step_and_loss(tiny_phantom, tmp_path, capsys):
+@pytest.mark.parametrize("balance", ["0", "1"])
+def test_resume_continues_with_same_step_and_loss(tiny_phantom, tmp_path, capsys, balance):
     from emrrg.train import train_main
 
     common = ["--data", str(tiny_phantom), *TINY, "--steps", "6", "--batch-size", "3", "--lr", "5e-3",
-              "--warmup", "1"]
+              "--warmup", "1", "--balance-labels", balance]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_main(["-o", str(straight), *common])
     train_main(["-o", str(stopped), *common, "--stop-after", "3"])
