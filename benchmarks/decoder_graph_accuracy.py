@@ -4,9 +4,10 @@ For each variant: the f32 PyTorch reference writes greedy continuations of `--pr
 (decoder_eval: EMRRG prompt + radlabels reports, 220 ids, 60 new tokens); each 4-bit encoding is built from
 the weights (decoder_builder.quantized_builder, as emrrg-export does) and scored teacher-forced (top-1, mean
 KL) and greedy, with the thresholds the export uses (quantize_decoder.TOP1_MIN / KL_MAX). The LoRA-merged
-variant (decoder_eval.merge_random_lora: rank 16 on q/v, ||dW|| / ||W|| = 0.15) also gets the activation-weighted
-refit, with statistics from separate calibration prompts. The demo variant is demo/checkpoint's SmolLM2 with its
-trained LoRA merged (what its bundle's decoder holds), scored the same way.
+variant (decoder_eval.random_lora: rank 16 on q/v, ||dW|| / ||W|| = 0.15) also gets the activation-weighted
+refit, with statistics from separate calibration prompts, and the rung that keeps the LoRA as a low-rank branch
+beside the 4-bit base weights (factors taken before the merge, as emrrg-export does). The demo variant is
+demo/checkpoint's SmolLM2 with its trained LoRA, scored the same way.
 
     .venv/bin/python benchmarks/decoder_graph_accuracy.py --variants shipped lora demo
     .venv/bin/python benchmarks/decoder_graph_accuracy.py --variants demo --keep-others   # one variant anew
@@ -34,34 +35,40 @@ VARIANTS = ("shipped", "lora", "demo")
 def run_variant(variant: str, work: Path, prompts: int) -> dict:
     from emrrg.config import decoder_config
     from emrrg.decoder import load_base_decoder
-    from emrrg.export.decoder_builder import ModuleWeights, _module_shape, build_decoder, on_block_grid, quantized_builder
-    from emrrg.export.decoder_eval import (DecoderEvaluator, TorchDecoder, build_reference, eval_prompts,
-                                           merge_random_lora, prefill_feeds)
+    from emrrg.export.decoder_builder import (ModuleWeights, _module_shape, build_decoder, lora_factors, on_block_grid,
+                                              quantized_builder)
+    from emrrg.export.decoder_eval import DecoderEvaluator, TorchDecoder, build_reference, eval_prompts, prefill_feeds, random_lora
     from emrrg.export.quantize_decoder import DEFAULT_LADDER, collect_activation_stats
 
     if variant == "demo":   # the demo checkpoint's SmolLM2 with its trained LoRA merged (what its bundle holds)
         from emrrg.checkpoint import load_checkpoint
 
         model = load_checkpoint(ROOT / "demo" / "checkpoint")
+        adapters = lora_factors(model.llama_model)
         model.merge_adapters()
         llm, tok = model.llama_model, model.tokenizer
     else:
         llm, tok = load_base_decoder(decoder_config("smollm2-135m"))
-    llm = (merge_random_lora(llm) if variant == "lora" else llm).eval()
+        adapters = {}
+        if variant == "lora":
+            llm = random_lora(llm)
+            adapters = lora_factors(llm)
+            llm = llm.merge_and_unload()
+    llm = llm.eval()
     src, shape = ModuleWeights(llm), _module_shape(llm)
     ref = build_reference(TorchDecoder(llm), eval_prompts(tok, n=prompts, prompt_tokens=220), 60)
     embed = src.get("model.embed_tokens.weight")
     # the ladder's first rungs (quantize_decoder.DEFAULT_LADDER), each scored even where the export skips it
     configs = [c for c in DEFAULT_LADDER if c.name in ("asym-b32-lm8", "asym-b32-awq-lm8", "affine-b32-lm8")]
     if variant in ("lora", "demo"):
-        configs.append(next(c for c in DEFAULT_LADDER if c.name == "affine-b32-awq-lm8"))
+        configs += [c for c in DEFAULT_LADDER if c.name == "affine-b32-awq-lm8" or c.separate_adapters]
     f32 = build_decoder(src, shape, work / "f32")
     stats = collect_activation_stats(f32.path, prefill_feeds(f32.spec, embed, eval_prompts(
         tok, n=2, prompt_tokens=220, first_report=300)))
     t0 = time.time()
     grid = on_block_grid(src, shape)
     print(variant, f"on a 4-bit block-32 grid: {grid} ({time.time() - t0:.1f} s)", flush=True)
-    quantize, rows = quantized_builder(src, shape), {"_on_grid": grid, "_grid_check_s": round(time.time() - t0, 1)}
+    quantize, rows = quantized_builder(src, shape, adapters=adapters), {"_on_grid": grid, "_grid_check_s": round(time.time() - t0, 1)}
     for cfg in configs:
         r = quantize(cfg, work / cfg.name, stats)
         t0 = time.time()

@@ -76,6 +76,28 @@ class WeightSource(Protocol):
     def has(self, name: str) -> bool: ...
 
 
+AdapterFactors = dict[str, tuple[np.ndarray, np.ndarray]]   # HF weight name -> (A (r, in), B * scaling (out, r))
+
+
+def lora_factors(llm) -> AdapterFactors:
+    """The peft LoRA factors of an LLM that still carries its adapters (take them before merging), keyed by the
+    merged model's weight names (model.layers.3.self_attn.q_proj.weight): merged W = W0 + B_scaled @ A."""
+    out: AdapterFactors = {}
+    for name, mod in llm.named_modules():
+        a = getattr(mod, "lora_A", None)
+        if not a or not hasattr(a, "keys"):
+            continue
+        if list(a.keys()) != ["default"] or getattr(mod, "fan_in_fan_out", False) or \
+                any(getattr(mod, "use_dora", {}).values()):
+            raise DecoderExportError(f"{name}: only one plain LoRA adapter ('default', no DoRA) can be kept "
+                                     f"separate; found {list(a.keys())}")
+        A = a["default"].weight.detach().float()
+        B = mod.lora_B["default"].weight.detach().float() * float(mod.scaling["default"])
+        key = name.removeprefix("base_model.model.") + ".weight"
+        out[key] = (A.numpy().copy(), B.numpy().copy())
+    return out
+
+
 class ModuleWeights:
     """Weights of an in-memory (merged) LlamaForCausalLM, one tensor at a time (f32 views, no copies)."""
 
@@ -230,8 +252,10 @@ class BuildResult:
 
 class _Graph:
     def __init__(self, writer: _TensorWriter, quant: QuantConfig | None, act_stats: dict | None,
-                 offset_graph: str = "fused"):
+                 offset_graph: str = "fused", adapters: "AdapterFactors | None" = None):
         self.w = writer
+        # LoRA factors kept as a branch beside the quantized weights (QuantConfig.separate_adapters)
+        self.adapters = adapters if (quant is not None and quant.separate_adapters and adapters) else {}
         self.nodes: list = []
         self.quant = quant
         self.act_stats = act_stats
@@ -264,18 +288,50 @@ class _Graph:
         return self.node(op, ins, 1, name, domain, **attrs)[0]
 
     # -- linear layers ---------------------------------------------------------------------------------------
-    def linear(self, x: str, w_kn: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
-        """x (..., K) @ W (K, N) [+ bias]: MatMul in f32, MatMulNBits when quantized (by `quant`'s plan)."""
+    def linear(self, x: str, w_kn: np.ndarray, name: str, bias: np.ndarray | None = None,
+               parts: Sequence[tuple[str, int]] = ()) -> str:
+        """x (..., K) @ W (K, N) [+ bias]: MatMul in f32, MatMulNBits when quantized (by `quant`'s plan).
+
+        parts: the HF weights packed side by side in W's columns, (weight name, columns) in order; those with
+        LoRA factors in `adapters` keep them as a low-rank f32 branch, the rest of W (the base) is quantized."""
         K, N = w_kn.shape
         bits = 32 if self.quant is None else _plan_bits(name, self.quant)
+        lora = self._lora_factors(parts, K, N) if bits != 32 else None
+        if lora is not None:
+            w_kn = w_kn - lora[0] @ lora[1]                   # the merged weight less the adapter: the base
         if bits == 32:
             y = self.one("MatMul", [x, self.w.add(np.ascontiguousarray(w_kn, np.float32), f"{name}.weight_t")], name)
             self.report.append({"name": name, "K": K, "N": N, "bits": 32, "rel_err": 0.0, "offset": None})
         else:
             y = self._nbits(x, w_kn, name, bits)
+        if lora is not None:
+            a, b = (self.w.add(m, f"{name}.lora_{k}") for m, k in zip(lora, ("a", "b")))
+            branch = self.one("MatMul", [self.one("MatMul", [x, a], f"{name}/lora_a"), b], f"{name}/lora_b")
+            y = self.one("Add", [y, branch], f"{name}/lora_add")
+            self.report[-1]["adapter_rank"] = int(lora[0].shape[1])
         if bias is not None:
             y = self.one("Add", [y, self.w.add(bias.astype(np.float32), f"{name}.bias")], f"{name}/bias")
         return y
+
+    def _lora_factors(self, parts: Sequence[tuple[str, int]], K: int, N: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(A (K, R), B (R, N)) with A @ B = the packed adapters' delta of W (K, N), or None without adapters:
+        each adapted part p contributes A_p^T (K, r_p) and B_p^T scaled (r_p, N_p) in its own columns."""
+        hit = [(w, n) for w, n in parts if w in self.adapters]
+        if not hit:
+            return None
+        R = sum(self.adapters[w][0].shape[0] for w, _ in hit)
+        a, b = np.zeros((K, R), np.float32), np.zeros((R, N), np.float32)
+        col = row = 0
+        for w, n in parts:
+            if w in self.adapters:
+                A, B = self.adapters[w]                     # (r, K), (n, r) with the LoRA scaling folded in
+                r = A.shape[0]
+                a[:, row:row + r], b[row:row + r, col:col + n] = A.T, B.T
+                row += r
+            col += n
+        if col != N:
+            raise DecoderExportError(f"packed parts cover {col} of {N} columns (a bug in decoder_builder)")
+        return a, b
 
     def _nbits(self, x: str, w_kn: np.ndarray, name: str, bits: int) -> str:
         cfg = self.quant
@@ -415,7 +471,7 @@ def _hybrid(g: _Graph, src: WeightSource, shape: LlamaShape, i: int, x: str, vis
 def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spec_extra: dict | None = None, *,
                   quant: QuantConfig | None = None, act_stats: dict[str, np.ndarray] | None = None,
                   all_logits: bool = False, name: str = DECODER_ONNX, offset_graph: str = "fused",
-                  verbose: bool = False) -> BuildResult:
+                  adapters: "AdapterFactors | None" = None, verbose: bool = False) -> BuildResult:
     """Write out_dir/<name> (+ <name>.data) from `src`, quantizing per `quant` (None: f32 MatMuls).
 
     spec_extra: token ids for the metadata (bos/eos/pad_token_id). act_stats: per weight-matmul name (the
@@ -426,6 +482,8 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
                   com.emrrg::BlockSumMatMulAdd node per projection (the op library's kernel, or its function body);
       "fused_f32" symmetric MatMulNBits + the f32 offsets m + 8s through the same node;
       "onnx"      symmetric MatMulNBits + block sums (MatMul with a 0/1 indicator) + MatMul + Add (f32).
+    adapters: the LLM's LoRA factors (lora_factors(), taken before the merge); used by configurations with
+    separate_adapters, which quantize merged - delta (the base) and add the low-rank branch.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -439,7 +497,7 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
                                 "quantized_builder(), which turns it into keep_8bit names")
     spec = builder_spec(shape, spec_extra)
     writer = _TensorWriter(path.with_name(path.name + ".data"))
-    g = _Graph(writer, quant, act_stats, offset_graph)
+    g = _Graph(writer, quant, act_stats, offset_graph, adapters)
     P = shape.prefix
     H, I = shape.hidden, shape.intermediate
     try:
@@ -466,8 +524,11 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
                 x, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, ln],
                                            [f"{L}input_layernorm/out", "", "", f"{L}residual_in"],
                                            L + "input_layernorm", MS_DOMAIN, epsilon=eps)
-            w_qkv = np.concatenate([src.get(L + f"self_attn.{p}_proj.weight") for p in ("q", "k", "v")], axis=0).T
-            qkv = g.linear(x, w_qkv, L + "self_attn.qkv_proj")
+            qkv_names = [L + f"self_attn.{p}_proj.weight" for p in ("q", "k", "v")]
+            ws = [src.get(n) for n in qkv_names]
+            w_qkv, qkv_parts = np.concatenate(ws, axis=0).T, [(n, w.shape[0]) for n, w in zip(qkv_names, ws)]
+            del ws
+            qkv = g.linear(x, w_qkv, L + "self_attn.qkv_proj", parts=qkv_parts)
             del w_qkv
             attn, _, _ = g.node("GroupQueryAttention",
                                 [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
@@ -475,7 +536,8 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
                                 [f"{L}self_attn/out", f"present.{i}.key", f"present.{i}.value"], L + "self_attn",
                                 MS_DOMAIN, num_heads=shape.heads, kv_num_heads=shape.kv_heads, do_rotary=1,
                                 rotary_interleaved=0, scale=float(shape.head_dim ** -0.5))
-            o = g.linear(attn, src.get(L + "self_attn.o_proj.weight").T, L + "self_attn.o_proj")
+            o_name = L + "self_attn.o_proj.weight"
+            o = g.linear(attn, src.get(o_name).T, L + "self_attn.o_proj", parts=[(o_name, H)])
             if i in shape.hybrid:
                 o = g.one("Add", [o, _hybrid(g, src, shape, i, x, f"visual_kv.{i}.key", f"visual_kv.{i}.value")],
                           L + "cross_attn/add")
@@ -483,14 +545,16 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
             x2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, ln2],
                                         [f"{L}post_attention_layernorm/out", "", "", f"{L}residual_mid"],
                                         L + "post_attention_layernorm", MS_DOMAIN, epsilon=eps)
-            w_gu = np.concatenate([src.get(L + "mlp.gate_proj.weight"), src.get(L + "mlp.up_proj.weight")], axis=0).T
-            gu = g.linear(x2, w_gu, L + "mlp.gate_up_proj")
+            gu_names = [L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"]
+            w_gu = np.concatenate([src.get(n) for n in gu_names], axis=0).T
+            gu = g.linear(x2, w_gu, L + "mlp.gate_up_proj", parts=[(n, I) for n in gu_names])
             del w_gu
             gate, up = g.node("Split", [gu, g.const(np.array([I, I], np.int64), L + "mlp.split")], 2, L + "mlp/split",
                               axis=-1)
             act = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate], L + "mlp/sigmoid")], L + "mlp/silu"), up],
                         L + "mlp/gated")
-            mlp_out = g.linear(act, src.get(L + "mlp.down_proj.weight").T, L + "mlp.down_proj")
+            down = L + "mlp.down_proj.weight"
+            mlp_out = g.linear(act, src.get(down).T, L + "mlp.down_proj", parts=[(down, H)])
         norm = g.w.add(src.get(P + "norm.weight"), P + "norm.weight")
         final, _, _, _ = g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, norm],
                                 [FINAL_HIDDEN, "", "", ""], P + "norm", MS_DOMAIN, epsilon=eps)
@@ -716,10 +780,11 @@ def grid_skipper(src: WeightSource, shape: LlamaShape) -> Callable[[QuantConfig,
     return skip
 
 
-def quantized_builder(src: WeightSource, shape: LlamaShape, spec_extra: dict | None = None
-                      ) -> Callable[..., "object"]:
+def quantized_builder(src: WeightSource, shape: LlamaShape, spec_extra: dict | None = None,
+                      adapters: AdapterFactors | None = None) -> Callable[..., "object"]:
     """quantize(config, out_dir, act_stats) for choose_decoder_config: builds the quantized decoder from the
-    weights (worst_k_8bit resolved by a first pass over the per-matmul errors)."""
+    weights (worst_k_8bit resolved by a first pass over the per-matmul errors). adapters: the LLM's LoRA
+    factors (lora_factors()), for the rungs that keep them separate; without them those rungs are skipped."""
     from emrrg.export.quantize_decoder import QuantizeResult, onnx_bytes
 
     def quantize(cfg: QuantConfig, out_dir: Path, act_stats: dict | None = None) -> QuantizeResult:
@@ -731,12 +796,19 @@ def quantized_builder(src: WeightSource, shape: LlamaShape, spec_extra: dict | N
             worst = sorted((k for k, (b, _) in errs.items() if b == cfg.bits), key=lambda k: -errs[k][1])
             from dataclasses import replace
             plan = replace(cfg, worst_k_8bit=0, keep_8bit=tuple(cfg.keep_8bit) + tuple(worst[:cfg.worst_k_8bit]))
-        res = build_decoder(src, shape, out_dir, spec_extra, quant=plan, act_stats=act_stats)
+        res = build_decoder(src, shape, out_dir, spec_extra, quant=plan, act_stats=act_stats, adapters=adapters)
         f32_bytes = sum(r["K"] * r["N"] * 4 for r in res.nodes)
         return QuantizeResult(path=res.path, config=cfg, bytes=onnx_bytes(res.path), f32_bytes=f32_bytes,
                               nodes=res.nodes, seconds=time.time() - t0)
 
-    quantize.skip = grid_skipper(src, shape)
+    grid = grid_skipper(src, shape)
+
+    def skip(cfg: QuantConfig, later: Sequence[QuantConfig]) -> str | None:
+        if cfg.separate_adapters and not adapters:
+            return "no LLM LoRA adapters to keep separate (the checkpoint has none)"
+        return grid(cfg, later)
+
+    quantize.skip = skip
     return quantize
 
 

@@ -321,12 +321,12 @@ def prefill_feeds(spec, embed: np.ndarray, prompts: Sequence[Sequence[int]]) -> 
     return feeds
 
 
-def merge_random_lora(llm, rank: int = 16, rel_norm: float = 0.15, targets: Sequence[str] = ("q_proj", "v_proj"),
-                      seed: int = 0):
-    """Merge a random peft LoRA (rank `rank`) into `targets` so each merged weight moves by
+def random_lora(llm, rank: int = 16, rel_norm: float = 0.15, targets: Sequence[str] = ("q_proj", "v_proj"),
+                seed: int = 0):
+    """A random peft LoRA (rank `rank`) on `targets`, scaled so merging it moves each weight by
     ||dW|| / ||W|| = rel_norm. Stands in for a fine-tuned decoder: its merged q/v weights leave any
     grid the base weights sat on (SmolLM2's Q4_1), which is what a 4-bit re-quantization then faces.
-    Returns the merged LlamaForCausalLM (peft is imported here; not for the runtime).
+    Returns the peft model, not merged (peft is imported here; not for the runtime).
     """
     import torch
 
@@ -344,4 +344,10 @@ def merge_random_lora(llm, rank: int = 16, rel_norm: float = 0.15, targets: Sequ
             B.copy_(torch.randn(B.shape, generator=g))
             delta = (B @ A) * mod.scaling["default"]
             B.mul_(rel_norm * mod.base_layer.weight.norm() / delta.norm())
-    return peft_model.merge_and_unload()
+    return peft_model
+
+
+def merge_random_lora(llm, rank: int = 16, rel_norm: float = 0.15, targets: Sequence[str] = ("q_proj", "v_proj"),
+                      seed: int = 0):
+    """random_lora(...) merged: the LlamaForCausalLM a fine-tune with that LoRA exports."""
+    return random_lora(llm, rank, rel_norm, targets, seed).merge_and_unload()

@@ -96,6 +96,8 @@ EXTRA_OPTIONS: tuple[Option, ...] = (
            "MatMulNBits compute, 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations", choices=ACCURACY_LEVELS),
     Option("refine", "decoder", int, _qc("refine"), "candidate grids refitted per block, method=affine only (0 = plain rounding)",
            bounds=(0, MAX_REFINE)),
+    Option("separate_adapters", "decoder", bool, _qc("separate_adapters"), "keep the LLM's LoRA as a low-rank f32 "
+           "branch beside the 4-bit base weights instead of merging it into them (built graph)"),
     Option("eval_prompts", "decoder", int, 4, "prompts the 4-bit candidates are scored on", bounds=(1, MAX_EVAL_PROMPTS),
            pins=False),
     Option("eval_tokens", "decoder", int, 60, "reference tokens scored per prompt", bounds=(1, MAX_EVAL_TOKENS), pins=False),

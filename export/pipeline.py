@@ -145,6 +145,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             bar.start(steps[1])
             probe = torch.from_numpy(px_all[: min(2, len(px_all))])
             before = model.encode_images(probe)
+            # the LLM's LoRA factors, for the 4-bit rung that keeps them beside the quantized base weights
+            from emrrg.export.decoder_builder import lora_factors
+            adapters = lora_factors(model.llama_model) if opts.llm_bits == 4 and reference == "f32" else {}
             merged = model.merge_adapters()
             after = model.encode_images(probe)
             merge_diff = float((before - after).abs().max())
@@ -195,7 +198,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             if opts.llm_bits == 4:
                 bar.start("4-bit decoder")
                 dec_dir, dec_choice = _quantize_decoder(model, ref_tokens["calibration"][:1], dec, work, opts,
-                                                        streamed=reference == "streamed" and checkpoint)
+                                                        streamed=reference == "streamed" and checkpoint,
+                                                        adapters=adapters)
                 dec_precision = "int4"
                 val["decoder_4bit"] = dec_choice
                 bar.done()
@@ -318,7 +322,7 @@ def _ladder(values: dict):
     if not pins:
         return DEFAULT_LADDER
     method = values.get("method") or ("sym" if value(values, "symmetric") else value(values, "method"))
-    kw = {k: value(values, k) for k in ("block_size", "lm_head_bits", "accuracy_level", "refine")}
+    kw = {k: value(values, k) for k in ("block_size", "lm_head_bits", "accuracy_level", "refine", "separate_adapters")}
     name = "user-" + "-".join(f"{k}{v}" for k, v in sorted(pins.items()))
     return (QuantConfig(name, method=method, **kw),)
 
@@ -391,11 +395,12 @@ def _streamed_decoder(model, checkpoint, out: Path):
 
 
 def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOptions,
-                      streamed: str | Path | bool = False) -> tuple[Path, dict]:
+                      streamed: str | Path | bool = False, adapters: dict | None = None) -> tuple[Path, dict]:
     """4-bit decoder through the accuracy-aware chooser, scored teacher-forced against the f32 PyTorch LLM
     on real report text after the EMRRG prompt (export/decoder_eval.py). streamed (the checkpoint): the f32
     reference and the activation statistics come from export/streamed_reference.py, the candidates are built
-    from the safetensors."""
+    from the safetensors. adapters: the LLM's LoRA factors taken before the merge (decoder_builder.lora_factors),
+    for the ladder's rung that keeps them separate."""
     import torch
 
     from emrrg.export.decoder_eval import DecoderEvaluator, TorchDecoder, build_reference, eval_prompts, prefill_feeds
@@ -428,7 +433,7 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
         ladder = ladder if ladder is not qd.DEFAULT_LADDER else BUILT_LADDER
         quantize = quantized_builder(ModuleWeights(model.llama_model),
                                      _module_shape(model.llama_model, min_positions=decoder_positions(model)),
-                                     token_ids(dec.spec))
+                                     token_ids(dec.spec), adapters=adapters)
     return _choose(dec.decoder, work, DecoderEvaluator(reference, embed, visual_kv=visual_kv or None), ladder, stats,
                    opts, quantize)
 

@@ -96,6 +96,8 @@ class QuantConfig:
                                     # asym: candidate clipping ranges per block (AWQ's clip search)
     act_weighted: bool = False      # weight the refit by per-channel E[x^2] (needs activation stats)
     worst_k_8bit: int = 0           # chooser: the k most sensitive MatMuls (by weighted error) to 8 bits
+    separate_adapters: bool = False # built graph: the LLM's LoRA stays a low-rank f32 branch (x A^T) B^T beside
+                                    # the 4-bit base weights instead of being merged into them (decoder_builder)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -573,18 +575,24 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, config: QuantCon
 #     BlockSumMatMulAdd); float zero points would run 5-10x slower on ORT CPU.
 #  3. + activation-weighted least-squares refit of every block (AWQ-like, no extra bytes): recovers most of
 #     what a merged LoRA costs.
-#  4. + the 16 MatMuls with the largest weighted error at 8 bits.
-#  5. + 64 of them at 8 bits (every q/v projection of a 30-layer model with a q/v LoRA).
-#  6. lm_head kept f32 as well.
-#  7. everything at 8 bits: the fallback that any decoder we have seen passes.
+#  4. the LLM's LoRA kept beside the 4-bit weights, not merged into them (built graph only): the base weights
+#     re-encode exactly (affine, on their grid) and each adapted projection gets a rank-r f32 branch
+#     (x A^T) B^T, two small MatMuls (~3% of a SmolLM2 layer's multiply-adds at rank 8 on q/v). Exact where a
+#     trained LoRA has moved the merged weights too far off the grid for rung 3 (the demo checkpoint).
+#  5. + the 16 MatMuls with the largest weighted error at 8 bits.
+#  6. + 64 of them at 8 bits (every q/v projection of a 30-layer model with a q/v LoRA).
+#  7. lm_head kept f32 as well.
+#  8. everything at 8 bits: the fallback that any decoder we have seen passes.
 # The rungs marked awq need activation statistics (calibration prompts); without them they run unweighted.
 # A quantizer may skip a rung without building or scoring it (`quantize.skip`, see choose_decoder_config):
-# decoder_builder.quantized_builder skips 0-1 for weights already on a 4-bit block grid.
+# decoder_builder.quantized_builder skips 0-1 for weights already on a 4-bit block grid, and 4 when the
+# checkpoint has no LLM adapters.
 DEFAULT_LADDER: tuple[QuantConfig, ...] = (
     QuantConfig("asym-b32-lm8", method="asym"),
     QuantConfig("asym-b32-awq-lm8", method="asym", refine=6, act_weighted=True),
     QuantConfig("affine-b32-lm8"),
     QuantConfig("affine-b32-awq-lm8", refine=9, act_weighted=True),
+    QuantConfig("affine-b32-lora-lm8", separate_adapters=True),
     QuantConfig("affine-b32-awq-lm8-w16", refine=9, act_weighted=True, worst_k_8bit=16),
     QuantConfig("affine-b32-awq-lm8-w64", refine=9, act_weighted=True, worst_k_8bit=64),
     QuantConfig("affine-b32-awq-lm32-w64", refine=9, act_weighted=True, worst_k_8bit=64, lm_head_bits=32),
@@ -635,6 +643,8 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
     for k, cfg in enumerate(ladder):
         note = None
         reason = skip(cfg, ladder[k + 1:]) if skip is not None else None
+        if cfg.separate_adapters and skip is None:
+            reason = "only the decoder built from the weights keeps LoRA adapters separate (decoder_graph=built)"
         if reason:
             attempts.append({"name": cfg.name, "config": cfg.to_dict(), "top1": None, "kl_mean": None,
                              "passed": False, "skipped": reason})

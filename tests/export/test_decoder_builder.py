@@ -9,6 +9,9 @@ Tolerances:
   the rest r = m + s*z (<= s/4096 per weight; measured ~1e-5 on logits of magnitude ~1); a correction wired
   to the wrong slice of a packed projection moves them >= 1e-2.
 - TINY_TOP1_MIN (from test_decoder_export): teacher-forced top-1 of a 4-bit tiny decoder.
+- ATOL_GRID_LOGITS also bounds the separate-adapter rung: the base (merged - B A) is the grid weight up to f32
+  rounding of the subtraction, and the low-rank branch runs in f32; merging the same LoRA into the 4-bit
+  weights instead re-rounds q/v and moves the logits by > 10x that.
 """
 from types import SimpleNamespace
 
@@ -20,8 +23,9 @@ import torch
 from emrrg.decoder import add_hybrid_layers
 from emrrg.export.decoder_builder import (BUILT_LADDER, BuilderUnsupported, LlamaShape, ModuleWeights,
                                           SafetensorsWeights, _module_shape, build_decoder, export_decoder_built,
-                                          quantized_builder, with_all_logits)
-from emrrg.export.decoder_eval import DecoderEvaluator, OrtScorer, TorchDecoder, build_reference, eval_prompts
+                                          lora_factors, quantized_builder, with_all_logits)
+from emrrg.export.decoder_eval import (DecoderEvaluator, OrtScorer, TorchDecoder, build_reference, eval_prompts,
+                                       random_lora)
 from emrrg.export.decoder_onnx import ort_session
 from emrrg.export.quantize_decoder import QuantConfig, quantize_weight
 from emrrg.runtime.decoder_shared import SharedCacheDecoder
@@ -171,6 +175,42 @@ def test_affine_grid_weights_reencode_exactly_through_the_built_graph(tmp_path):
     c = OrtScorer(build_decoder(src, shape, tmp_path / "asym", quant=QuantConfig("asym", method="asym",
                                                                                  accuracy_level=0)).path, embed)
     assert np.abs(c.run(embed[ids], None)[0] - a).max() > 10 * ATOL_GRID_LOGITS
+
+
+def test_separate_adapters_keep_a_lora_exact_over_grid_weights(tmp_path):
+    """A LoRA trained over grid weights (the demo checkpoint: SmolLM2 on its Q4_1 grid + q/v LoRA): merged, its
+    q/v leave the grid and every 4-bit encoding re-rounds them; kept as a rank-r branch beside the re-encoded base
+    (QuantConfig.separate_adapters), the 4-bit graph equals the f32 merged graph."""
+    llm, _ = tiny_llm(seed=5)
+    _snap_to_grid(llm)
+    peft_llm = random_lora(llm, rank=4, rel_norm=0.15, seed=1)
+    factors = lora_factors(peft_llm)
+    layers = len(peft_llm.base_model.model.model.layers)
+    assert sorted(factors) == sorted(f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(layers) for p in "qv")
+    merged = peft_llm.merge_and_unload()
+    src, shape = ModuleWeights(merged), _module_shape(merged)
+    A, B = factors["model.layers.0.self_attn.q_proj.weight"]
+    w0 = src.get("model.layers.0.self_attn.q_proj.weight") - B @ A               # the base weight: on the grid again
+    np.testing.assert_allclose(quantize_weight(w0.T, 4, 32, "affine").dequantized.T, w0, atol=1e-6)
+    f32 = build_decoder(src, shape, tmp_path / "f32")
+    kw = dict(accuracy_level=0, lm_head_bits=4)
+    sep = build_decoder(src, shape, tmp_path / "sep", quant=QuantConfig("sep", separate_adapters=True, **kw),
+                        adapters=factors)
+    plain = build_decoder(src, shape, tmp_path / "plain", quant=QuantConfig("plain", **kw), adapters=factors)
+    ops = [n.op_type for n in onnx.load(str(sep.path), load_external_data=False).graph.node]
+    assert ops.count("MatMul") == 2 * layers and ops.count("Add") == layers     # one branch per packed qkv
+    assert [r.get("adapter_rank") for r in sep.nodes if "qkv" in r["name"]] == [8] * layers   # q's 4 + v's 4
+    assert "MatMul" not in [n.op_type for n in onnx.load(str(plain.path), load_external_data=False).graph.node]
+    embed = src.get("model.embed_tokens.weight")
+    ids = np.random.default_rng(2).integers(4, 512, size=(1, 12))
+    a = OrtScorer(f32.path, embed).run(embed[ids], None)[0]
+    assert report("4-bit base + separate LoRA vs f32 merged", OrtScorer(sep.path, embed).run(embed[ids], None)[0],
+                  a) <= ATOL_GRID_LOGITS
+    assert np.abs(OrtScorer(plain.path, embed).run(embed[ids], None)[0] - a).max() > 10 * ATOL_GRID_LOGITS
+    # the ladder skips the rung when there is nothing to keep separate
+    rung = next(c for c in BUILT_LADDER if c.separate_adapters)
+    assert "no LLM LoRA" in quantized_builder(src, shape).skip(rung, [])
+    assert quantized_builder(src, shape, adapters=factors).skip(rung, []) is None
 
 
 def test_affine_block_larger_than_k(tmp_path):

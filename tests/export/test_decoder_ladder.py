@@ -13,6 +13,10 @@ from tests.export.test_decoder_export import ScriptedEvaluator, tiny_llm
 
 def test_ladder_order():
     methods = [(c.method, c.bits, c.act_weighted) for c in DEFAULT_LADDER]
+    sep = [k for k, c in enumerate(DEFAULT_LADDER) if c.separate_adapters]
+    # the separate-LoRA rung: after the merged affine rungs (no extra MatMuls), before any 8-bit weights
+    assert len(sep) == 1 and DEFAULT_LADDER[sep[0] - 1].name == "affine-b32-awq-lm8"
+    assert all(c.worst_k_8bit == 0 and c.bits == 4 for c in DEFAULT_LADDER[:sep[0] + 1])
     assert methods[:3] == [("asym", 4, False), ("asym", 4, True), ("affine", 4, False)]
     assert all(m == "affine" for m, b, _ in methods[2:-1]) and methods[-1][1] == 8      # int8 is the last resort
     assert {c.lm_head_bits for c in DEFAULT_LADDER} == {8, 32} and BUILT_LADDER is DEFAULT_LADDER
@@ -33,7 +37,8 @@ def test_grid_weights_skip_the_asym_rungs(tmp_path):
     llm, _ = tiny_llm(seed=6)
     assert not on_block_grid(ModuleWeights(llm), _module_shape(llm))
     fresh = quantized_builder(ModuleWeights(llm), _module_shape(llm)).skip
-    assert all(fresh(c, DEFAULT_LADDER[k + 1:]) is None for k, c in enumerate(DEFAULT_LADDER))
+    assert all(fresh(c, DEFAULT_LADDER[k + 1:]) is None for k, c in enumerate(DEFAULT_LADDER)
+               if not c.separate_adapters)                      # that one is skipped without adapters (below)
     _snap_to_grid(llm)
     src, shape = ModuleWeights(llm), _module_shape(llm)
     assert on_block_grid(src, shape)
@@ -45,3 +50,14 @@ def test_grid_weights_skip_the_asym_rungs(tmp_path):
     assert ev.calls == ["affine-b32-lm8"]                                               # nothing built or scored before
     assert [a.get("skipped") is not None for a in choice.attempts] == [True, True, False]
     assert choice.config.name == "affine-b32-lm8" and choice.passed
+
+
+def test_separate_adapter_rung_is_skipped_without_adapters(tmp_path):
+    """No LLM adapters: the rung would equal the merged affine one, so it is neither built nor scored."""
+    llm, _ = tiny_llm(seed=7)
+    rung = next(c for c in DEFAULT_LADDER if c.separate_adapters)
+    ladder = (rung, QuantConfig("affine-b32-lm8"))
+    ev = ScriptedEvaluator({"affine-b32-lm8": (0.97, 0.01)})
+    choice = choose_decoder_config(None, tmp_path / "a", ev, ladder=ladder, verbose=False,
+                                   quantize=quantized_builder(ModuleWeights(llm), _module_shape(llm)))
+    assert ev.calls == ["affine-b32-lm8"] and "no LLM LoRA" in choice.attempts[0]["skipped"]

@@ -215,6 +215,27 @@ def test_int8_and_4bit_bundle_runs(tiny_checkpoint, tiny_bundle, tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["tokens"] == 6
 
 
+def test_4bit_decoder_with_separate_llm_adapters(tiny_checkpoint, tmp_path, capsys):
+    """--extra-options separate_adapters=true: the checkpoint's q/v LoRA factors, taken before the merge, become a
+    low-rank branch beside each 4-bit packed qkv projection; the manifest names the choice and the runtime runs it."""
+    import onnx
+
+    from emrrg.assets import chest_dicom
+    from emrrg.runtime.cli import run_main
+
+    out = tmp_path / "b"
+    export_main([str(tiny_checkpoint), "-o", str(out), "--llm-bits", "4", "--no-progress",
+                 "--extra-options", "separate_adapters=true"])
+    m = verify_bundle(out)
+    (attempt,) = m["validation"]["decoder_4bit"]["attempts"]
+    assert attempt["config"]["separate_adapters"] is True
+    nodes = [n.name for n in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node]
+    assert sum(n.endswith("self_attn.qkv_proj/lora_add") for n in nodes) == 2            # both layers of tiny-llama
+    capsys.readouterr()
+    run_main([str(out), str(chest_dicom()), "--max-new-tokens", "4", "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] == 4
+
+
 def test_int8_encoder_ladder_keeps_the_best_or_fails_strict(tiny_checkpoint, tmp_path, monkeypatch):
     """With thresholds no INT8 graph can meet, every rung of the encoder ladder is tried and recorded; the
     export keeps the best (passed=False, a warning) -- or, with --strict, stops and leaves nothing."""
