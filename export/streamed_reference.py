@@ -8,8 +8,9 @@ SmolLM2 that reference is the whole LlamaForCausalLM in f32; the paper's 7B woul
   a plain read at the tensor's offset, bf16 widened to f32 exactly), one layer at a time (~0.8 GB for 7B);
 * all scoring prompts advance together (one batch), so a reference of n_new greedy tokens costs n_new passes
   over the weights: a prefill, then one step per token with a per-layer KV cache;
-* the arithmetic is the transformers Llama forward in f32 (RMSNorm, plain RoPE, grouped-query attention, SiLU
-  MLP); tests/export/test_streamed_reference.py holds it to LlamaForCausalLM within STREAMED_MAX_ABS.
+* the arithmetic is transformers' own (one LlamaDecoderLayer whose weights are swapped per layer, its rotary
+  embedding and RMSNorm, a DynamicCache), in f32; tests/export/test_streamed_reference.py holds it to
+  LlamaForCausalLM within STREAMED_MAX_ABS.
 
 The logits of the scored positions come from the cached steps, not from a second teacher-forced pass: the
 same numbers up to f32 summation order.
@@ -69,49 +70,57 @@ def choose_reference(ckpt: str | Path, cfg, requested: str) -> tuple[str, str]:
                         f"f32 streamed layer by layer from safetensors ({fits}, decoder_reference=streamed)")
 
 
-def _rotate_half(x):
-    import torch
-
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-
-
 class StreamedLlama:
-    """A Llama decoder's f32 forward with one layer's weights in memory at a time (see the module docstring)."""
+    """A Llama decoder's f32 forward with one layer's weights in memory at a time (see the module docstring).
+
+    The arithmetic is transformers' own: one LlamaDecoderLayer whose weights are swapped in per layer (built on the
+    meta device, so no weights are allocated beside the streamed ones), its rotary embedding and final RMSNorm, and
+    a DynamicCache that holds every layer's K/V."""
 
     def __init__(self, files: Sequence[str | Path], config):
+        import copy
+
         import torch
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
         from emrrg.export.decoder_builder import LlamaShape, SafetensorsWeights
 
         self.src = SafetensorsWeights(files)
         self.shape = LlamaShape.from_config(config)         # refuses what the builder does not write either
         s = self.shape
-        self.embed = torch.from_numpy(self.src.get(s.prefix + "embed_tokens.weight"))
+        cfg = copy.deepcopy(config)
+        cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.layer = LlamaDecoderLayer(cfg, layer_idx=0).eval()
+        self.layer_keys = list(self.layer.state_dict())
+        self.rotary = LlamaRotaryEmbedding(cfg)
+        self.norm = LlamaRMSNorm(s.hidden, eps=s.rms_eps)
+        self.norm.load_state_dict({"weight": self._w(s.prefix + "norm.weight")})
+        self.embed = self._w(s.prefix + "embed_tokens.weight")
         self.head = "lm_head.weight" if self.src.has("lm_head.weight") and not s.tie_embeddings else \
             s.prefix + "embed_tokens.weight"
-        self.inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.int64).float() / s.head_dim))
 
     def _w(self, name: str):
         import torch
 
         return torch.from_numpy(self.src.get(name))
 
-    def _norm(self, x, w):
-        import torch
+    def _load_layer(self, i: int):
+        L = f"{self.shape.prefix}layers.{i}."
+        self.layer.load_state_dict({k: self._w(L + k) for k in self.layer_keys}, assign=True)
+        self.layer.self_attn.layer_idx = i                  # where the shared DynamicCache keeps this layer's K/V
+        return L
 
-        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.shape.rms_eps))
-
-    def forward(self, ids, cache: list, start: int, all_positions: bool = False, stats: dict | None = None):
+    def forward(self, ids, cache, start: int, all_positions: bool = False, stats: dict | None = None):
         """ids (B, T) at positions start..start+T-1 -> logits (B, V) of the last position ((B, T, V) with
-        all_positions). cache: one [k, v] (or None) per layer, extended in place. stats: name -> [sum x^2, n]
-        of every weight matmul's input, in the builder's names (for activation-weighted refits)."""
+        all_positions). cache: a transformers DynamicCache, extended in place. stats: name -> [sum x^2, n] of every
+        weight matmul's input, in the builder's names (for activation-weighted refits)."""
         import torch
-        import torch.nn.functional as F
 
-        s = self.shape
+        from emrrg.export.quantize_decoder import LM_HEAD
+
         B, T = ids.shape
-        P = s.prefix
+        total = start + T
 
         def note(name, x):
             if stats is not None:
@@ -119,47 +128,41 @@ class StreamedLlama:
                 acc = stats.setdefault(name, [0.0, 0])
                 acc[0], acc[1] = acc[0] + x2, acc[1] + x.shape[0] * x.shape[1]
 
-        pos = torch.arange(start, start + T, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        total = start + T
-        allowed = torch.arange(total)[None, :] <= (start + torch.arange(T))[:, None]     # causal, with the cache
+        pos = torch.arange(start, total)[None].expand(B, T)
         x = self.embed[ids]
-        for i in range(s.layers):
-            L = f"{P}layers.{i}."
-            h = self._norm(x, self._w(L + "input_layernorm.weight"))
-            note(L + "self_attn.qkv_proj", h)
-            q = (h @ self._w(L + "self_attn.q_proj.weight").T).view(B, T, s.heads, s.head_dim).transpose(1, 2)
-            k = (h @ self._w(L + "self_attn.k_proj.weight").T).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
-            v = (h @ self._w(L + "self_attn.v_proj.weight").T).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            if cache[i] is not None:
-                k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
-            cache[i] = [k, v]
-            rep = s.heads // s.kv_heads
-            a = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
-                                               attn_mask=allowed, scale=s.head_dim ** -0.5)
-            a = a.transpose(1, 2).reshape(B, T, s.heads * s.head_dim)
-            note(L + "self_attn.o_proj", a)
-            x = x + a @ self._w(L + "self_attn.o_proj.weight").T
-            h = self._norm(x, self._w(L + "post_attention_layernorm.weight"))
-            note(L + "mlp.gate_up_proj", h)
-            act = F.silu(h @ self._w(L + "mlp.gate_proj.weight").T) * (h @ self._w(L + "mlp.up_proj.weight").T)
-            note(L + "mlp.down_proj", act)
-            x = x + act @ self._w(L + "mlp.down_proj.weight").T
-        x = self._norm(x if all_positions else x[:, -1:], self._w(P + "norm.weight"))
-        from emrrg.export.quantize_decoder import LM_HEAD
+        rope = self.rotary(x, pos)
+        allowed = (torch.arange(total)[None, :] <= pos[0][:, None])[None, None].expand(B, 1, T, total)  # causal
+        hooks, current = [], {}
+        if stats is not None:                                # the inputs of the matmuls, named as the builder does
+            for sub, name in (("self_attn.q_proj", "self_attn.qkv_proj"), ("self_attn.o_proj", "self_attn.o_proj"),
+                              ("mlp.gate_proj", "mlp.gate_up_proj"), ("mlp.down_proj", "mlp.down_proj")):
+                hooks.append(self.layer.get_submodule(sub).register_forward_pre_hook(
+                    lambda _m, args, name=name: note(current["L"] + name, args[0])))
+        try:
+            for i in range(self.shape.layers):
+                current["L"] = self._load_layer(i)
+                out = self.layer(x, attention_mask=allowed, position_ids=pos, cache=cache, use_cache=True,
+                                 position_embeddings=rope)
+                x = out[0] if isinstance(out, tuple) else out
+        finally:
+            for h in hooks:
+                h.remove()
+        x = self.norm(x if all_positions else x[:, -1:])
         note(LM_HEAD, x)
         logits = x @ self._w(self.head).T
         return logits if all_positions else logits[:, -1]
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """(T, V) for one sequence in one pass (decoder_eval.Scorer)."""
         import torch
 
         with torch.no_grad():
-            return self.forward(torch.tensor([list(ids)]), [None] * self.shape.layers, 0, all_positions=True)[0].numpy()
+            return self.forward(torch.tensor([list(ids)]), self.new_cache(), 0, all_positions=True)[0].numpy()
 
     def reference(self, prompts: Sequence[Sequence[int]], n_new: int):
         """decoder_eval.Reference: greedy continuations of n_new tokens and the logits that predict them, all
@@ -172,7 +175,7 @@ class StreamedLlama:
         logits: list = [None] * len(prompts)
         for length in sorted({len(p) for p in prompts}):
             idx = [i for i, p in enumerate(prompts) if len(p) == length]
-            cache: list = [None] * self.shape.layers
+            cache = self.new_cache()
             x, rows, toks = torch.tensor([list(prompts[i]) for i in idx]), [], []
             with torch.no_grad():
                 for step in range(n_new):
@@ -194,5 +197,5 @@ class StreamedLlama:
         with torch.no_grad():
             for length in sorted({len(p) for p in prompts}):
                 batch = torch.tensor([list(p) for p in prompts if len(p) == length])
-                self.forward(batch, [None] * self.shape.layers, 0, all_positions=True, stats=stats)
+                self.forward(batch, self.new_cache(), 0, all_positions=True, stats=stats)
         return {k: (v[0] / max(v[1], 1)).float().numpy() for k, v in stats.items()}

@@ -9,9 +9,10 @@ import torch
 from emrrg.export.cli import export_main
 from emrrg.runtime.bundle import verify_bundle
 
-# f32 logits of the same weights through two f32 implementations (transformers' ops vs ours: other summation
-# orders, SDPA vs eager attention): a few ulp of the logits' scale per op. A wrong RoPE, mask, GQA grouping or norm
-# shows up at >= 1e-2 on the tiny model's logits (scale ~0.5).
+# f32 logits of the same weights through the same transformers layers, run two ways (the whole model with its own
+# mask and cache vs one swapped-in LlamaDecoderLayer with an explicit boolean mask, SDPA, batched prompts): a few
+# ulp of the logits' scale per op. A wrong weight swap, position, mask or cache layer index shows up at >= 1e-2 on
+# the tiny model's logits (scale ~0.5).
 STREAMED_MAX_ABS = 1e-4
 N_NEW, PROMPT_TOKENS = 12, 64
 
