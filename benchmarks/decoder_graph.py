@@ -13,6 +13,11 @@ Each decoder is a folder with decoder.onnx (+ .data) and embed_tokens.npy: the b
 
     .venv/bin/python benchmarks/decoder_graph.py --decoder built=DIR_A --decoder traced=DIR_B
 
+The cost of keeping a LoRA separate (decoder_graph_lora.md): the demo checkpoint's LLM built twice with
+`build_decoder(ModuleWeights(merged), shape, DIR, quant=QuantConfig(...), adapters=lora_factors(unmerged))`,
+as `affine-b32-lora-lm8` (separate_adapters=True) and `affine-b32-lm8` (merged), then
+`--decoder separate=DIR_S --decoder merged=DIR_M --name decoder_graph_lora`.
+
 The last --decoder is the baseline of the ratios.
 Writes benchmarks/results/decoder_graph.{json,md}.
 """
@@ -130,6 +135,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="add an ORT profile of each decoder's decode steps (1 thread)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="decoder_graph", help="results file stem (NAME.json, NAME.md)")
     p.add_argument("--note", action="append", default=[], help="a paragraph appended to the Markdown (repeatable)")
     a = p.parse_args(argv)
     folders = dict(d.split("=", 1) for d in a.decoder)
@@ -162,10 +168,10 @@ def main(argv=None) -> None:
     if a.profile:
         out["profile_1_thread"] = {k: op_profile(load(Path(f), 1, profile=True)[0], ids, a.tokens) for k, f in folders.items()}
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    (a.out_dir / "decoder_graph.json").write_text(json.dumps(out, indent=2) + "\n")
+    (a.out_dir / f"{a.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     names = list(folders)
     base = names[-1]
-    md = ["# Decoder graphs: built (GroupQueryAttention, in-place cache) vs traced (torch.onnx), SmolLM2-135M 4-bit", "",
+    md = [f"# Decoder graphs head to head: {' vs '.join(names)}, SmolLM2-135M 4-bit", "",
           f"{out['machine']}; prompt {a.prompt_tokens} ids, then {a.tokens} greedy tokens; {a.repeats} alternating rounds "
           f"per thread count; onnxruntime {out['onnxruntime']}. Shared machine: compare within a thread count only.", "",
           "Decoders: " + "; ".join(f"`{k}` {v['cache']} cache, {v['nodes']} nodes, {v['quantization']}"
@@ -188,7 +194,7 @@ def main(argv=None) -> None:
         md += profile_md(f"Where `{k}`'s decode time goes (ORT profiler, 1 thread)", prof)
     for note in a.note:
         md += ["", note]
-    (a.out_dir / "decoder_graph.md").write_text("\n".join(md) + "\n")
+    (a.out_dir / f"{a.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
