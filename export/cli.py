@@ -36,6 +36,12 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib", default=None, help="folder of DICOM/PNG/JPEG calibration images (default: the real X-rays "
                                                  "shipped offline in pydicom-data and pneumonia-model-package)")
     p.add_argument("--extra-options", nargs="*", default=[], metavar="K=V", help=extra_help())
+    p.add_argument("--calib-reports", default=None, metavar="ANNOTATION",
+                   help="also check each 4-bit decoder rung that passes its teacher-forced thresholds on reports: "
+                        "written for this annotation.json's validation studies, its BLEU-4 / CIDEr / CE-F1 must stay "
+                        "within 5%% / 5%% / 1%% of the f32 decoder's, or the ladder goes on (default: off)")
+    p.add_argument("--calib-reports-limit", type=int, default=24, metavar="N",
+                   help="validation studies the report check writes")
     p.add_argument("--strict", action="store_true", help="fail when no quantization configuration meets its thresholds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and embedded callers)")
@@ -56,7 +62,8 @@ def export_main(argv: list[str] | None = None) -> None:
     quiet_library_warnings()
 
     opts = ExportOptions(int8=a.int8, llm_bits=a.llm_bits, target=a.target, calib=a.calib, strict=a.strict,
-                         overwrite=a.overwrite, extra=extra)
+                         overwrite=a.overwrite, extra=extra, calib_reports=a.calib_reports,
+                         calib_reports_limit=a.calib_reports_limit)
     try:
         with logs.results_only_stdout():  # stdout carries the summary alone (a library's print goes to stderr)
             manifest = export_bundle(a.checkpoint, a.output, opts, progress=not a.no_progress, log=_log)

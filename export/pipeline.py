@@ -42,6 +42,8 @@ class ExportOptions:
     overwrite: bool = False
     extra: dict[str, str] = field(default_factory=dict)  # --extra-options KEY=VALUE (export/options.py)
     max_calib: int | None = None         # cap on calibration images (tests use a few)
+    calib_reports: str | None = None     # annotation.json: report-level check of the 4-bit rungs (report_check.py)
+    calib_reports_limit: int = 24        # its validation studies
 
     def values(self) -> dict:
         """`extra` as typed values, checked against export/options.py's table (OptionError when one is wrong)."""
@@ -117,6 +119,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     if opts.llm_bits not in (4, 32):
         raise ExportError(f"--llm-bits {opts.llm_bits} is not supported (4, or 32 to keep the decoder in f32)")
     opts.values()  # unknown --extra-options keys and bad values stop the export here, before any work
+    _check_calib_reports(opts)
     import torch
 
     from emrrg.checkpoint import load_checkpoint
@@ -312,6 +315,22 @@ def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
     return np.concatenate([model.encode_images(torch.from_numpy(px[i:i + 4])).numpy() for i in range(0, len(px), 4)])
 
 
+def _check_calib_reports(opts: ExportOptions) -> None:
+    """--calib-reports: a 4-bit decoder to check and an annotation with a validation split, before any work."""
+    if opts.calib_reports is None:
+        return
+    if opts.llm_bits != 4:
+        raise ExportError("--calib-reports checks the 4-bit decoder's rungs; it does nothing with --llm-bits 32")
+    if opts.calib_reports_limit < 1:
+        raise ExportError(f"--calib-reports-limit {opts.calib_reports_limit}: give 1 or more studies")
+    from emrrg.evaluate import EvalError, load_split
+
+    try:
+        load_split(opts.calib_reports, "val", opts.calib_reports_limit)
+    except EvalError as e:
+        raise ExportError(f"--calib-reports: {e}") from None
+
+
 def _ladder(values: dict):
     """The decoder keys of --extra-options (typed, ExportOptions.values()) pin one configuration, the keys not
     given at export/options.py's defaults; without them the accuracy-aware ladder of quantize_decoder is walked."""
@@ -419,6 +438,9 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
     prompts = eval_prompts(tok, n=n_prompts, prompt_tokens=prompt_tokens)
     calib_prompts = eval_prompts(tok, n=2, prompt_tokens=prompt_tokens, first_report=300)
     if streamed:
+        if opts.calib_reports:
+            raise ExportError("--calib-reports needs the f32 reference in memory (decoder_reference=f32); this "
+                              "LLM is scored against the streamed one")
         return _quantize_streamed(model, streamed, prompts, calib_prompts, n_new, dec, work, opts)
     try:
         reference = build_reference(TorchDecoder(model.llama_model), prompts, n_new)
@@ -434,17 +456,22 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
         quantize = quantized_builder(ModuleWeights(model.llama_model),
                                      _module_shape(model.llama_model, min_positions=decoder_positions(model)),
                                      token_ids(dec.spec), adapters=adapters)
+    accept = None
+    if opts.calib_reports:
+        from emrrg.export.report_check import ReportCheck
+        accept = ReportCheck(model, opts.calib_reports, dec, opts.calib_reports_limit)
     return _choose(dec.decoder, work, DecoderEvaluator(reference, embed, visual_kv=visual_kv or None), ladder, stats,
-                   opts, quantize)
+                   opts, quantize, accept)
 
 
-def _choose(f32_onnx, work: Path, evaluator, ladder, stats, opts: ExportOptions, quantize) -> tuple[Path, dict]:
+def _choose(f32_onnx, work: Path, evaluator, ladder, stats, opts: ExportOptions, quantize,
+            accept=None) -> tuple[Path, dict]:
     from emrrg.export import quantize_decoder as qd
 
     try:
         choice = qd.choose_decoder_config(f32_onnx, work / "decoder_4bit", evaluator,
                                           ladder=ladder, act_stats=stats, top1_min=qd.TOP1_MIN, kl_max=qd.KL_MAX,
-                                          strict=opts.strict, verbose=False, quantize=quantize)
+                                          strict=opts.strict, verbose=False, quantize=quantize, accept=accept)
     except NoPassingConfigError as e:
         raise NoPassingConfigError(f"--strict: 4-bit decoder: {e}; nothing was written. Drop --strict to keep the best "
                                    "one (marked passed=false in the manifest), or use --llm-bits 32 for an f32 decoder",

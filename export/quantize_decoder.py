@@ -620,7 +620,8 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
                           ladder: Sequence[QuantConfig] = DEFAULT_LADDER, act_stats: dict | None = None,
                           top1_min: float = TOP1_MIN, kl_max: float = KL_MAX, strict: bool = False,
                           keep_attempts: bool = False, verbose: bool = True,
-                          quantize: Callable[[QuantConfig, Path, dict | None], QuantizeResult] | None = None) -> Choice:
+                          quantize: Callable[[QuantConfig, Path, dict | None], QuantizeResult] | None = None,
+                          accept: Callable[[Path], tuple[bool, dict]] | None = None) -> Choice:
     """Quantize with each configuration of `ladder` in turn; keep the first that passes.
 
     evaluate(decoder_onnx) -> an object with .top1 and .kl_mean (decoder_eval.DecoderEvaluator).
@@ -632,7 +633,9 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
     how a candidate is made (default: quantize_decoder's rewrite of f32_onnx; decoder_builder.quantized_builder
     builds each candidate from the weights instead). When `quantize` has an attribute skip(config, later_rungs)
     returning a reason, that rung is recorded as skipped (top1 None, "skipped": reason) and neither built nor
-    scored.
+    scored. accept(decoder_onnx) -> (ok, details): a further check of a rung that met the thresholds (the
+    report-level check of export/report_check.py); a rung it refuses does not pass, and the details go in its
+    attempt under "reports".
     """
     out_dir = Path(out_dir)
     work = out_dir / "attempts"
@@ -657,6 +660,9 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
                quantize_decoder(f32_onnx, work / cfg.name, config=cfg, act_stats=act_stats))
         ev = evaluate(res.path)
         passed = ev.top1 >= top1_min and ev.kl_mean <= kl_max
+        checked = None
+        if passed and accept is not None:
+            passed, checked = accept(res.path)
         row = {"name": cfg.name, "config": cfg.to_dict(), "top1": round(ev.top1, 4), "kl_mean": round(ev.kl_mean, 5),
                "kl_p99": round(getattr(ev, "kl_p99", float("nan")), 4),
                "greedy_token_agreement": getattr(ev, "greedy_token_agreement", None),
@@ -665,6 +671,8 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
                "matmuls_by_bits": res.summary()["matmuls_by_bits"]}
         if note:
             row["note"] = note
+        if checked is not None:
+            row["reports"] = checked
         attempts.append(row)
         if verbose:
             print(f"[choose] {'✓' if passed else '✗'} {cfg.name:<26} top1 {ev.top1:.4f} (>= {top1_min}) "

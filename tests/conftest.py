@@ -56,3 +56,11 @@ def pytest_runtest_setup(item):
             _MARKER_SKIP[name] = reason_fn()
         if _MARKER_SKIP[name]:
             pytest.skip(_MARKER_SKIP[name])
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory):
+    """8 train / 2 val / 3 test phantom studies at 64 px (the tiny encoder's size): an annotation.json."""
+    from emrrg.data.phantom import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_train=8, n_val=2, n_test=3, size=64, workers=1)

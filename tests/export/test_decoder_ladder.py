@@ -61,3 +61,33 @@ def test_separate_adapter_rung_is_skipped_without_adapters(tmp_path):
     choice = choose_decoder_config(None, tmp_path / "a", ev, ladder=ladder, verbose=False,
                                    quantize=quantized_builder(ModuleWeights(llm), _module_shape(llm)))
     assert ev.calls == ["affine-b32-lm8"] and "no LLM LoRA" in choice.attempts[0]["skipped"]
+
+
+def test_report_check_refuses_a_rung_that_met_the_thresholds(tmp_path):
+    """accept (export/report_check.py's report-level check): a rung within the teacher-forced thresholds that it
+    refuses does not pass, its details go in the attempt, and the ladder goes on to the next rung."""
+    llm, _ = tiny_llm(seed=8)
+    ladder = (QuantConfig("affine-b32-lm8"), QuantConfig("int8-b32", bits=8))
+    ev = ScriptedEvaluator({"affine-b32-lm8": (0.99, 0.001), "int8-b32": (1.0, 0.0)})
+    seen = []
+
+    def accept(path):
+        seen.append(path.parent.name)
+        ok = path.parent.name == "int8-b32"
+        return ok, {"passed": ok, "studies": 2}
+
+    choice = choose_decoder_config(None, tmp_path / "q", ev, ladder=ladder, verbose=False, accept=accept,
+                                   quantize=quantized_builder(ModuleWeights(llm), _module_shape(llm)))
+    assert seen == ["affine-b32-lm8", "int8-b32"] and choice.config.name == "int8-b32" and choice.passed
+    assert [a["passed"] for a in choice.attempts] == [False, True]
+    assert choice.attempts[0]["reports"] == {"passed": False, "studies": 2}
+
+
+def test_report_bands():
+    from emrrg.export.report_check import REPORT_BANDS, within_bands
+
+    ref = {"CE_F1": 0.5, "BLEU_4": 0.1, "CIDEr": 0.0}
+    b = within_bands({"CE_F1": 0.5 * (1 - 0.009), "BLEU_4": 0.1 * 1.06, "CIDEr": 0.0}, ref)
+    assert b["CE_F1"]["ok"] and not b["BLEU_4"]["ok"] and b["CIDEr"]["ok"]             # 0.9% in, 6% out, 0 stays 0
+    assert not within_bands({"CE_F1": 0.5, "BLEU_4": 0.1, "CIDEr": 0.01}, ref)["CIDEr"]["ok"]
+    assert REPORT_BANDS == {"CE_F1": 0.01, "BLEU_4": 0.05, "CIDEr": 0.05}               # the fidelity targets

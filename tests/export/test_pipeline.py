@@ -236,6 +236,34 @@ def test_4bit_decoder_with_separate_llm_adapters(tiny_checkpoint, tmp_path, caps
     assert json.loads(capsys.readouterr().out)["tokens"] == 4
 
 
+def test_calib_reports_checks_rungs_on_reports(tiny_checkpoint, tiny_phantom, tmp_path):
+    """--calib-reports: the rung that meets the teacher-forced thresholds also writes reports for the first
+    validation studies, and passes only when its BLEU-4 / CIDEr / CE-F1 stay within the bands of the f32
+    decoder's; the manifest keeps what was measured."""
+    out = tmp_path / "b"
+    export_main([str(tiny_checkpoint), "-o", str(out), "--llm-bits", "4", "--no-progress",
+                 "--calib-reports", str(tiny_phantom), "--calib-reports-limit", "2"])
+    attempts = verify_bundle(out)["validation"]["decoder_4bit"]["attempts"]
+    checked = [a for a in attempts if "reports" in a]
+    assert checked, attempts
+    for a in checked:
+        r = a["reports"]
+        assert r["studies"] == 2 and set(r["metrics"]) == {"CE_F1", "BLEU_4", "CIDEr"}
+        assert a["passed"] == r["passed"] == all(m["ok"] for m in r["metrics"].values())
+    assert all(a.get("skipped") or "reports" in a or not (a["top1"] >= 0.95 and a["kl_mean"] <= 0.05)
+               for a in attempts)                              # every rung within the thresholds was checked
+
+
+@pytest.mark.parametrize("extra, msg", [(["--calib-reports", "NOPE.json"], "--calib-reports: NOPE.json: no such annotation"),
+                                        (["--calib-reports", "ANN", "--llm-bits", "32"], "does nothing with --llm-bits 32"),
+                                        (["--calib-reports", "ANN", "--calib-reports-limit", "0"], "give 1 or more")])
+def test_calib_reports_errors(tiny_checkpoint, tiny_phantom, tmp_path, capsys, extra, msg):
+    argv = [a.replace("ANN", str(tiny_phantom)) for a in extra]
+    with pytest.raises(SystemExit) as e:
+        export_main([str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--no-progress", *argv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_int8_encoder_ladder_keeps_the_best_or_fails_strict(tiny_checkpoint, tmp_path, monkeypatch):
     """With thresholds no INT8 graph can meet, every rung of the encoder ladder is tried and recorded; the
     export keeps the best (passed=False, a warning) -- or, with --strict, stops and leaves nothing."""

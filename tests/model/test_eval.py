@@ -10,13 +10,6 @@ CE_KEYS = ("precision_micro", "recall_micro", "f1_micro", "precision_macro", "re
 DECODE = ["--beams", "1", "--max-new-tokens", "12", "--min-new-tokens", "12", "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def tiny_phantom(tmp_path_factory):
-    from emrrg.data.phantom import write_phantom_dataset
-
-    return write_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_train=6, n_val=2, n_test=3, size=64, workers=1)
-
-
 def _check_scores(s: dict, meteor: bool) -> None:
     for k in NLG_KEYS:
         if k == "METEOR" and not meteor:

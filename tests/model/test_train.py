@@ -107,14 +107,6 @@ def test_mixer_scan_fn_switch_keeps_outputs():
 
 # ---- data + model helpers ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_phantom(tmp_path_factory):
-    """8 train / 2 val / 3 test phantom studies at 64 px (the tiny encoder's size)."""
-    from emrrg.data.phantom import write_phantom_dataset
-
-    return write_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_train=8, n_val=2, n_test=3, size=64, workers=1)
-
-
 def _losses(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
             if "loss" in r]
