@@ -56,7 +56,7 @@ from emrrg.runtime.oplib import BLOCKSUM_OP_TYPE, OP_DOMAIN, OP_VERSION
 from emrrg.export.decoder_onnx import (CROSS_KV_ONNX, DECODER_FORMAT, DECODER_ONNX, EMBED_TOKENS_NPY, OPSET, DecoderExport,
                            DecoderExportError, DecoderSpec)
 from emrrg.export.quantize_decoder import (DEFAULT_LADDER, LM_HEAD, MS_DOMAIN, QuantConfig, QuantizationError, QuantizedWeight,
-                               _plan_bits, pack_zp, quantize_weight, weighted_rel_error)
+                               _plan_bits, awq_scales, pack_zp, quantize_weight, weighted_rel_error)
 
 BUILDER_FORMAT_VERSION = 2
 DATA_ALIGN = 64               # byte alignment of each tensor in the external-data file
@@ -256,6 +256,10 @@ class _Graph:
         self.w = writer
         # LoRA factors kept as a branch beside the quantized weights (QuantConfig.separate_adapters)
         self.adapters = adapters if (quant is not None and quant.separate_adapters and adapters) else {}
+        # AWQ: per-input-channel scales s folded into the producer of a matmul's input (x / s), by matmul name
+        self.awq_on = bool(quant is not None and quant.awq_scale and act_stats)
+        self.input_scale: dict[str, np.ndarray] = {}
+        self.awq_alpha: dict[str, float] = {}
         self.nodes: list = []
         self.quant = quant
         self.act_stats = act_stats
@@ -298,6 +302,8 @@ class _Graph:
         bits = 32 if self.quant is None else _plan_bits(name, self.quant)
         lora = self._lora_factors(parts, K, N) if bits != 32 else None
         if lora is not None:
+            if name in self.input_scale:                     # the branch reads x / s too: s * A keeps x A B
+                lora = (lora[0] * self.input_scale[name][:, None], lora[1])
             w_kn = w_kn - lora[0] @ lora[1]                   # the merged weight less the adapter: the base
         if bits == 32:
             y = self.one("MatMul", [x, self.w.add(np.ascontiguousarray(w_kn, np.float32), f"{name}.weight_t")], name)
@@ -312,6 +318,21 @@ class _Graph:
         if bias is not None:
             y = self.one("Add", [y, self.w.add(bias.astype(np.float32), f"{name}.bias")], f"{name}/bias")
         return y
+
+    def awq(self, name: str, w_kn: np.ndarray) -> np.ndarray | None:
+        """AWQ's scales for the matmul `name` (quantize_decoder.awq_scales on its input's E[x^2]), or None when
+        scaling is off, the matmul stays 8-bit or f32, or the search keeps alpha 0. The caller folds them: x / s
+        into what produces x, s * W into the weight; the matmul's statistics are divided by s^2 here."""
+        if not self.awq_on or name not in self.act_stats:
+            return None
+        bits = _plan_bits(name, self.quant)
+        if bits >= 8:
+            return None
+        s, alpha = awq_scales(w_kn, self.act_stats[name], bits, self.quant)
+        if alpha == 0.0:
+            return None
+        self.input_scale[name], self.awq_alpha[name] = s, alpha
+        return s
 
     def _lora_factors(self, parts: Sequence[tuple[str, int]], K: int, N: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(A (K, R), B (R, N)) with A @ B = the packed adapters' delta of W (K, N), or None without adapters:
@@ -337,6 +358,9 @@ class _Graph:
         cfg = self.quant
         h = self.act_stats.get(name) if (cfg.act_weighted and self.act_stats) else None
         stats = self.act_stats.get(name) if self.act_stats else None
+        if name in self.input_scale:                         # the matmul reads x / s: E[(x / s)^2] = E[x^2] / s^2
+            sc2 = self.input_scale[name].astype(np.float32) ** 2
+            h, stats = (None if h is None else h / sc2), stats / sc2
         qw, rel_err = quantize_columns(w_kn, bits, cfg, h, stats)
         fused = (self.offset_graph != "onnx" and qw.correction is not None and qw.K % qw.block_size == 0)
         if fused and self.offset_graph == "fused":
@@ -351,7 +375,8 @@ class _Graph:
             attrs["accuracy_level"] = cfg.accuracy_level
         y = self.one("MatMulNBits", ins, name, domain=MS_DOMAIN, **attrs)
         self.report.append({"name": name, "K": qw.K, "N": qw.N, "bits": bits, "rel_err": rel_err,
-                            "offset": "blocksum" if qw.correction is not None else None})
+                            "offset": "blocksum" if qw.correction is not None else None,
+                            "awq_alpha": self.awq_alpha.get(name)})
         if qw.correction is not None:
             offsets = self.w.add(qw.correction, f"{name}.block_offsets")
             if fused:                                   # one node (its function body: blocksum_function)
@@ -516,7 +541,15 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
         mlp_out = None
         for i in range(shape.layers):
             L = f"{P}layers.{i}."
-            ln = g.w.add(src.get(L + "input_layernorm.weight"), L + "input_layernorm.weight")
+            qkv_names = [L + f"self_attn.{p}_proj.weight" for p in ("q", "k", "v")]
+            ws = [src.get(n) for n in qkv_names]
+            w_qkv, qkv_parts = np.concatenate(ws, axis=0).T, [(n, w.shape[0]) for n, w in zip(qkv_names, ws)]
+            del ws
+            ln_w = src.get(L + "input_layernorm.weight")
+            s_qkv = g.awq(L + "self_attn.qkv_proj", w_qkv) if i not in shape.hybrid else None  # x feeds cross-attn too
+            if s_qkv is not None:                      # x / s from the norm, s * W in the matmul
+                ln_w, w_qkv = ln_w / s_qkv, w_qkv * s_qkv[:, None]
+            ln = g.w.add(ln_w, L + "input_layernorm.weight")
             if i == 0:
                 x = g.one("SimplifiedLayerNormalization", [residual, ln], L + "input_layernorm", axis=-1,
                           epsilon=eps, stash_type=1)
@@ -524,10 +557,6 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
                 x, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, ln],
                                            [f"{L}input_layernorm/out", "", "", f"{L}residual_in"],
                                            L + "input_layernorm", MS_DOMAIN, epsilon=eps)
-            qkv_names = [L + f"self_attn.{p}_proj.weight" for p in ("q", "k", "v")]
-            ws = [src.get(n) for n in qkv_names]
-            w_qkv, qkv_parts = np.concatenate(ws, axis=0).T, [(n, w.shape[0]) for n, w in zip(qkv_names, ws)]
-            del ws
             qkv = g.linear(x, w_qkv, L + "self_attn.qkv_proj", parts=qkv_parts)
             del w_qkv
             attn, _, _ = g.node("GroupQueryAttention",
@@ -541,20 +570,31 @@ def build_decoder(src: WeightSource, shape: LlamaShape, out_dir: str | Path, spe
             if i in shape.hybrid:
                 o = g.one("Add", [o, _hybrid(g, src, shape, i, x, f"visual_kv.{i}.key", f"visual_kv.{i}.value")],
                           L + "cross_attn/add")
-            ln2 = g.w.add(src.get(L + "post_attention_layernorm.weight"), L + "post_attention_layernorm.weight")
+            gu_names = [L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"]
+            w_gu = np.concatenate([src.get(n) for n in gu_names], axis=0).T
+            ln2_w = src.get(L + "post_attention_layernorm.weight")
+            down = L + "mlp.down_proj.weight"
+            w_down = src.get(down).T if g.awq_on else None
+            s_down = g.awq(L + "mlp.down_proj", w_down) if g.awq_on else None
+            if s_down is not None:                     # act / s through up's output columns, s * W_down
+                w_gu[:, I:] /= s_down[None, :]
+                w_down = w_down * s_down[:, None]
+            s_gu = g.awq(L + "mlp.gate_up_proj", w_gu)
+            if s_gu is not None:
+                ln2_w, w_gu = ln2_w / s_gu, w_gu * s_gu[:, None]
+            ln2 = g.w.add(ln2_w, L + "post_attention_layernorm.weight")
             x2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, ln2],
                                         [f"{L}post_attention_layernorm/out", "", "", f"{L}residual_mid"],
                                         L + "post_attention_layernorm", MS_DOMAIN, epsilon=eps)
-            gu_names = [L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"]
-            w_gu = np.concatenate([src.get(n) for n in gu_names], axis=0).T
             gu = g.linear(x2, w_gu, L + "mlp.gate_up_proj", parts=[(n, I) for n in gu_names])
             del w_gu
             gate, up = g.node("Split", [gu, g.const(np.array([I, I], np.int64), L + "mlp.split")], 2, L + "mlp/split",
                               axis=-1)
             act = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate], L + "mlp/sigmoid")], L + "mlp/silu"), up],
                         L + "mlp/gated")
-            down = L + "mlp.down_proj.weight"
-            mlp_out = g.linear(act, src.get(down).T, L + "mlp.down_proj", parts=[(down, H)])
+            mlp_out = g.linear(act, src.get(down).T if w_down is None else w_down, L + "mlp.down_proj",
+                               parts=[(down, H)])
+            del w_down
         norm = g.w.add(src.get(P + "norm.weight"), P + "norm.weight")
         final, _, _, _ = g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, norm],
                                 [FINAL_HIDDEN, "", "", ""], P + "norm", MS_DOMAIN, epsilon=eps)

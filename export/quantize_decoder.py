@@ -74,6 +74,11 @@ TOP1_MIN = 0.95
 KL_MAX = 0.05
 
 ASYM_CLIP_MIN = 0.7  # asym refit: the narrowest range tried, as a share of the block's (AWQ's clip search)
+# AWQ's scale search: s = E[x^2]^(alpha/2) per input channel for alpha on this grid (0 = no scaling, so the search
+# is never worse than unscaled on its objective), scored on at most AWQ_SEARCH_COLS evenly spaced output columns
+# (the objective sums over columns; a subset keeps a 7B's 11008-wide matrices cheap).
+AWQ_ALPHAS = tuple(np.linspace(0.0, 1.0, 11).round(2))
+AWQ_SEARCH_COLS = 512
 LM_HEAD = "lm_head"
 MS_DOMAIN = "com.microsoft"
 
@@ -98,6 +103,8 @@ class QuantConfig:
     worst_k_8bit: int = 0           # chooser: the k most sensitive MatMuls (by weighted error) to 8 bits
     separate_adapters: bool = False # built graph: the LLM's LoRA stays a low-rank f32 branch (x A^T) B^T beside
                                     # the 4-bit base weights instead of being merged into them (decoder_builder)
+    awq_scale: bool = False         # built graph: AWQ's per-input-channel scales (awq_scales), folded into the
+                                    # RMSNorm weights (qkv, gate/up) and the up projection (down); needs stats
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -290,6 +297,28 @@ def quantize_weight(w_kn: np.ndarray, bits: int, block_size: int, method: str, r
     return QuantizedWeight(K=K, N=N, bits=bits, block_size=block_size, packed=pack_q(q, bits),
                            scales=np.ascontiguousarray(s.astype(np.float32)), zero_points=zp, correction=corr,
                            dequantized=_from_blocks(deq.astype(np.float32), K))
+
+
+def awq_scales(w_kn: np.ndarray, h: np.ndarray, bits: int, cfg: "QuantConfig") -> tuple[np.ndarray, float]:
+    """AWQ (Lin et al. 2023): per-input-channel scales s (K,) such that quantizing diag(s) W and feeding x / s
+    loses least, chosen over s = E[x^2]^(alpha/2), alpha in AWQ_ALPHAS (normalised to a geometric mean of 1 over
+    the channels' range). Objective: sum_k h_k / s_k^2 |Q(s_k W_k) - s_k W_k|^2 with h = E[x^2], i.e. the
+    output error for inputs with uncorrelated channels. Returns (s, alpha); alpha 0 means s = 1."""
+    K, N = w_kn.shape
+    cols = np.unique(np.linspace(0, N - 1, min(N, AWQ_SEARCH_COLS)).astype(np.int64))
+    w = np.ascontiguousarray(w_kn[:, cols], np.float32)
+    h = np.maximum(np.asarray(h, np.float64), 1e-12)
+    best = (np.inf, np.ones(K, np.float32), 0.0)
+    for alpha in AWQ_ALPHAS:
+        sc = h ** (alpha / 2)
+        sc = (sc / np.sqrt(sc.max() * sc.min())).astype(np.float32)
+        ws = w * sc[:, None]
+        hs = (h / sc.astype(np.float64) ** 2).astype(np.float32)
+        q = quantize_weight(ws, bits, cfg.block_size, cfg.method)      # plain rounding, as AWQ searches
+        err = float((hs[:, None] * (ws - q.dequantized) ** 2).sum())
+        if err < best[0]:
+            best = (err, sc, float(alpha))
+    return best[1], best[2]
 
 
 def weighted_rel_error(w_kn: np.ndarray, deq_kn: np.ndarray, h: np.ndarray | None = None) -> float:
@@ -568,7 +597,9 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, config: QuantCon
 # Tried in order; the first within TOP1_MIN / KL_MAX wins. Cheapest to run first:
 #  0. uint4 asymmetric, integer (packed uint8) zero points: one MatMulNBits per projection and nothing else.
 #     Right for weights that are not on a 4-bit grid already (most fp16/bf16 fine-tunes).
-#  1. + AWQ's clipping search per block (ASYM_CLIP_MIN), weighted by the activations' E[x^2]: same bytes.
+#  1. + AWQ: per-input-channel scales searched on the activations' E[x^2] (awq_scales) and folded into the
+#     RMSNorm weights / the up projection, then the clipping search per block (ASYM_CLIP_MIN) weighted the same
+#     way: same bytes, same graph.
 #  2. affine block 32 (llama.cpp Q4_1 form), 8-bit lm_head: exact for weights on a Q4_1/Q8_0 grid (SmolLM2 as
 #     shipped), which the asymmetric rungs re-round (top-1 0.55-0.87 there). Its float block offsets cost one
 #     correction node per projection (decoder_builder: integer zero points + an f16 rest, com.emrrg::
@@ -589,7 +620,7 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, config: QuantCon
 # checkpoint has no LLM adapters.
 DEFAULT_LADDER: tuple[QuantConfig, ...] = (
     QuantConfig("asym-b32-lm8", method="asym"),
-    QuantConfig("asym-b32-awq-lm8", method="asym", refine=6, act_weighted=True),
+    QuantConfig("asym-b32-awq-lm8", method="asym", refine=6, act_weighted=True, awq_scale=True),
     QuantConfig("affine-b32-lm8"),
     QuantConfig("affine-b32-awq-lm8", refine=9, act_weighted=True),
     QuantConfig("affine-b32-lora-lm8", separate_adapters=True),

@@ -213,6 +213,52 @@ def test_separate_adapters_keep_a_lora_exact_over_grid_weights(tmp_path):
     assert quantized_builder(src, shape, adapters=factors).skip(rung, []) is None
 
 
+def test_awq_scales_fold_into_the_norms_and_cut_the_error_of_outlier_channels(tmp_path):
+    """AWQ (QuantConfig.awq_scale): per-input-channel scales s, x / s folded into the RMSNorm weights (qkv, gate/up)
+    and the up projection's output columns (down), s * W quantized. On a tiny decoder whose norms give four
+    channels 30x the others (the activation outliers AWQ is for), the scaled 4-bit graph is closer to f32 than the
+    unscaled one, and each scaled matmul's weighted error drops; a fold on the wrong side (x * s) or a missed one
+    multiplies the error instead. The real model's figures: benchmarks/results/decoder_graph_accuracy.md."""
+    import dataclasses
+
+    from emrrg.export.decoder_eval import prefill_feeds
+    from emrrg.export.quantize_decoder import collect_activation_stats
+
+    llm, tok = tiny_llm(seed=9)
+    with torch.no_grad():
+        for layer in llm.model.layers:
+            layer.input_layernorm.weight[:4] *= 30
+            layer.post_attention_layernorm.weight[:4] *= 30
+    src, shape = ModuleWeights(llm), _module_shape(llm)
+    f32 = build_decoder(src, shape, tmp_path / "f32")
+    embed = src.get("model.embed_tokens.weight")
+    stats = collect_activation_stats(f32.path, prefill_feeds(f32.spec, embed, eval_prompts(tok, n=2, prompt_tokens=64)))
+    base = QuantConfig("affine", accuracy_level=0, lm_head_bits=32)
+    plain = build_decoder(src, shape, tmp_path / "plain", quant=base, act_stats=stats)
+    awq = build_decoder(src, shape, tmp_path / "awq", quant=dataclasses.replace(base, awq_scale=True), act_stats=stats)
+    scaled = {r["name"]: r for r in awq.nodes if r.get("awq_alpha")}
+    assert {n.rsplit(".", 1)[-1] for n in scaled} == {"qkv_proj", "gate_up_proj", "down_proj"}   # o_proj: no fold
+    for r in plain.nodes:
+        if r["name"] in scaled:
+            assert scaled[r["name"]]["rel_err"] < r["rel_err"], r["name"]
+    errs = {}
+    for name, res in (("plain", plain), ("awq", awq)):
+        e = [np.abs(OrtScorer(res.path, embed).run(embed[[p]], None)[0] - OrtScorer(f32.path, embed).run(embed[[p]], None)[0])
+             for p in eval_prompts(tok, n=3, prompt_tokens=64, first_report=40)]
+        errs[name] = float(np.mean([x.mean() for x in e]))
+    print("mean |logit error| vs f32:", errs)
+    assert errs["awq"] < 0.75 * errs["plain"]          # measured 0.013 vs 0.026
+
+
+def test_awq_keeps_alpha_zero_without_outliers():
+    """Equal activation energy on every channel: every alpha gives s = 1, and the search keeps alpha 0."""
+    from emrrg.export.quantize_decoder import awq_scales
+
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    s, alpha = awq_scales(w, np.full(64, 2.0, np.float32), 4, QuantConfig("asym", method="asym"))
+    assert alpha == 0.0 and np.all(s == 1.0)
+
+
 def test_affine_block_larger_than_k(tmp_path):
     """Block 128 on K = 64 (hidden) and 128: a partial last block, which MatMulNBits pads with zeros and the
     block-sum indicator covers as far as K goes; on a grid of 128 the encoding is still exact."""

@@ -18,6 +18,7 @@ def test_ladder_order():
     assert len(sep) == 1 and DEFAULT_LADDER[sep[0] - 1].name == "affine-b32-awq-lm8"
     assert all(c.worst_k_8bit == 0 and c.bits == 4 for c in DEFAULT_LADDER[:sep[0] + 1])
     assert methods[:3] == [("asym", 4, False), ("asym", 4, True), ("affine", 4, False)]
+    assert DEFAULT_LADDER[1].awq_scale and not any(c.awq_scale for c in DEFAULT_LADDER[2:])   # AWQ: the asym rung
     assert all(m == "affine" for m, b, _ in methods[2:-1]) and methods[-1][1] == 8      # int8 is the last resort
     assert {c.lm_head_bits for c in DEFAULT_LADDER} == {8, 32} and BUILT_LADDER is DEFAULT_LADDER
     assert (TOP1_MIN, KL_MAX) == (0.95, 0.05)                                            # thresholds unchanged
