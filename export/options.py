@@ -94,7 +94,7 @@ EXTRA_OPTIONS: tuple[Option, ...] = (
     Option("lm_head_bits", "decoder", int, _qc("lm_head_bits"), "bits of the lm_head, 32 keeps it f32", choices=LM_HEAD_BITS),
     Option("accuracy_level", "decoder", int, _qc("accuracy_level"),
            "MatMulNBits compute, 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations", choices=ACCURACY_LEVELS),
-    Option("refine", "decoder", int, _qc("refine"), "candidate grids refitted per block, method=affine only (0 = plain rounding)",
+    Option("refine", "decoder", int, _qc("refine"), "per block: candidate grids refitted (method=affine) or clipping ranges tried (method=asym); 0 = plain rounding",
            bounds=(0, MAX_REFINE)),
     Option("separate_adapters", "decoder", bool, _qc("separate_adapters"), "keep the LLM's LoRA as a low-rank f32 "
            "branch beside the 4-bit base weights instead of merging it into them (built graph)"),
@@ -174,9 +174,9 @@ def check_extra_options(extra: Mapping[str, str], *, int8: bool, llm_bits: int) 
         raise OptionError(f"--extra-options symmetric={_show(values['symmetric'])} contradicts "
                           f"method={values['method']}; give one of them")
     method = values.get("method", "sym" if values.get("symmetric") else OPTIONS["method"].default)
-    if values.get("refine") and method != "affine":
-        raise OptionError(f"--extra-options refine applies to method=affine only (this pins method={method}); "
-                          "drop refine or use method=affine")
+    if values.get("refine") and method == "sym":
+        raise OptionError("--extra-options refine applies to method=affine or asym (this pins method=sym); "
+                          "drop refine or choose one of those")
     return values
 
 

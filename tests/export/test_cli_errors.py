@@ -224,3 +224,14 @@ def test_full_disk_leaves_nothing(tiny_checkpoint, tmp_path, full):
     assert ("no space left on the device" if full == "tmpfs" else "file-size limit") in r.stderr, r.stderr
     assert "nothing was written" in r.stderr
     assert left == []
+
+
+def test_refine_applies_to_affine_and_asym_not_sym():
+    """refine: least-squares grid refits for affine, AWQ's clipping search for asym (what the ladder's asym AWQ rung
+    uses); symmetric rounding has neither."""
+    from emrrg.export.options import OptionError, check_extra_options
+
+    for method in ("affine", "asym"):
+        assert check_extra_options({"method": method, "refine": "6"}, int8=False, llm_bits=4)["refine"] == 6
+    with pytest.raises(OptionError, match="method=affine or asym"):
+        check_extra_options({"method": "sym", "refine": "6"}, int8=False, llm_bits=4)
