@@ -326,9 +326,13 @@ def _check_calib_reports(opts: ExportOptions) -> None:
     from emrrg.evaluate import EvalError, load_split
 
     try:
-        load_split(opts.calib_reports, "val", opts.calib_reports_limit)
+        split = load_split(opts.calib_reports, "val", opts.calib_reports_limit)
     except EvalError as e:
         raise ExportError(f"--calib-reports: {e}") from None
+    missing = [str(p) for ex in split.examples for p in split.images(ex) if not p.is_file()]
+    if missing:
+        raise ExportError(f"--calib-reports: {len(missing)} image(s) of its validation studies are missing, "
+                          f"e.g. {missing[0]}")
 
 
 def _ladder(values: dict):

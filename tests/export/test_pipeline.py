@@ -256,9 +256,15 @@ def test_calib_reports_checks_rungs_on_reports(tiny_checkpoint, tiny_phantom, tm
 
 @pytest.mark.parametrize("extra, msg", [(["--calib-reports", "NOPE.json"], "--calib-reports: NOPE.json: no such annotation"),
                                         (["--calib-reports", "ANN", "--llm-bits", "32"], "does nothing with --llm-bits 32"),
-                                        (["--calib-reports", "ANN", "--calib-reports-limit", "0"], "give 1 or more")])
+                                        (["--calib-reports", "ANN", "--calib-reports-limit", "0"], "give 1 or more"),
+                                        ([], "missing")])
 def test_calib_reports_errors(tiny_checkpoint, tiny_phantom, tmp_path, capsys, extra, msg):
     argv = [a.replace("ANN", str(tiny_phantom)) for a in extra]
+    if msg == "missing":                                  # an annotation whose val images are not there
+        ann = json.loads(tiny_phantom.read_text())
+        ann["val"][0]["image_path"] = ["images/gone.png"]
+        (tmp_path / "ann.json").write_text(json.dumps(ann))
+        argv = ["--calib-reports", str(tmp_path / "ann.json")]
     with pytest.raises(SystemExit) as e:
         export_main([str(tiny_checkpoint), "-o", str(tmp_path / "b"), "--no-progress", *argv])
     assert e.value.code == 2 and msg in capsys.readouterr().err and not (tmp_path / "b").exists()
