@@ -727,7 +727,8 @@ def train(a, log=print) -> dict:
                 run_val()
             if a.save_every and step % a.save_every == 0 and step < total:
                 save_last()
-            if a.stop_after and step >= a.stop_after:  # for tests and time-boxed runs: save and stop early
+            # a time-boxed chunk saves and stops early; one that reaches the last step ends as a whole run does
+            if a.stop_after and a.stop_after <= step < total:
                 save_last()
                 break
         else:

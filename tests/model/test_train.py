@@ -358,6 +358,18 @@ def test_resume_continues_with_same_step_and_loss(tiny_phantom, tmp_path, capsys
     assert torch.load(stopped / "last" / "train_state.pt", weights_only=False)["step"] == 6
 
 
+def test_a_chunk_that_reaches_the_last_step_finishes_the_run(tiny_phantom, tmp_path):
+    """--stop-after equal to --steps (the last chunk of a chunked run) ends like an uninterrupted run: best/ is written."""
+    from emrrg.train import train_main
+
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_phantom), *TINY, "--steps", "4", "--batch-size", "2"]
+    train_main(["-o", str(run), *args, "--stop-after", "2"])
+    assert not (run / "best").exists()
+    train_main(["-o", str(run), "--resume", "--threads", "1", "--progress", "log", "--stop-after", "4"])
+    assert (run / "best" / "val.json").is_file() and [s for s, _ in _losses(run)] == [1, 2, 3, 4]
+
+
 def test_existing_run_needs_resume(tiny_phantom, tmp_path, capsys):
     from emrrg.train import train_main
 
