@@ -154,7 +154,10 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, sig):
     out.parent.mkdir()
     cmd = [sys.executable, "-m", "emrrg.export.cli", str(tiny_checkpoint), "-o", str(out), "--llm-bits", "32",
            "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default disposition in the child, as from a terminal: a test run started in the background
+    # (`cmd &` without job control) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     # Wait until the export has started writing (its hidden staging directory holds files).
     while time.time() < deadline and proc.poll() is None:
