@@ -86,12 +86,15 @@ def most_common_report(examples: Sequence[dict]) -> str:
     return next(e["report"] for e in examples if counts[e["report"]] == best)
 
 
-REPEATED_SENTENCE_RULE = "a report with the same sentence twice (split on . ! ?, case-folded)"
+REPEATED_SENTENCE_RULE = ("a report with the same sentence twice (split at . ! ? followed by a space or the end, "
+                          "so 'p.m.' or '1.5 cm' do not split; case-folded)")
 
 
 def repeats_a_sentence(report: str) -> bool:
-    """True when `report` says one sentence twice (sentences split on . ! ?, whitespace and case folded)."""
-    sentences = [" ".join(s.split()).casefold() for s in re.split(r"[.!?]+", report)]
+    """True when `report` says one sentence twice (sentences end at . ! ? followed by whitespace or the end of the
+    text, so abbreviations and decimals such as "p.m." or "1.5" stay inside their sentence; whitespace and case
+    folded)."""
+    sentences = [" ".join(s.split()).casefold() for s in re.split(r"[.!?]+(?=\s|$)", report)]
     sentences = [s for s in sentences if s]
     return len(set(sentences)) < len(sentences)
 

@@ -56,6 +56,9 @@ def test_repeated_sentence_rule():
     assert repeats_a_sentence("Heart size is normal!  heart SIZE is normal")      # case and spaces folded
     assert not repeats_a_sentence("There is mild right sided pleural effusion. There is mild left sided pleural effusion.")
     assert not repeats_a_sentence("")
+    # abbreviations and decimals end no sentence: two different sentences that both say "p.m." / "1.5" are no repeat
+    assert not repeats_a_sentence("Seen at 12:04 p.m. today. Compared with 3 a.m. films. A 1.5 cm nodule. A 2.5 cm mass.")
+    assert repeats_a_sentence("Seen at 12:04 p.m. today. No effusion. Seen at 12:04 p.m. today.")
     assert repeated_sentence_reports([loop, "No acute findings.", loop])["count"] == 2
 
 
