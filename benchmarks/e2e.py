@@ -36,6 +36,12 @@ from machine import code_version  # noqa: E402  (benchmarks/machine.py)
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / ".cache" / "bench"
 STAGES = ("preprocess", "encoder", "prefill", "decode", "total")
+# The configurations, in the order they alternate: name -> the bundle it runs ("ckpt": PyTorch on the checkpoint).
+CONFIGS = {"a_pytorch_f32": "ckpt", "b_runtime_f32": "bundle-f32", "c_runtime_int8_4bit": "bundle-int8-4bit",
+           "d_runtime_int8_4bit_al0": "bundle-int8-4bit-al0"}
+# How each bundle is exported (emrrg.export.pipeline.ExportOptions keyword arguments).
+BUNDLES = {"bundle-f32": dict(llm_bits=32), "bundle-int8-4bit": dict(int8=True, llm_bits=4),
+           "bundle-int8-4bit-al0": dict(int8=True, llm_bits=4, extra={"accuracy_level": "0"})}
 
 
 def prepare(threads: int, work: Path = WORK) -> dict[str, Path]:
@@ -47,12 +53,11 @@ def prepare(threads: int, work: Path = WORK) -> dict[str, Path]:
         from emrrg.cli import init_main
         init_main(["--encoder", "base", "--decoder", "smollm2-135m", "-o", str(ckpt)])
     out = {"ckpt": ckpt}
-    for name, opts in (("bundle-f32", ExportOptions(llm_bits=32)), ("bundle-int8-4bit", ExportOptions(int8=True, llm_bits=4)),
-                       ("bundle-int8-4bit-al0", ExportOptions(int8=True, llm_bits=4, extra={"accuracy_level": "0"}))):
+    for name, kw in BUNDLES.items():
         b = work / name
         if not (b / "manifest.json").is_file():
             print(f"[e2e] exporting {name} ...", flush=True)
-            export_bundle(ckpt, b, opts, progress=True)
+            export_bundle(ckpt, b, ExportOptions(**kw), progress=True)
         out[name] = b
     return out
 
@@ -263,9 +268,7 @@ def main(argv=None) -> None:
     paths = prepare(a.threads, a.work_dir)
     load_before = round(os.getloadavg()[0], 2)
     images = [str(chest_dicom("RG1_UNCR.dcm")), *map(str, pneumonia_images())][: a.images]
-    runners = {"a_pytorch_f32": TorchRef(paths["ckpt"]), "b_runtime_f32": RuntimeRun(paths["bundle-f32"], a.threads),
-               "c_runtime_int8_4bit": RuntimeRun(paths["bundle-int8-4bit"], a.threads),
-               "d_runtime_int8_4bit_al0": RuntimeRun(paths["bundle-int8-4bit-al0"], a.threads)}
+    runners = {k: TorchRef(paths[b]) if b == "ckpt" else RuntimeRun(paths[b], a.threads) for k, b in CONFIGS.items()}
     runs: dict[str, list[dict]] = {k: [] for k in runners}
     for i in range(a.warmup + a.repeats):
         for k, r in runners.items():
@@ -277,9 +280,7 @@ def main(argv=None) -> None:
               ", ".join(f"{k} {runs[k][-1]['timings_ms']['total']:.0f} ms" for k in runs if runs[k]), flush=True)
     ref_ids = runs["a_pytorch_f32"][0]["ids"]
     configs, agreement = {}, {}
-    kinds = {"a_pytorch_f32": ("torch", paths["ckpt"]), "b_runtime_f32": ("rt", paths["bundle-f32"]),
-             "c_runtime_int8_4bit": ("rt", paths["bundle-int8-4bit"]),
-             "d_runtime_int8_4bit_al0": ("rt", paths["bundle-int8-4bit-al0"])}
+    kinds = {k: ("torch" if b == "ckpt" else "rt", paths[b]) for k, b in CONFIGS.items()}
     for k, rs in runs.items():
         kind, path = kinds[k]
         configs[k] = {"stages": summarize(rs), "peak_rss_mb": peak_rss_child(kind, path, images, a.tokens, a.threads),
@@ -305,7 +306,7 @@ def main(argv=None) -> None:
            "ratios": {"c/a": ratio("c_runtime_int8_4bit", "a_pytorch_f32"), "c/b": ratio("c_runtime_int8_4bit", "b_runtime_f32"),
                       "b/a": ratio("b_runtime_f32", "a_pytorch_f32"), "d/a": ratio("d_runtime_int8_4bit_al0", "a_pytorch_f32")},
            "code": code_version(), "bundles_created": {k: json.loads((paths[k] / "manifest.json").read_text())["created"]
-                                                       for k in ("bundle-f32", "bundle-int8-4bit", "bundle-int8-4bit-al0")},
+                                                       for k in BUNDLES},
            "decoder_4bit": (json.loads((paths["bundle-int8-4bit"] / "manifest.json").read_text()).get("validation", {})
                             .get("decoder_4bit") or {}).get("chosen"),
            "token_agreement": agreement, "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)}}
