@@ -19,6 +19,7 @@ from typing import NoReturn
 from emrrg.export.errors import ExportError, disk_full_message, is_disk_full
 from emrrg.export.options import check_extra_options, extra_help, split_extra_options
 from emrrg.export.pipeline import TARGETS
+from emrrg.export.report_check import DEFAULT_REPORT_LIMIT
 from emrrg.runtime import logs
 from emrrg.runtime.helpfmt import CommandParser, DefaultsHelpFormatter
 
@@ -40,7 +41,7 @@ def export_main(argv: list[str] | None = None) -> None:
                    help="also check each 4-bit decoder rung that passes its teacher-forced thresholds on reports: "
                         "written for this annotation.json's validation studies, its BLEU-4 / CIDEr / CE-F1 must stay "
                         "within 5%% / 5%% / 1%% of the f32 decoder's, or the ladder goes on (default: off)")
-    p.add_argument("--calib-reports-limit", type=int, default=24, metavar="N",
+    p.add_argument("--calib-reports-limit", type=int, default=DEFAULT_REPORT_LIMIT, metavar="N",
                    help="validation studies the report check writes")
     p.add_argument("--strict", action="store_true", help="fail when no quantization configuration meets its thresholds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only once the new one is complete)")

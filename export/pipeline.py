@@ -22,6 +22,7 @@ import numpy as np
 
 from emrrg.export.bundle import share_external_data, staged_bundle, write_manifest
 from emrrg.export.errors import ExportError, NoPassingConfigError
+from emrrg.export.report_check import DEFAULT_REPORT_LIMIT
 
 from emrrg.runtime import contract as C  # artifact keys, file names, I/O names and the manifest's sections
 
@@ -43,7 +44,7 @@ class ExportOptions:
     extra: dict[str, str] = field(default_factory=dict)  # --extra-options KEY=VALUE (export/options.py)
     max_calib: int | None = None         # cap on calibration images (tests use a few)
     calib_reports: str | None = None     # annotation.json: report-level check of the 4-bit rungs (report_check.py)
-    calib_reports_limit: int = 24        # its validation studies
+    calib_reports_limit: int = DEFAULT_REPORT_LIMIT  # its validation studies
 
     def values(self) -> dict:
         """`extra` as typed values, checked against export/options.py's table (OptionError when one is wrong)."""
