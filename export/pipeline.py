@@ -324,13 +324,14 @@ def _check_calib_reports(opts: ExportOptions) -> None:
         raise ExportError("--calib-reports checks the 4-bit decoder's rungs; it does nothing with --llm-bits 32")
     if opts.calib_reports_limit < 1:
         raise ExportError(f"--calib-reports-limit {opts.calib_reports_limit}: give 1 or more studies")
+    from emrrg.data.annotation import missing_images
     from emrrg.evaluate import EvalError, load_split
 
     try:
         split = load_split(opts.calib_reports, "val", opts.calib_reports_limit)
     except EvalError as e:
         raise ExportError(f"--calib-reports: {e}") from None
-    missing = [str(p) for ex in split.examples for p in split.images(ex) if not p.is_file()]
+    missing = missing_images(split.examples, split.root)
     if missing:
         raise ExportError(f"--calib-reports: {len(missing)} image(s) of its validation studies are missing, "
                           f"e.g. {missing[0]}")

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["SPLITS", "REQUIRED_KEYS", "validate_annotation", "load_annotation", "write_annotation"]
+__all__ = ["SPLITS", "REQUIRED_KEYS", "validate_annotation", "load_annotation", "write_annotation", "missing_images"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 REQUIRED_KEYS: tuple[str, ...] = ("id", "report", "image_path")
@@ -43,9 +43,14 @@ def validate_annotation(ann: Mapping[str, Any], root: Path | None = None) -> Non
                 raise ValueError(f"duplicate id {ex['id']!r}")
             seen.add(ex["id"])
             if root is not None:
-                for p in ex["image_path"]:
-                    if not (root / p).is_file():
-                        raise ValueError(f"example {ex['id']!r}: {root / p} does not exist")
+                gone = missing_images([ex], root)
+                if gone:
+                    raise ValueError(f"example {ex['id']!r}: {gone[0]} does not exist")
+
+
+def missing_images(examples: Sequence[Mapping[str, Any]], root: Path) -> list[Path]:
+    """The image files of `examples` (``image_path`` entries, relative to ``root``) that do not exist."""
+    return [root / p for ex in examples for p in ex["image_path"] if not (root / p).is_file()]
 
 
 def load_annotation(path: str | Path, check_images: bool = False) -> dict[str, list[dict[str, Any]]]:
