@@ -647,6 +647,17 @@ class Choice:
                 "attempts": self.attempts}
 
 
+def _rewrite_quantizer(f32_onnx: str | Path) -> Callable[[QuantConfig, Path, dict | None], QuantizeResult]:
+    """choose_decoder_config's default quantize: quantize_decoder's rewrite of the f32 (traced) graph. It has no
+    weights to build from, so it skips the rungs that keep LoRA adapters separate."""
+    def quantize(cfg: QuantConfig, out_dir: Path, act_stats: dict | None = None) -> QuantizeResult:
+        return quantize_decoder(f32_onnx, out_dir, config=cfg, act_stats=act_stats)
+
+    quantize.skip = lambda cfg, later: ("only the decoder built from the weights keeps LoRA adapters separate "
+                                        "(decoder_graph=built)" if cfg.separate_adapters else None)
+    return quantize
+
+
 def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: Callable[[Path], object], *,
                           ladder: Sequence[QuantConfig] = DEFAULT_LADDER, act_stats: dict | None = None,
                           top1_min: float = TOP1_MIN, kl_max: float = KL_MAX, strict: bool = False,
@@ -673,12 +684,11 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
     attempts: list[dict] = []
     best: tuple | None = None
     chosen: QuantConfig | None = None
+    quantize = quantize or _rewrite_quantizer(f32_onnx)
     skip = getattr(quantize, "skip", None)
     for k, cfg in enumerate(ladder):
         note = None
         reason = skip(cfg, ladder[k + 1:]) if skip is not None else None
-        if cfg.separate_adapters and skip is None:
-            reason = "only the decoder built from the weights keeps LoRA adapters separate (decoder_graph=built)"
         if reason:
             attempts.append({"name": cfg.name, "config": cfg.to_dict(), "top1": None, "kl_mean": None,
                              "passed": False, "skipped": reason})
@@ -687,8 +697,7 @@ def choose_decoder_config(f32_onnx: str | Path, out_dir: str | Path, evaluate: C
             continue
         if cfg.act_weighted and act_stats is None:
             cfg, note = replace(cfg, act_weighted=False), "no activation statistics: unweighted refit"
-        res = (quantize(cfg, work / cfg.name, act_stats) if quantize is not None else
-               quantize_decoder(f32_onnx, work / cfg.name, config=cfg, act_stats=act_stats))
+        res = quantize(cfg, work / cfg.name, act_stats)
         ev = evaluate(res.path)
         passed = ev.top1 >= top1_min and ev.kl_mean <= kl_max
         checked = None

@@ -371,6 +371,18 @@ class ScriptedEvaluator:
         return type("R", (), {"top1": top1, "kl_mean": kl, "kl_p99": kl, "seconds": 0.0})()
 
 
+def test_chooser_on_the_traced_graph_skips_the_separate_adapter_rung(plain, tmp_path):
+    """The default quantizer rewrites the traced f32 graph and has no weights to keep a LoRA beside: it skips that
+    rung (recorded, neither built nor scored) and goes on."""
+    _, _, exp = plain
+    sep = QuantConfig("affine-b32-lora-lm8", separate_adapters=True)
+    ev = ScriptedEvaluator({"affine-b32-lm8": (0.97, 0.01)})
+    choice = choose_decoder_config(exp.decoder, tmp_path / "q", ev, ladder=(sep, QuantConfig("affine-b32-lm8")),
+                                   verbose=False)
+    assert ev.calls == ["affine-b32-lm8"] and "decoder_graph=built" in choice.attempts[0]["skipped"]
+    assert choice.config.name == "affine-b32-lm8" and choice.passed
+
+
 def test_chooser_records_attempts_and_strict_raises(plain, tiny_reference, tmp_path):
     _, _, exp = plain
     ladder = (QuantConfig("sym-b128-lm4", method="sym", block_size=128, lm_head_bits=4),
