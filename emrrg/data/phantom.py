@@ -48,9 +48,12 @@ package at run time. The label set is chosen first, then rendered. Policy, per r
    stops mid-sentence (many do) after its last full sentence; a report with no full sentence left
    is left out.
 2. A label counts when one of its "definitely present" or "uncertain" mentions lies in the kept
-   text (uncertain -> drawn, like CheXbert's U-ones) and its own clause does not negate it or make
-   it hypothetical ("No pneumothorax, although the sensitivity to detect pneumothorax is
-   diminished": radlabels calls the second mention present; we do not draw it).
+   text (uncertain -> drawn, like CheXbert's U-ones) and the CE labeler
+   (:func:`emrrg.metrics.labeler.mention_state`: the same sentences, clauses, negation and
+   hypothetical triggers that score generated reports) does not read it as negative ("No
+   pneumothorax, although the sensitivity to detect pneumothorax is diminished": radlabels calls
+   the second mention present; we do not draw it). Side / severity / zone are read only from
+   mentions that the labeler does not negate either.
 3. Map the counted labels with :data:`SOURCE_TO_FINDING`. Labels in :data:`IGNORED_SOURCE` are
    subtle or non-pulmonary findings we do not draw (aortic calcification, tortuous aorta, pleural
    thickening, hernia, ...): the report is kept and the image shows nothing for them. A report
@@ -58,8 +61,9 @@ package at run time. The label set is chosen first, then rendered. Policy, per r
    emphysema, pneumomediastinum, pneumoperitoneum, tracheal deviation, ...) is left out.
 4. A report with no renderable label becomes a "no renderable finding" (normal) image.
 
-:func:`write_phantom_dataset` splits the usable reports 70/10/20 (train/val/test) with a
-permutation fixed by the seed, so no report appears in two splits, renders one image per report by
+:func:`write_phantom_dataset` splits the usable reports about 70/10/20 (train/val/test) by a split
+list fixed per radlabels report (``phantom_split.json``, see :func:`source_splits`; no report appears
+in two splits, and a policy change never moves one), renders one image per report by
 default (or ``n_*`` images, cycling over the split's reports with fresh render seeds), and writes
 an R2Gen ``annotation.json``. Same arguments (and numpy / Pillow) -> byte-identical PNGs and
 annotation, whatever ``workers`` is.
@@ -84,6 +88,7 @@ import numpy as np
 
 from emrrg.assets import MissingAssetError, _package_dir
 from emrrg.data.annotation import SPLITS, write_annotation
+from emrrg.metrics.labeler import NEGATIVE, mention_state
 from emrrg.data.phantom_render import (DEVICES, FINDINGS, PhantomSpec, _stream, phantom_regions, render_phantom,
                                        save_png, to_uint8, to_uint16)
 
@@ -197,7 +202,13 @@ def findings_named(findings: Iterable[str], labels: Mapping[str, int]) -> dict[s
     return out
 
 
-_SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
+# The split of each of radlabels' 1,000 reports, fixed in a file that ships with the package (as
+# MIMIC-CXR ships its official split list), so that a change of the policy above (which reports are
+# usable, what is drawn) never moves a report to another split: the demo checkpoint was trained on
+# train, chosen on val and scored on test, and stays so. The file holds the 70/10/20 split that the
+# first policy's 843 usable reports got from a seed-0 permutation, and the other 157 reports
+# assigned 70/10/20 by a hash of their id.
+_SPLIT_FILE = Path(__file__).with_name("phantom_split.json")
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
 
 
@@ -281,7 +292,6 @@ def clean_report(text: str) -> str:
     return out
 
 
-_NEG_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|resolved|resolution of|removed)\b[^.;]*$")
 _KEYWORDS: dict[str, str] = {
     "cardiomegaly": r"cardiomegaly|heart|cardiac",
     "enlarged_cardiomediastinum": r"mediastin|cardiomediastinal",
@@ -328,7 +338,7 @@ def parse_attributes(report: str, findings: Iterable[str]) -> dict[str, dict[str
         hits = []
         for s in sents:
             for m in rx.finditer(s):
-                if not _NEG_BEFORE.search(s[:m.start()]):
+                if mention_state(s, m.start(), m.end()) != NEGATIVE:
                     hits.append(s)
                     break
         if not hits:
@@ -404,20 +414,6 @@ def _token_offsets(raw: str, tokens: Sequence[str]) -> list[int]:
     return out
 
 
-# Second look at radlabels' positive mentions: a mention is not drawn when its clause (from the
-# sentence start, ";" or "but/however/although") puts a negation or hypothetical cue before it,
-# e.g. "No pneumothorax, although the sensitivity to detect pneumothorax is diminished".
-_CLAUSE_START = re.compile(r"(?:[.!?;:](?=\s)|\n\s*\n|\b(?:but|however|although|though|whereas)\b)", re.I)
-_CLAUSE_NEG = re.compile(
-    r"\b(?:no|not|without|negative\s+for|free\s+of|resolved|resolution\s+of|removed|removal\s+of|"
-    r"to\s+detect|assessment\s+for|evaluation\s+for|mistaken\s+for|rule\s+out|ruled\s+out)\b", re.I)
-
-
-def _negated_in_clause(raw: str, offset: int) -> bool:
-    starts = [m.end() for m in _CLAUSE_START.finditer(raw, 0, offset)]
-    return bool(_CLAUSE_NEG.search(raw[starts[-1] if starts else 0:offset]))
-
-
 def load_cases() -> tuple[list[PhantomCase], dict[str, Any]]:
     """All usable radlabels reports turned into cases, plus statistics of the policy's decisions."""
     cases, stats = _load_cases_cached()
@@ -440,7 +436,8 @@ def _load_cases_cached() -> tuple[tuple[PhantomCase, ...], dict[str, Any]]:
             stats["excluded_empty"] += 1
             continue
         m = matches.get(rid, {})
-        offsets = _token_offsets(raw, m.get("text", "").split(" "))
+        tokens = m.get("text", "").split(" ")
+        offsets = _token_offsets(raw, tokens)
         spans = _kept_spans(raw)
         kept = lambda i: 0 <= i < len(offsets) and any(s0 <= offsets[i] < s1 for s0, s1 in spans)  # noqa: E731
         present: set[str] = set()
@@ -450,7 +447,7 @@ def _load_cases_cached() -> tuple[tuple[PhantomCase, ...], dict[str, Any]]:
             ix = mt.get("start_ix") or []
             if not (ix and all(kept(i) for i in ix)):
                 continue
-            if _negated_in_clause(raw, min(offsets[i] for i in ix)):
+            if mention_state(raw, min(offsets[i] for i in ix), max(offsets[i] + len(tokens[i]) for i in ix)) == NEGATIVE:
                 stats["negated_mentions"] += 1
                 continue
             present.add(mt["disease"])
@@ -478,13 +475,22 @@ def dataset_statistics(cases: Sequence[PhantomCase]) -> dict[str, Any]:
     return {"cases": len(cases), "no_renderable_finding": normal, "findings": freq, "devices": dev}
 
 
-def _split_pools(cases: Sequence[PhantomCase], seed: int) -> dict[str, list[PhantomCase]]:
-    order = _stream(seed, 99).permutation(len(cases))
-    n = len(cases)
-    n_train = int(round(n * _SPLIT_FRACTIONS["train"]))
-    n_val = int(round(n * _SPLIT_FRACTIONS["val"]))
-    idx = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    return {s: [cases[i] for i in sorted(idx[s])] for s in SPLITS}
+@functools.lru_cache(maxsize=1)
+def source_splits() -> dict[str, str]:
+    """radlabels report id -> "train" / "val" / "test" (the fixed split list)."""
+    table = json.loads(_SPLIT_FILE.read_text(encoding="utf-8"))
+    return {rid: split for split in SPLITS for rid in table[split]}
+
+
+def _split_pools(cases: Sequence[PhantomCase]) -> dict[str, list[PhantomCase]]:
+    table = source_splits()
+    pools: dict[str, list[PhantomCase]] = {s: [] for s in SPLITS}
+    for c in cases:
+        if c.source_id not in table:
+            raise MissingAssetError(f"radlabels report {c.source_id!r} is not in {_SPLIT_FILE}; "
+                                    "reinstall: pip install --no-deps radlabels==0.2.0")
+        pools[table[c.source_id]].append(c)
+    return pools
 
 
 def _sample_seed(seed: int, split: str, k: int) -> int:
@@ -502,7 +508,8 @@ def write_phantom_dataset(out_dir: str | Path, n_train: int | None = None, n_val
                           workers: int = 1) -> Path:
     """Render a phantom dataset into ``out_dir`` and return the path of its ``annotation.json``.
 
-    Reports are split 70/10/20 by a permutation fixed by ``seed`` (no report in two splits).
+    Reports go to the split the fixed split list gives them (about 70/10/20, no report in two
+    splits); ``seed`` picks the render seeds.
     ``n_*`` None -> one image per report of that split; a larger number cycles over the split's
     reports with fresh render seeds. Images go to ``out_dir/images/<id>.png``. ``workers`` > 1
     renders in processes; the output does not depend on it.
@@ -510,7 +517,7 @@ def write_phantom_dataset(out_dir: str | Path, n_train: int | None = None, n_val
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     cases, _ = load_cases()
-    pools = _split_pools(cases, seed)
+    pools = _split_pools(cases)
     want = {"train": n_train, "val": n_val, "test": n_test}
     splits: dict[str, list[dict[str, Any]]] = {}
     jobs: list[tuple[str, PhantomSpec, int, int, int]] = []
@@ -545,7 +552,7 @@ def write_phantom_dataset(out_dir: str | Path, n_train: int | None = None, n_val
         for job in jobs:
             _render_job(job)
     meta = {"generator": "emrrg.data.phantom", "seed": seed, "size": size, "bit_depth": bit_depth,
-            "split_fractions": _SPLIT_FRACTIONS, "findings": list(FINDINGS)}
+            "split_file": _SPLIT_FILE.name, "findings": list(FINDINGS)}
     (out / "phantom_meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return write_annotation(out / "annotation.json", splits)
 

@@ -59,6 +59,7 @@ __all__ = [
     "UNCERTAIN",
     "chexpert_phrases",
     "label_states",
+    "mention_state",
     "label_report",
     "label_reports",
     "ce_scores",
@@ -267,10 +268,13 @@ def _matchers() -> tuple[_ClassMatcher, ...]:
 # Core
 
 
+def _lower(text: str) -> str:
+    """Lower case with typographic apostrophes made plain; keeps every character offset."""
+    return text.lower().replace("\u2019", "'")
+
+
 def _normalize(text: str) -> str:
-    text = text.lower().replace("\u2019", "'")
-    text = re.sub(r"[ \t\r\f\v]+", " ", text)
-    return text
+    return re.sub(r"[ \t\r\f\v]+", " ", _lower(text))
 
 
 def _sentences(text: str) -> list[str]:
@@ -282,6 +286,14 @@ def _clauses(sentence: str) -> list[tuple[int, int]]:
     starts = [0] + [m.start() for m in _RE_TERM.finditer(sentence) if m.start() > 0]
     ends = starts[1:] + [len(sentence)]
     return list(zip(starts, ends))
+
+
+def _clause_of(clauses: Sequence[tuple[int, int]], start: int, sentence: str) -> tuple[int, int]:
+    return next((c for c in clauses if c[0] <= start < c[1]), (0, len(sentence)))
+
+
+def _pseudo_spans(sentence: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in _RE_PSEUDO.finditer(sentence)]
 
 
 def _hits(regex: re.Pattern[str], text: str, pseudo: list[tuple[int, int]], offset: int = 0) -> list[tuple[int, int]]:
@@ -350,7 +362,7 @@ def label_states(text: str) -> dict[str, int | None]:
     per_class: dict[str, list[int]] = {c: [] for c in CHEXPERT_CLASSES}
     other: list[int] = []
     for sent in _sentences(text):
-        pseudo = [(m.start(), m.end()) for m in _RE_PSEUDO.finditer(sent)]
+        pseudo = _pseudo_spans(sent)
         clauses = _clauses(sent)
         for matcher in _matchers():
             excl = [(m.start(), m.end()) for m in matcher.exclude.finditer(sent)] if matcher.exclude else []
@@ -359,7 +371,7 @@ def label_states(text: str) -> dict[str, int | None]:
                     s, e = m.start(), m.end()
                     if e == s or any(xs < e and s < xe for xs, xe in excl):
                         continue
-                    clause = next((c for c in clauses if c[0] <= s < c[1]), (0, len(sent)))
+                    clause = _clause_of(clauses, s, sent)
                     state = _mention_state(sent, clause, (s, e), pseudo)
                     if (matcher.name in _DESCRIPTOR_CLASSES and state != NEGATIVE
                             and not _ABNORMAL_IN_PHRASE.search(phrase.lower())
@@ -374,6 +386,29 @@ def label_states(text: str) -> dict[str, int | None]:
     result = {"No Finding": None if blocked else POSITIVE}
     result.update(out)
     return result
+
+
+def mention_state(text: str, start: int, end: int) -> int:
+    """The state (POSITIVE, NEGATIVE or UNCERTAIN) that :func:`label_states` gives a mention found by
+    someone else at ``text[start:end]``: the same sentences, clauses, triggers and pseudo-triggers,
+    without the phrase lists (so radtext is not needed) and without the Cardiomegaly descriptor rule.
+
+    The phantom's report policy uses it to decide which mentions are drawn, so the images and the
+    CE metric read negation the same way.
+    """
+    if not 0 <= start < end <= len(text):
+        raise ValueError(f"mention span {start}:{end} outside a text of {len(text)} characters")
+    low = _lower(text)
+    s0, s1 = 0, len(low)
+    for m in _RE_SENT.finditer(low):
+        if m.end() <= start:
+            s0 = m.end()
+        elif m.start() >= end:
+            s1 = m.start()
+            break
+    sent = low[s0:s1]
+    a, b = start - s0, end - s0
+    return _mention_state(sent, _clause_of(_clauses(sent), a, sent), (a, b), _pseudo_spans(sent))
 
 
 def label_report(text: str, uncertain: int = 1) -> dict[str, int]:

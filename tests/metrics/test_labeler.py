@@ -167,3 +167,38 @@ def test_iu_reports_plausible_distribution():
     cm_mesh = [any("Cardiomegaly" in m for m in r.mesh) for r in recs]
     tp = sum(1 for m, row in zip(cm_mesh, labels) if m and row["Cardiomegaly"])
     assert tp >= 0.7 * sum(cm_mesh)
+
+
+MENTIONS = [
+    # (text, mention, which occurrence, state the labeler gives that mention)
+    ("No pneumothorax, although the sensitivity to detect pneumothorax is diminished.", "pneumothorax", 1, lab.NEGATIVE),
+    ("Possible small effusion, no pneumothorax.", "effusion", 0, lab.UNCERTAIN),
+    ("Possible small effusion, no pneumothorax.", "pneumothorax", 0, lab.NEGATIVE),
+    ("Pneumothorax is not seen.", "pneumothorax", 0, lab.NEGATIVE),
+    ("No change in moderate cardiomegaly.", "cardiomegaly", 0, lab.POSITIVE),
+    ("Pneumonia cannot be excluded.", "pneumonia", 0, lab.UNCERTAIN),
+    ("No focal consolidation but there is mild edema.", "consolidation", 0, lab.NEGATIVE),
+    ("No focal consolidation but there is mild edema.", "edema", 0, lab.POSITIVE),
+    # raw report text: offsets are kept through case, line breaks and runs of spaces
+    ("FINDINGS:\n  Heart  is  ENLARGED.\n\n  No   pleural  effusion.  Edema.", "effusion", 0, lab.NEGATIVE),
+    ("FINDINGS:\n  Heart  is  ENLARGED.\n\n  No   pleural  effusion.  Edema.", "Edema", 0, lab.POSITIVE),
+]
+
+
+@pytest.mark.parametrize("text,word,k,state", MENTIONS, ids=[f"{m[1]}@{m[0][:30]}" for m in MENTIONS])
+def test_mention_state_reads_a_span_as_label_states_does(text, word, k, state):
+    start = -1
+    for _ in range(k + 1):
+        start = text.lower().find(word.lower(), start + 1)
+    got = lab.mention_state(text, start, start + len(word))
+    assert got == state
+    # the whole-report labeler agrees where this is the class's only mention
+    cls = {"pneumothorax": "Pneumothorax", "effusion": "Pleural Effusion", "cardiomegaly": "Cardiomegaly",
+           "pneumonia": "Pneumonia", "consolidation": "Consolidation", "edema": "Edema"}[word.lower()]
+    if text.lower().count(word.lower()) == 1:
+        assert lab.label_states(text)[cls] == state
+
+
+def test_mention_state_refuses_a_span_outside_the_text():
+    with pytest.raises(ValueError, match="outside a text of 5 characters"):
+        lab.mention_state("Edema", 2, 9)
