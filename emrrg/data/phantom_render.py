@@ -617,11 +617,21 @@ def _edema_opacity(s: _Scene, r: np.random.Generator) -> None:
     s.info["edema"] = {"severity": SEVERITIES[sev]}
 
 
+# Tube and lead widths as fractions of the image width, from real device sizes on a ~43 cm adult PA
+# field: ETT 7.5-8 mm ID (~11 mm outside, with its radiopaque stripe drawn inside), tracheostomy tube
+# ~11 mm, enteric tube 16 Fr (5.3 mm), central venous catheter 7 Fr (2.3 mm, drawn 3.4 mm so that it
+# survives the encoder's downsampling as a real line's edge contrast does), 28 Fr chest drain (9.3 mm),
+# pacemaker lead ~2.5 mm. (The first renderer drew them at half these widths; at the demo
+# encoder's 112 px they fell under one pixel and a linear probe found devices at AUC 0.67.)
+DEVICE_WIDTH: dict[str, float] = {"ett": 0.024, "tracheostomy": 0.024, "enteric_tube": 0.012, "cvc": 0.008,
+                                  "chest_drain": 0.02, "pacemaker": 0.008}
+
+
 @_registered(_DEVICE_DRAW, "ett")
 def _draw_ett(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -> None:
     cv, cx = s.cv, s.an.cx
     tip = s.an.carina_v - float(sub.uniform(0.03, 0.07))
-    ddraw.line(cv.px([(cx - 0.004, 0.0), (cx - 0.004, tip)]), fill=0.7, width=cv.width(0.011))
+    ddraw.line(cv.px([(cx - 0.004, 0.0), (cx - 0.004, tip)]), fill=0.7, width=cv.width(DEVICE_WIDTH["ett"]))
     ddraw.line(cv.px([(cx - 0.004, 0.0), (cx - 0.004, tip)]), fill=0.9, width=max(1, cv.width(0.004)))
 
 
@@ -629,7 +639,7 @@ def _draw_ett(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -
 def _draw_tracheostomy(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -> None:
     cv, cx = s.cv, s.an.cx
     tip = s.an.carina_v - float(sub.uniform(0.07, 0.1))
-    ddraw.line(cv.px([(cx - 0.004, 0.1), (cx - 0.004, tip)]), fill=0.9, width=cv.width(0.014))
+    ddraw.line(cv.px([(cx - 0.004, 0.1), (cx - 0.004, tip)]), fill=0.9, width=cv.width(DEVICE_WIDTH["tracheostomy"]))
     ddraw.line(cv.px([(cx - 0.06, 0.1), (cx + 0.055, 0.1)]), fill=1.0, width=cv.width(0.01))
 
 
@@ -639,7 +649,7 @@ def _draw_enteric_tube(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Gen
     gx = cx + 0.16 + float(sub.uniform(-0.02, 0.02))
     gy = float(_diaphragm_v(s.an, 1, 0.16)) + float(sub.uniform(0.05, 0.09))
     pts = [(cx + 0.008, 0.0), (cx + 0.012, 0.5)] + _curve((cx + 0.012, 0.5), (cx + 0.03, gy), (gx, gy))
-    ddraw.line(cv.px(pts), fill=1.1, width=max(1, cv.width(0.006)))
+    ddraw.line(cv.px(pts), fill=1.1, width=cv.width(DEVICE_WIDTH["enteric_tube"]))
 
 
 @_registered(_DEVICE_DRAW, "cvc")
@@ -648,7 +658,7 @@ def _draw_cvc(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Generator) -
     sd = -1 if sub.uniform() < 0.7 else 1
     tip = (cx - 0.03, 0.44 + float(sub.uniform(-0.02, 0.03)))
     pts = _curve((cx + sd * 0.27, 0.11), (cx + sd * 0.06, 0.13), (cx - 0.03, 0.25)) + [tip]
-    ddraw.line(cv.px(pts), fill=1.1, width=max(1, cv.width(0.006)))
+    ddraw.line(cv.px(pts), fill=1.1, width=cv.width(DEVICE_WIDTH["cvc"]))
 
 
 @_registered(_DEVICE_DRAW, "chest_drain")
@@ -657,7 +667,7 @@ def _draw_chest_drain(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Gene
     sd = -1 if sub.uniform() < 0.6 else 1
     pts = _curve((cx + sd * (an.w_lung + 0.07), 0.62), (cx + sd * (an.w_lung - 0.02), 0.55),
                  (cx + sd * 0.2, 0.2 + float(sub.uniform(0, 0.05))))
-    ddraw.line(cv.px(pts), fill=1.0, width=cv.width(0.013))
+    ddraw.line(cv.px(pts), fill=1.0, width=cv.width(DEVICE_WIDTH["chest_drain"]))
     ddraw.line(cv.px(pts), fill=0.55, width=max(1, cv.width(0.004)))
 
 
@@ -669,7 +679,7 @@ def _draw_pacemaker(s: _Scene, ddraw: ImageDraw.ImageDraw, sub: np.random.Genera
     ddraw.rounded_rectangle(box, radius=max(1, int(0.012 * size)), fill=3.0)
     for k, target in enumerate([(cx - 0.01, 0.55), (cx + 0.06, 0.66)]):
         pts = _curve((gx - 0.03, gy + 0.01), (cx + 0.02 + 0.03 * k, 0.2), target)
-        ddraw.line(cv.px(pts), fill=1.3, width=max(1, cv.width(0.006)))
+        ddraw.line(cv.px(pts), fill=1.3, width=cv.width(DEVICE_WIDTH["pacemaker"]))
 
 
 def _render(spec: PhantomSpec, seed: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:

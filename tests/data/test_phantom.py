@@ -253,6 +253,28 @@ def test_finding_changes_its_region(finding, seed):
     EFFECT_CHECKS[finding](seed)
 
 
+# The demo encoder sees 112 px (the runtime's BILINEAR resize of the 224 px render). A tube must stay a
+# line there: its 20 most changed input values (after normalization) move by at least this much. The
+# first renderer's half-width tubes moved by 0.65-0.87 (ETT, enteric tube, CVC: under one pixel at 112 px,
+# a linear probe on the demo encoder found devices at AUC 0.67); today's real-size ones by 0.95-2.2.
+DEVICE_MIN_CONTRAST_112 = 0.9
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_devices_survive_the_demo_encoders_resolution(tmp_path, seed):
+    from emrrg.runtime.preprocess import preprocess_study
+
+    def inputs(spec):
+        path = tmp_path / "x.png"
+        ph.save_png(ph.render_phantom(spec, seed, 224), path)
+        return preprocess_study([path], size=112)[0, 0]
+
+    base = inputs(ph.PhantomSpec((), {}, ()))
+    for dev in pr.DEVICES:
+        diff = np.abs(inputs(ph.PhantomSpec(("support_devices",), {}, (dev,))) - base).ravel()
+        assert np.sort(diff)[-20] >= DEVICE_MIN_CONTRAST_112, dev
+
+
 def test_findings_use_their_own_random_streams():
     """Adding a finding never moves another one: the nodule sits where it sat alone."""
     _, alone = ph.render_phantom(["lung_lesion"], 4, return_info=True)
