@@ -614,9 +614,16 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, config: QuantCon
 #  6. + 64 of them at 8 bits (every q/v projection of a 30-layer model with a q/v LoRA).
 #  7. lm_head kept f32 as well.
 #  8. everything at 8 bits: the fallback that any decoder we have seen passes.
+#  9-10. rungs 4 and 2 with f32 activations (accuracy_level 0) and an f32 lm_head: the last resort for the
+#     report-level check (--calib-reports). Every rung above runs MatMulNBits on int8-quantized activations
+#     (accuracy_level 4, llama.cpp's Q4 x Q8 regime), whose small logit errors flip near-tied beams: on the
+#     demo checkpoint no such rung, all-8-bit weights included, kept 24 validation reports within the bands,
+#     while these wrote the f32 decoder's 24 reports exactly. Their decode is ~2.6x slower than rung 4's (3
+#     beams, SmolLM2); an 8-bit lm_head at accuracy_level 0 is not used: ORT CPU de-quantizes it on every
+#     call (11x slower than rung 4).
 # The rungs marked awq need activation statistics (calibration prompts); without them they run unweighted.
 # A quantizer may skip a rung without building or scoring it (`quantize.skip`, see choose_decoder_config):
-# decoder_builder.quantized_builder skips 0-1 for weights already on a 4-bit block grid, and 4 when the
+# decoder_builder.quantized_builder skips 0-1 for weights already on a 4-bit block grid, and 4 and 9 when the
 # checkpoint has no LLM adapters.
 DEFAULT_LADDER: tuple[QuantConfig, ...] = (
     QuantConfig("asym-b32-lm8", method="asym"),
@@ -628,6 +635,8 @@ DEFAULT_LADDER: tuple[QuantConfig, ...] = (
     QuantConfig("affine-b32-awq-lm8-w64", refine=9, act_weighted=True, worst_k_8bit=64),
     QuantConfig("affine-b32-awq-lm32-w64", refine=9, act_weighted=True, worst_k_8bit=64, lm_head_bits=32),
     QuantConfig("int8-b32", bits=8, lm_head_bits=8),
+    QuantConfig("affine-b32-lora-lm32-al0", separate_adapters=True, lm_head_bits=32, accuracy_level=0),
+    QuantConfig("affine-b32-lm32-al0", lm_head_bits=32, accuracy_level=0),
 )
 
 

@@ -194,11 +194,13 @@ def test_separate_adapters_keep_a_lora_exact_over_grid_weights(tmp_path):
     np.testing.assert_allclose(quantize_weight(w0.T, 4, 32, "affine").dequantized.T, w0, atol=1e-6)
     f32 = build_decoder(src, shape, tmp_path / "f32")
     kw = dict(accuracy_level=0, lm_head_bits=4)
-    sep = build_decoder(src, shape, tmp_path / "sep", quant=QuantConfig("sep", separate_adapters=True, **kw),
-                        adapters=factors)
+    # the ladder's own f32-activation rung (the report check's last resort): separate LoRA, f32 lm_head
+    exact_rung = next(c for c in BUILT_LADDER if c.separate_adapters and c.accuracy_level == 0)
+    sep = build_decoder(src, shape, tmp_path / "sep", quant=exact_rung, adapters=factors)
     plain = build_decoder(src, shape, tmp_path / "plain", quant=QuantConfig("plain", **kw), adapters=factors)
     ops = [n.op_type for n in onnx.load(str(sep.path), load_external_data=False).graph.node]
-    assert ops.count("MatMul") == 2 * layers and ops.count("Add") == layers     # one branch per packed qkv
+    assert exact_rung.lm_head_bits == 32 and ops.count("MatMulNBits") == 4 * layers   # the lm_head: a plain MatMul
+    assert ops.count("MatMul") == 2 * layers + 1 and ops.count("Add") == layers  # + one branch per packed qkv
     assert [r.get("adapter_rank") for r in sep.nodes if "qkv" in r["name"]] == [8] * layers   # q's 4 + v's 4
     assert "MatMul" not in [n.op_type for n in onnx.load(str(plain.path), load_external_data=False).graph.node]
     embed = src.get("model.embed_tokens.weight")

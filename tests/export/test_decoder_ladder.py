@@ -15,11 +15,17 @@ def test_ladder_order():
     methods = [(c.method, c.bits, c.act_weighted) for c in DEFAULT_LADDER]
     sep = [k for k, c in enumerate(DEFAULT_LADDER) if c.separate_adapters]
     # the separate-LoRA rung: after the merged affine rungs (no extra MatMuls), before any 8-bit weights
-    assert len(sep) == 1 and DEFAULT_LADDER[sep[0] - 1].name == "affine-b32-awq-lm8"
+    assert DEFAULT_LADDER[sep[0] - 1].name == "affine-b32-awq-lm8"
     assert all(c.worst_k_8bit == 0 and c.bits == 4 for c in DEFAULT_LADDER[:sep[0] + 1])
     assert methods[:3] == [("asym", 4, False), ("asym", 4, True), ("affine", 4, False)]
     assert DEFAULT_LADDER[1].awq_scale and not any(c.awq_scale for c in DEFAULT_LADDER[2:])   # AWQ: the asym rung
-    assert all(m == "affine" for m, b, _ in methods[2:-1]) and methods[-1][1] == 8      # int8 is the last resort
+    # f32 activations only after every int8-activation rung, all-8-bit weights included: they are the slow,
+    # exact last resort of the report check; separate LoRA first, then merged; never with an 8-bit lm_head
+    f32_act = [k for k, c in enumerate(DEFAULT_LADDER) if c.accuracy_level == 0]
+    assert f32_act == [len(DEFAULT_LADDER) - 2, len(DEFAULT_LADDER) - 1] and methods[f32_act[0] - 1][1] == 8
+    assert [DEFAULT_LADDER[k].separate_adapters for k in f32_act] == [True, False] and sep == [sep[0], f32_act[0]]
+    assert all(DEFAULT_LADDER[k].lm_head_bits == 32 for k in f32_act)
+    assert all(m == "affine" for m, b, _ in methods[2:f32_act[0] - 1])
     assert {c.lm_head_bits for c in DEFAULT_LADDER} == {8, 32} and BUILT_LADDER is DEFAULT_LADDER
     assert (TOP1_MIN, KL_MAX) == (0.95, 0.05)                                            # thresholds unchanged
 
