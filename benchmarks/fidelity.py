@@ -6,7 +6,9 @@
 Variants, all on the same studies and the same pixels (`emrrg.runtime.preprocess`):
   f32 PyTorch      the checkpoint through emrrg (the reference)
   f32 bundle       emrrg-export with ExportOptions(int8=False, llm_bits=32), through emrrg.runtime.Runtime
-  INT8 + 4-bit     ExportOptions(int8=True, llm_bits=4): Q/DQ INT8 encoder, MatMulNBits 4-bit decoder
+  INT8 + 4-bit     ExportOptions(int8=True, llm_bits=4, calib_reports=--data): Q/DQ INT8 encoder, MatMulNBits
+                   4-bit decoder, the rung chosen by the ladder with its report check on the first 24 validation
+                   studies (emrrg-export --calib-reports; --no-calib-reports: the teacher-forced thresholds alone)
                    (when the 4-bit decoder path fails, INT8 encoder + f32 decoder, and the table says so)
 
 Per variant:
@@ -90,20 +92,24 @@ def _export(ckpt: Path, path: Path, opts) -> None:
 def _info(path: Path, note: str) -> dict:
     man = json.loads((path / "manifest.json").read_text())
     arts = {k: {kk: v.get(kk) for kk in ("precision", "bytes")} for k, v in man["artifacts"].items()}
+    dec = man.get("validation", {}).get("decoder_4bit") or {}
     return {"path": str(path), "note": note, "artifacts": arts, "calibration": man.get("calibration", {}).get("images"),
+            "decoder_rung": dec.get("chosen"), "decoder_rung_passed": dec.get("passed"),
             "validation": {k: v for k, v in man.get("validation", {}).items() if k != "images"}}
 
 
-def build_bundles(ckpt: Path, work: Path, calib: Path) -> dict[str, dict]:
-    """{name: info}. The quantized bundle falls back to INT8 encoder + f32 decoder when 4-bit export fails."""
+def build_bundles(ckpt: Path, work: Path, calib: Path, calib_reports: str | None = None) -> dict[str, dict]:
+    """{name: info}. The quantized bundle falls back to INT8 encoder + f32 decoder when 4-bit export fails.
+    calib_reports: an annotation.json whose validation studies the 4-bit ladder's report check uses
+    (emrrg-export --calib-reports); None: the ladder's teacher-forced thresholds alone."""
     from emrrg.export.pipeline import ExportOptions
 
     out = {}
     _export(ckpt, work / "bundle_f32", ExportOptions(int8=False, llm_bits=32, calib=str(calib)))
     out["f32 bundle"] = _info(work / "bundle_f32", "")
-    q = work / "bundle_int8_4bit"
+    q = work / ("bundle_int8_4bit_reports" if calib_reports else "bundle_int8_4bit")
     try:
-        _export(ckpt, q, ExportOptions(int8=True, llm_bits=4, calib=str(calib)))
+        _export(ckpt, q, ExportOptions(int8=True, llm_bits=4, calib=str(calib), calib_reports=calib_reports))
         out["INT8 + 4-bit"] = _info(q, "")
     except Exception as e:  # noqa: BLE001 - the 4-bit decoder path may not be finished: say so, fall back
         note = (f"the 4-bit decoder export failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
@@ -184,6 +190,8 @@ def main(argv=None) -> None:
                         "batched GEMMs round differently and can flip near-tied tokens)")
     p.add_argument("--max-report-tokens", type=int, default=96, help="teacher-forced report length")
     p.add_argument("--calib-train", type=int, default=32, help="INT8 calibration images, from the train split")
+    p.add_argument("--no-calib-reports", action="store_true", help="export the INT8 + 4-bit bundle without "
+                   "--calib-reports (default: with it, on the first 24 validation studies of --data)")
     p.add_argument("--seed-reference", default=None, help="emrrg-eval JSON (same checkpoint, split, batch size 1) "
                                                           "whose predictions stand in for the f32 PyTorch ones")
     a = p.parse_args(argv)
@@ -205,7 +213,7 @@ def main(argv=None) -> None:
     t_all = time.perf_counter()
     train = load_annotation(a.data)["train"]
     calib = calibration_folder(train, Path(a.data).parent, work, a.calib_train)
-    bundles = build_bundles(ckpt, work, calib)
+    bundles = build_bundles(ckpt, work, calib, None if a.no_calib_reports else str(a.data))
 
     if a.seed_reference and not (work / "pred_f32_PyTorch.json").is_file():
         ev = json.loads(Path(a.seed_reference).read_text())
@@ -338,7 +346,9 @@ def render_md(res: dict) -> str:
     for name, b in res["bundles"].items():
         arts = ", ".join(f"{k} {v['precision']}" + (f" {v['bytes'] / 2**20:.1f} MiB" if v.get("bytes") else "")
                          for k, v in b["artifacts"].items())
-        L.append(f"- {name}: {arts}" + (f". Note: {b['note']}" if b["note"] else ""))
+        rung = (f"; 4-bit decoder rung `{b['decoder_rung']}` ({'passed' if b['decoder_rung_passed'] else 'no rung passed'})"
+                if b.get("decoder_rung") else "")
+        L.append(f"- {name}: {arts}{rung}" + (f". Note: {b['note']}" if b["note"] else ""))
     m = res["machine"]
     L += ["", f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs (load average "
               f"{', '.join(f'{x:.1f}' for x in m['load_avg'])}), {m['threads']} thread(s); wall {res['wall_s']} s.", ""]
