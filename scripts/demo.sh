@@ -17,9 +17,18 @@ if [ ! -f "$CKPT/config.json" ]; then
   [ -f "$CKPT/config.json" ] || .venv/bin/emrrg-init --encoder base --decoder smollm2-135m -o "$CKPT"
 fi
 BUNDLE="$WORK/bundle-int8"
-if [ ! -f "$BUNDLE/manifest.json" ]; then
+# Re-export when the bundle was made from another checkpoint (the manifest records the checkpoint's sha256).
+if ! .venv/bin/python - "$CKPT" "$BUNDLE/manifest.json" <<'PY'
+import json, sys
+from pathlib import Path
+from emrrg.runtime.bundle import sha256_tree
+ckpt, manifest = sys.argv[1:3]
+ok = Path(manifest).is_file() and json.loads(Path(manifest).read_text())["source"]["sha256"] == sha256_tree(ckpt)
+sys.exit(0 if ok else 1)
+PY
+then
   echo "[demo] emrrg-export $CKPT --int8 --llm-bits 4"
-  .venv/bin/emrrg-export "$CKPT" -o "$BUNDLE" --int8 --llm-bits 4
+  .venv/bin/emrrg-export "$CKPT" -o "$BUNDLE" --int8 --llm-bits 4 --overwrite
 fi
 PHANTOM="$WORK/phantom_effusion_cardiomegaly.png"
 DRAWN="pleural_effusion cardiomegaly"
@@ -33,7 +42,8 @@ PY
 )
 # One study: the report on stdout, emrrg-run's warnings on stderr, its timing line kept for the summary.
 report() {  # NAME IMAGE
-  if ! .venv/bin/emrrg-run "$BUNDLE" "$2" --max-new-tokens "${EMRRG_DEMO_TOKENS:-80}" >"$WORK/$1.txt" 2>"$WORK/$1.err"; then
+  # the checkpoint's own decoding (chosen on the validation split); EMRRG_DEMO_TOKENS=N caps the new tokens
+  if ! .venv/bin/emrrg-run "$BUNDLE" "$2" ${EMRRG_DEMO_TOKENS:+--max-new-tokens "$EMRRG_DEMO_TOKENS"} >"$WORK/$1.txt" 2>"$WORK/$1.err"; then
     cat "$WORK/$1.err" >&2
     exit 1
   fi
