@@ -88,9 +88,9 @@ import numpy as np
 
 from emrrg.assets import MissingAssetError, _package_dir
 from emrrg.data.annotation import SPLITS, write_annotation
+from emrrg.data.phantom_render import (DEVICES, FINDINGS, PhantomSpec, phantom_regions, render_phantom, save_png,
+                                       to_uint8, to_uint16)
 from emrrg.metrics.labeler import NEGATIVE, mention_state
-from emrrg.data.phantom_render import (DEVICES, FINDINGS, PhantomSpec, _stream, phantom_regions, render_phantom,
-                                       save_png, to_uint8, to_uint16)
 
 __all__ = [
     "FINDINGS",
