@@ -92,9 +92,7 @@ def _export(ckpt: Path, path: Path, opts) -> None:
 def _info(path: Path, note: str) -> dict:
     man = json.loads((path / "manifest.json").read_text())
     arts = {k: {kk: v.get(kk) for kk in ("precision", "bytes")} for k, v in man["artifacts"].items()}
-    dec = man.get("validation", {}).get("decoder_4bit") or {}
     return {"path": str(path), "note": note, "artifacts": arts, "calibration": man.get("calibration", {}).get("images"),
-            "decoder_rung": dec.get("chosen"), "decoder_rung_passed": dec.get("passed"),
             "validation": {k: v for k, v in man.get("validation", {}).items() if k != "images"}}
 
 
@@ -346,8 +344,9 @@ def render_md(res: dict) -> str:
     for name, b in res["bundles"].items():
         arts = ", ".join(f"{k} {v['precision']}" + (f" {v['bytes'] / 2**20:.1f} MiB" if v.get("bytes") else "")
                          for k, v in b["artifacts"].items())
-        rung = (f"; 4-bit decoder rung `{b['decoder_rung']}` ({'passed' if b['decoder_rung_passed'] else 'no rung passed'})"
-                if b.get("decoder_rung") else "")
+        dec = b["validation"].get("decoder_4bit") or {}
+        rung = (f"; 4-bit decoder rung `{dec['chosen']}` ({'passed' if dec.get('passed') else 'no rung passed'})"
+                if dec.get("chosen") else "")
         L.append(f"- {name}: {arts}{rung}" + (f". Note: {b['note']}" if b["note"] else ""))
     m = res["machine"]
     L += ["", f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs (load average "
