@@ -256,7 +256,7 @@ def test_finding_changes_its_region(finding, seed):
 # The demo encoder sees 112 px (the runtime's BILINEAR resize of the 224 px render). A tube must stay a
 # line there: its 20 most changed input values (after normalization) move by at least this much. The
 # first renderer's half-width tubes moved by 0.65-0.87 (ETT, enteric tube, CVC: under one pixel at 112 px,
-# a linear probe on the demo encoder found devices at AUC 0.67); today's real-size ones by 0.95-2.2.
+# a linear probe on the demo encoder found devices at AUC 0.67); the real-size ones by 0.95-2.2.
 DEVICE_MIN_CONTRAST_112 = 0.9
 
 
