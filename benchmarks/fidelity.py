@@ -7,8 +7,9 @@ Variants, all on the same studies and the same pixels (`emrrg.runtime.preprocess
   f32 PyTorch      the checkpoint through emrrg (the reference)
   f32 bundle       emrrg-export with ExportOptions(int8=False, llm_bits=32), through emrrg.runtime.Runtime
   INT8 + 4-bit     ExportOptions(int8=True, llm_bits=4, calib_reports=--data): Q/DQ INT8 encoder, MatMulNBits
-                   4-bit decoder, the rung chosen by the ladder with its report check on the first 24 validation
-                   studies (emrrg-export --calib-reports; --no-calib-reports: the teacher-forced thresholds alone)
+                   4-bit decoder, the rungs chosen by both ladders with their report check on the first 24
+                   validation studies (emrrg-export --calib-reports; --no-calib-reports: the token-level
+                   thresholds alone)
                    (when the 4-bit decoder path fails, INT8 encoder + f32 decoder, and the table says so)
 
 Per variant:
@@ -21,7 +22,7 @@ Per variant:
 - visual-token NMSE against f32 PyTorch.
 
 Target: INT8 + 4-bit within the export's report bands (emrrg.export.report_check.REPORT_BANDS, the same bands
-`emrrg-export --calib-reports` checks each 4-bit rung against): CE-F1 within 1%, BLEU-4 and CIDEr within 5%
+`emrrg-export --calib-reports` checks each INT8 encoder and 4-bit decoder rung against): CE-F1 within 1%, BLEU-4 and CIDEr within 5%
 relative of f32 PyTorch.
 
 Every phase's result is cached under --workdir (bundles, predictions), so a rerun only redoes what is
@@ -98,8 +99,8 @@ def _info(path: Path, note: str) -> dict:
 
 def build_bundles(ckpt: Path, work: Path, calib: Path, calib_reports: str | None = None) -> dict[str, dict]:
     """{name: info}. The quantized bundle falls back to INT8 encoder + f32 decoder when 4-bit export fails.
-    calib_reports: an annotation.json whose validation studies the 4-bit ladder's report check uses
-    (emrrg-export --calib-reports); None: the ladder's teacher-forced thresholds alone."""
+    calib_reports: an annotation.json whose validation studies the ladders' report check uses
+    (emrrg-export --calib-reports); None: the ladders' token-level thresholds alone."""
     from emrrg.export.pipeline import ExportOptions
 
     out = {}

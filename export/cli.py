@@ -38,9 +38,10 @@ def export_main(argv: list[str] | None = None) -> None:
                                                  "shipped offline in pydicom-data and pneumonia-model-package)")
     p.add_argument("--extra-options", nargs="*", default=[], metavar="K=V", help=extra_help())
     p.add_argument("--calib-reports", default=None, metavar="ANNOTATION",
-                   help="also check each 4-bit decoder rung that passes its teacher-forced thresholds on reports: "
-                        "written for this annotation.json's validation studies, its BLEU-4 / CIDEr / CE-F1 must stay "
-                        "within 5%% / 5%% / 1%% of the f32 decoder's, or the ladder goes on (default: off)")
+                   help="also check each INT8 encoder rung and 4-bit decoder rung that passes its token-level "
+                        "thresholds on reports: written for this annotation.json's validation studies, their "
+                        "BLEU-4 / CIDEr / CE-F1 must stay within 5%% / 5%% / 1%% of the f32 model's, or the ladder "
+                        "goes on (default: off)")
     p.add_argument("--calib-reports-limit", type=int, default=DEFAULT_REPORT_LIMIT, metavar="N",
                    help="validation studies the report check writes")
     p.add_argument("--strict", action="store_true", help="fail when no quantization configuration meets its thresholds")

@@ -43,7 +43,7 @@ class ExportOptions:
     overwrite: bool = False
     extra: dict[str, str] = field(default_factory=dict)  # --extra-options KEY=VALUE (export/options.py)
     max_calib: int | None = None         # cap on calibration images (tests use a few)
-    calib_reports: str | None = None     # annotation.json: report-level check of the 4-bit rungs (report_check.py)
+    calib_reports: str | None = None     # annotation.json: report-level check of the INT8 / 4-bit rungs (report_check.py)
     calib_reports_limit: int = DEFAULT_REPORT_LIMIT  # its validation studies
 
     def values(self) -> dict:
@@ -66,10 +66,10 @@ def check_target(target: str) -> None:
 
 
 def _steps(opts: ExportOptions) -> list[str]:
-    s = ["load checkpoint", "merge adapters", "export encoder", "validate encoder"]
+    # the f32 decoder is exported before the INT8 encoder: --calib-reports checks encoder rungs through it
+    s = ["load checkpoint", "merge adapters", "export encoder", "validate encoder", "export decoder"]
     if opts.int8:
         s.append("int8 encoder")
-    s += ["export decoder"]
     if opts.llm_bits == 4:
         s.append("4-bit decoder")
     s += ["tokenizer + manifest"]
@@ -175,21 +175,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
                 val["encoder_f32"] = validate_encoder(work / "encoder.f32.onnx", model, sets, reference_outputs=ref_tokens,
                                                       verbose=False)
             bar.done()
-            enc_files = {"custom": work / "encoder.f32.onnx", "pure": work / "encoder.f32.scan.onnx"}
-            enc_precision, calibration = "fp32", None
-            # 4. INT8 ------------------------------------------------------------------------------------
-            if opts.int8:
-                bar.start("int8 encoder")
-                calibration, enc_val = _quantize_encoder(model, work, calib, sets, ref_tokens, opts, log)
-                val.update(enc_val)
-                enc_files = {"custom": work / "encoder.int8.onnx", "pure": work / "encoder.int8.scan.onnx"}
-                enc_precision = "int8"
-                bar.done()
-            shutil.move(str(enc_files["custom"]), tmp / C.ENCODER_FILE)
-            shutil.move(str(enc_files["pure"]), tmp / C.ENCODER_SCAN_FILE)
-            # both encoder files hold the same weights: store them once
-            enc_data = share_external_data(tmp, [C.ENCODER_FILE, C.ENCODER_SCAN_FILE], C.ENCODER_DATA_FILE)
-            # 5. decoder ---------------------------------------------------------------------------------
+            # 4. f32 decoder ---------------------------------------------------------------------------
             bar.start("export decoder")
             if reference == "streamed":
                 dec = _streamed_decoder(model, checkpoint, work / "decoder_f32")
@@ -198,12 +184,34 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             val["decoder_f32"] = dec.validation
             val["decoder_reference"] = {"kind": reference, "why": why}
             bar.done()
+            reports = None
+            if opts.calib_reports:
+                if reference == "streamed":
+                    raise ExportError("--calib-reports needs the f32 reference in memory (decoder_reference=f32); "
+                                      "this LLM is scored against the streamed one")
+                from emrrg.export.report_check import ReportCheck
+                reports = ReportCheck(model, opts.calib_reports, dec, opts.calib_reports_limit, log=log)
+            enc_files = {"custom": work / "encoder.f32.onnx", "pure": work / "encoder.f32.scan.onnx"}
+            enc_precision, calibration = "fp32", None
+            # 5. INT8 encoder ----------------------------------------------------------------------------
+            if opts.int8:
+                bar.start("int8 encoder")
+                calibration, enc_val = _quantize_encoder(model, work, calib, sets, ref_tokens, opts, log, reports)
+                val.update(enc_val)
+                enc_files = {"custom": work / "encoder.int8.onnx", "pure": work / "encoder.int8.scan.onnx"}
+                enc_precision = "int8"
+                bar.done()
+            shutil.move(str(enc_files["custom"]), tmp / C.ENCODER_FILE)
+            shutil.move(str(enc_files["pure"]), tmp / C.ENCODER_SCAN_FILE)
+            # both encoder files hold the same weights: store them once
+            enc_data = share_external_data(tmp, [C.ENCODER_FILE, C.ENCODER_SCAN_FILE], C.ENCODER_DATA_FILE)
+            # 6. 4-bit decoder ---------------------------------------------------------------------------
             dec_dir, dec_precision, dec_choice = work / "decoder_f32", "fp32", None
             if opts.llm_bits == 4:
                 bar.start("4-bit decoder")
                 dec_dir, dec_choice = _quantize_decoder(model, ref_tokens["calibration"][:1], dec, work, opts,
                                                         streamed=reference == "streamed" and checkpoint,
-                                                        adapters=adapters)
+                                                        adapters=adapters, reports=reports)
                 dec_precision = "int4"
                 val["decoder_4bit"] = dec_choice
                 bar.done()
@@ -213,7 +221,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             if dec.cross_kv is not None:  # hybrid layers: visual K/V stay f32, from the f32 export (one file)
                 shutil.move(str(dec.cross_kv), tmp / C.CROSS_KV_FILE)
             embed_art = _write_embedding(dec.embed_tokens, tmp, quantized=opts.llm_bits == 4)
-            # 6. tokenizer + manifest --------------------------------------------------------------------
+            # 7. tokenizer + manifest --------------------------------------------------------------------
             bar.start(steps[-1])
             model.tokenizer.save_pretrained(tmp / C.TOKENIZER_DIR)
             shutil.rmtree(work)
@@ -229,12 +237,15 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
     return full
 
 
-def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOptions, log) -> tuple[dict, dict]:
+def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOptions, log,
+                      reports=None) -> tuple[dict, dict]:
     """INT8 through the accuracy-aware ladder (quantize_encoder.ENCODER_INT8_LADDER, or the one configuration
     pinned with --extra-options encoder_smooth_alpha / encoder_method / encoder_w3_float): the first whose
-    Q/DQ graph passes the validation thresholds on the calibration and held-out images is kept. Without a
-    pass the best (highest held-out mean cosine) is kept with passed=False, or --strict stops the export.
-    Returns (calibration facts with every attempt, validation figures)."""
+    Q/DQ graph passes the validation thresholds on the calibration and held-out images -- and, with
+    --calib-reports (`reports`, a report_check.ReportCheck), whose reports through the f32 decoder stay within
+    the report bands -- is kept. Without a pass the best (passed, then highest held-out mean cosine) is kept
+    with passed=False, or --strict stops the export. Returns (calibration facts with every attempt, validation
+    figures)."""
     import onnx
 
     from emrrg.runtime.oplib import find_op_library
@@ -269,6 +280,12 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
         attempts.append({"name": cfg["name"], "passed": passed, "held_out_mean_cosine": held,
                          "bytes": q["bytes"], "config": {k: v for k, v in cfg.items() if k != "name"}})
         log(f"int8 encoder {cfg['name']}: {'pass' if passed else 'miss'} (held-out mean token cosine {held:.6f})")
+        if passed and reports is not None:  # the graph the runtime would run: with the op library when built
+            custom = find_op_library() is not None
+            passed, attempts[-1]["reports"] = reports.check_encoder(files["custom" if custom else "pure"],
+                                                                    oplib="auto" if custom else False)
+            attempts[-1]["passed"] = passed
+            log(f"int8 encoder {cfg['name']}: reports {'within' if passed else 'outside'} the bands")
         if best is None or (passed, held) > (best[0]["passed"], best[0]["held_out_mean_cosine"]):
             loser, best = (best[1] if best else {}), (attempts[-1], files, figures, q)
         else:
@@ -278,6 +295,9 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
         if passed:
             break
     chosen, files, figures, q = best
+    if reports is not None:
+        custom = find_op_library() is not None
+        reports.adopt_encoder(files["custom" if custom else "pure"], chosen["name"], chosen["passed"])
     if not chosen["passed"]:
         if opts.strict:
             raise NoPassingConfigError(
@@ -317,11 +337,12 @@ def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
 
 
 def _check_calib_reports(opts: ExportOptions) -> None:
-    """--calib-reports: a 4-bit decoder to check and an annotation with a validation split, before any work."""
+    """--calib-reports: an INT8 encoder or a 4-bit decoder to check and an annotation with a validation split, before any work."""
     if opts.calib_reports is None:
         return
-    if opts.llm_bits != 4:
-        raise ExportError("--calib-reports checks the 4-bit decoder's rungs; it does nothing with --llm-bits 32")
+    if opts.llm_bits != 4 and not opts.int8:
+        raise ExportError("--calib-reports checks the rungs of the INT8 encoder (--int8) and of the 4-bit decoder; "
+                          "with --llm-bits 32 and no --int8 it has nothing to check")
     if opts.calib_reports_limit < 1:
         raise ExportError(f"--calib-reports-limit {opts.calib_reports_limit}: give 1 or more studies")
     from emrrg.data.annotation import missing_images
@@ -420,12 +441,14 @@ def _streamed_decoder(model, checkpoint, out: Path):
 
 
 def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOptions,
-                      streamed: str | Path | bool = False, adapters: dict | None = None) -> tuple[Path, dict]:
+                      streamed: str | Path | bool = False, adapters: dict | None = None,
+                      reports=None) -> tuple[Path, dict]:
     """4-bit decoder through the accuracy-aware chooser, scored teacher-forced against the f32 PyTorch LLM
     on real report text after the EMRRG prompt (export/decoder_eval.py). streamed (the checkpoint): the f32
     reference and the activation statistics come from export/streamed_reference.py, the candidates are built
     from the safetensors. adapters: the LLM's LoRA factors taken before the merge (decoder_builder.lora_factors),
-    for the ladder's rung that keeps them separate."""
+    for the ladder's rung that keeps them separate. reports: --calib-reports' report_check.ReportCheck, a further
+    check of each rung that meets the thresholds."""
     import torch
 
     from emrrg.export.decoder_eval import DecoderEvaluator, TorchDecoder, build_reference, eval_prompts, prefill_feeds
@@ -444,9 +467,6 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
     prompts = eval_prompts(tok, n=n_prompts, prompt_tokens=prompt_tokens)
     calib_prompts = eval_prompts(tok, n=2, prompt_tokens=prompt_tokens, first_report=300)
     if streamed:
-        if opts.calib_reports:
-            raise ExportError("--calib-reports needs the f32 reference in memory (decoder_reference=f32); this "
-                              "LLM is scored against the streamed one")
         return _quantize_streamed(model, streamed, prompts, calib_prompts, n_new, dec, work, opts)
     try:
         reference = build_reference(TorchDecoder(model.llama_model), prompts, n_new)
@@ -462,12 +482,8 @@ def _quantize_decoder(model, visual: np.ndarray, dec, work: Path, opts: ExportOp
         quantize = quantized_builder(ModuleWeights(model.llama_model),
                                      _module_shape(model.llama_model, min_positions=decoder_positions(model)),
                                      token_ids(dec.spec), adapters=adapters)
-    accept = None
-    if opts.calib_reports:
-        from emrrg.export.report_check import ReportCheck
-        accept = ReportCheck(model, opts.calib_reports, dec, opts.calib_reports_limit)
     return _choose(dec.decoder, work, DecoderEvaluator(reference, embed, visual_kv=visual_kv or None), ladder, stats,
-                   opts, quantize, accept)
+                   opts, quantize, reports)
 
 
 def _choose(f32_onnx, work: Path, evaluator, ladder, stats, opts: ExportOptions, quantize,

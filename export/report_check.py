@@ -1,15 +1,23 @@
-"""`emrrg-export --calib-reports ANNOTATION`: a report-level check in the 4-bit decoder's ladder (opt-in).
+"""`emrrg-export --calib-reports ANNOTATION`: a report-level check in the export's ladders (opt-in).
 
-The ladder (quantize_decoder.choose_decoder_config) keeps the first encoding within the teacher-forced thresholds
-(top-1, KL). An encoding can pass them and still change what a reader sees: a flipped near-tie early in a beam
-search changes every later sentence. With --calib-reports, a rung that passes is also made to write reports for
-the first `--calib-reports-limit` studies of the annotation's validation split, and is kept only when its report
-metrics (against the annotation's reference reports) stay within REPORT_BANDS of the f32 decoder's on the same
-studies; otherwise the ladder goes on to the next rung.
+The ladders keep the first encoding within their token-level thresholds: the INT8 encoder's (visual-token
+cosine and NMSE, quantize_encoder.ENCODER_INT8_LADDER) and the 4-bit decoder's (teacher-forced top-1 and KL,
+quantize_decoder.choose_decoder_config). An encoding can pass them and still change what a reader sees: a
+flipped near-tie early in a beam search changes every later sentence. With --calib-reports, a rung that passes
+is also made to write reports for the first `--calib-reports-limit` studies of the annotation's validation
+split, and is kept only when its report metrics (against the annotation's reference reports) stay within
+REPORT_BANDS of the f32 model's (f32 PyTorch encoder, f32 decoder graph) on the same studies; otherwise the
+ladder goes on to the next rung.
 
-Both sides decode the same prompt embeddings (the f32 PyTorch encoder's visual tokens, the checkpoint's prompt)
-with the checkpoint's own decoding settings, through the runtime's generation loop (emrrg.runtime.generation)
-and shared-cache step model, so the only difference between them is the decoder graph.
+- An INT8 encoder rung (check_encoder) writes its reports through the f32 decoder, so the check sees the encoder
+  alone.
+- A 4-bit decoder rung (__call__) decodes the visual tokens of the encoder the bundle ships (adopt_encoder: the
+  INT8 one with --int8), so the check sees the whole bundle against the f32 model. When the INT8 encoder kept
+  missed its own report check (no rung passed), the decoder is instead compared with the f32 decoder on the same
+  INT8 tokens, and the details say so: the encoder's error alone would refuse every decoder rung.
+
+Every side decodes through the runtime's generation loop (emrrg.runtime.generation) and shared-cache step model
+with the checkpoint's own decoding settings and prompt.
 """
 from __future__ import annotations
 
@@ -47,7 +55,9 @@ def within_bands(got: dict[str, float], ref: dict[str, float]) -> dict[str, dict
 
 
 class ReportCheck:
-    """accept(decoder_onnx) -> (ok, details) for choose_decoder_config, on the first `limit` val studies."""
+    """The report-level check on the first `limit` val studies: check_encoder(encoder_onnx) for the INT8 encoder's
+    ladder, then adopt_encoder(...) for the one kept, and __call__(decoder_onnx) -> (ok, details) as
+    choose_decoder_config's accept."""
 
     def __init__(self, model, annotation: str | Path, dec, limit: int = DEFAULT_REPORT_LIMIT,
                  log: Callable[[str], None] = log.info):
@@ -57,50 +67,103 @@ class ReportCheck:
 
         from emrrg.evaluate import load_split
         from emrrg.export.decoder_onnx import ort_session
-        from emrrg.runtime import contract as C
         from emrrg.runtime.generation import DecodeSettings
 
+        if dec.decoder is None:
+            raise RuntimeError("--calib-reports needs the f32 decoder (not the streamed reference)")
         split = load_split(annotation, "val", limit)
         self.refs = [e["report"] for e in split.examples]
-        self.dec, self.log, self.tokenizer = dec, log, model.tokenizer
+        self.model, self.dec, self.log, self.tokenizer = model, dec, log, model.tokenizer
         self.embed = np.load(dec.embed_tokens)
         self.settings = DecodeSettings.resolve(dataclasses.asdict(model.cfg.generation), {},
                                                eos_token_id=dec.spec.eos_token_id)
-        cross = ort_session(dec.cross_kv) if dec.cross_kv is not None else None
-        self.prompts, self.visual_kv = [], []
+        self.cross = ort_session(dec.cross_kv) if dec.cross_kv is not None else None
+        # each study's views, (1, V, 3, S, S), through the shared preprocessing
+        self.pixels = [model.pixel_values([str(p) for p in split.images(ex)]).numpy() for ex in split.examples]
         with torch.no_grad():
-            for ex in split.examples:
-                visual = model.encode_images(model.pixel_values([str(p) for p in split.images(ex)]))
-                self.prompts.append(model.prompt_embeds(visual).numpy().astype(np.float32))
-                self.visual_kv.append(dict(zip([o.name for o in cross.get_outputs()],
-                                               cross.run(None, {C.CROSS_KV_INPUT: visual.numpy()})))
-                                      if cross is not None else None)
-        self.baseline: dict | None = None
+            self.f32_tokens = [model.encode_images(torch.from_numpy(px)).numpy() for px in self.pixels]
+        self.inputs = self._inputs(self.f32_tokens)          # what __call__ decodes
+        self.encoder = "f32"
+        self.compare_to = "f32"                              # __call__'s baseline: the f32 model
+        self.baselines: dict[str, dict] = {}
+        self._candidates: dict[str, list] = {}
 
-    def reports(self, decoder_onnx: Path) -> list[str]:
+    def _inputs(self, tokens: list[np.ndarray]) -> list[tuple[np.ndarray, dict | None]]:
+        """Visual tokens -> (prompt embeddings, hybrid layers' visual K/V) per study."""
+        import torch
+
+        from emrrg.runtime import contract as C
+
+        out = []
+        with torch.no_grad():
+            for v in tokens:
+                prompt = self.model.prompt_embeds(torch.from_numpy(v)).numpy().astype(np.float32)
+                kv = (dict(zip([o.name for o in self.cross.get_outputs()],
+                               self.cross.run(None, {C.CROSS_KV_INPUT: v.astype(np.float32)})))
+                      if self.cross is not None else None)
+                out.append((prompt, kv))
+        return out
+
+    def reports(self, decoder_onnx: Path, inputs: list | None = None) -> list[str]:
         from emrrg.export.decoder_onnx import ort_session
         from emrrg.model import decode_report
         from emrrg.runtime.decoder_shared import SharedCacheDecoder
         from emrrg.runtime.generation import generate
 
+        inputs = self.inputs if inputs is None else inputs
         sp, s = self.dec.spec, self.settings
-        longest = max(p.shape[1] for p in self.prompts) + s.max_new_tokens
+        longest = max(p.shape[1] for p, _ in inputs) + s.max_new_tokens
         step = SharedCacheDecoder(ort_session(decoder_onnx), self.embed, sp.num_layers, sp.kv_heads, sp.head_dim,
                                   longest, s.num_beams, tuple(sp.hybrid_layers))
         out = []
-        for prompt, kv in zip(self.prompts, self.visual_kv):
+        for prompt, kv in inputs:
             step.set_visual_kv(kv)
             step.reserve(s.num_beams, prompt.shape[1] + s.max_new_tokens)
             out.append(decode_report(self.tokenizer, generate(step, prompt, s)))
         return out
 
-    def __call__(self, decoder_onnx: Path) -> tuple[bool, dict]:
-        if self.baseline is None:
-            if self.dec.decoder is None:
-                raise RuntimeError("--calib-reports needs the f32 decoder (not the streamed reference)")
-            self.log(f"report check: f32 decoder on {len(self.refs)} validation studies")
-            self.baseline = report_metrics(self.reports(self.dec.decoder), self.refs)
-        self.log(f"report check: candidate {Path(decoder_onnx).parent.name}")
-        bands = within_bands(report_metrics(self.reports(Path(decoder_onnx)), self.refs), self.baseline)
+    def _baseline(self, which: str) -> dict:
+        """Report metrics of the f32 decoder on the f32 encoder's tokens ("f32") or on the adopted encoder's."""
+        if which not in self.baselines:
+            self.log(f"report check: f32 decoder on {len(self.refs)} validation studies"
+                     + ("" if which == "f32" else f" ({which} encoder tokens)"))
+            inputs = self._inputs(self.f32_tokens) if which == "f32" else self.inputs
+            self.baselines[which] = report_metrics(self.reports(self.dec.decoder, inputs), self.refs)
+        return self.baselines[which]
+
+    def encoder_tokens(self, encoder_onnx: str | Path, oplib: str | bool | None = "auto") -> list[np.ndarray]:
+        from emrrg.export.encoder_onnx import make_session, run_onnx
+
+        sess = make_session(encoder_onnx, oplib=oplib)
+        return [run_onnx(sess, px) for px in self.pixels]
+
+    def check_encoder(self, encoder_onnx: str | Path, oplib: str | bool | None = "auto") -> tuple[bool, dict]:
+        """An INT8 encoder rung: its visual tokens through the f32 decoder, against the f32 model's reports."""
+        ref = self._baseline("f32")
+        self.log(f"report check: encoder {Path(encoder_onnx).name}")
+        tokens = self.encoder_tokens(encoder_onnx, oplib)
+        got = report_metrics(self.reports(self.dec.decoder, self._inputs(tokens)), self.refs)
+        self._candidates[str(encoder_onnx)] = (tokens, got)
+        bands = within_bands(got, ref)
         ok = all(b["ok"] for b in bands.values())
-        return ok, {"studies": len(self.refs), "metrics": bands, "passed": ok}
+        return ok, {"studies": len(self.refs), "decoder": "f32", "metrics": bands, "passed": ok}
+
+    def adopt_encoder(self, encoder_onnx: str | Path, name: str, passed: bool) -> None:
+        """The encoder the bundle ships: the decoder rungs decode its tokens. `passed`: whether it met its own
+        report check (if not, the decoder rungs are compared with the f32 decoder on the same tokens)."""
+        tokens, got = self._candidates.get(str(encoder_onnx)) or (self.encoder_tokens(encoder_onnx), None)
+        self._candidates.clear()
+        self.inputs, self.encoder = self._inputs(tokens), name
+        self.compare_to = "f32" if passed else name
+        if got is not None:       # the f32 decoder's metrics on these tokens: measured by check_encoder
+            self.baselines[name] = got
+
+    def __call__(self, decoder_onnx: Path) -> tuple[bool, dict]:
+        ref = self._baseline(self.compare_to)
+        self.log(f"report check: candidate {Path(decoder_onnx).parent.name}")
+        bands = within_bands(report_metrics(self.reports(Path(decoder_onnx)), self.refs), ref)
+        ok = all(b["ok"] for b in bands.values())
+        baseline = ("f32 encoder + f32 decoder" if self.compare_to == "f32"
+                    else f"{self.compare_to} encoder + f32 decoder")
+        return ok, {"studies": len(self.refs), "encoder": self.encoder, "baseline": baseline, "metrics": bands,
+                    "passed": ok}

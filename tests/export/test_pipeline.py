@@ -257,8 +257,51 @@ def test_calib_reports_checks_rungs_on_reports(tiny_checkpoint, tiny_phantom, tm
                for a in attempts)                              # every rung within the thresholds was checked
 
 
+def test_calib_reports_checks_int8_encoder_rungs(tiny_checkpoint, tiny_phantom, tmp_path):
+    """--calib-reports with --int8: the INT8 encoder rung that meets its token thresholds also writes the
+    validation reports through the f32 decoder, and the 4-bit decoder's rungs then decode the kept encoder's
+    tokens against the f32 model (f32 encoder + f32 decoder): the whole bundle."""
+    out = tmp_path / "b"
+    export_main([str(tiny_checkpoint), "-o", str(out), "--int8", "--llm-bits", "4", "--no-progress",
+                 "--calib-reports", str(tiny_phantom), "--calib-reports-limit", "2"])
+    m = verify_bundle(out)
+    enc = m["calibration"]["attempts"]
+    checked = [a for a in enc if "reports" in a]
+    assert checked, enc
+    for a in checked:
+        assert a["reports"]["decoder"] == "f32" and a["reports"]["studies"] == 2
+        assert a["passed"] == a["reports"]["passed"] == all(b["ok"] for b in a["reports"]["metrics"].values())
+    dec = [a for a in m["validation"]["decoder_4bit"]["attempts"] if "reports" in a]
+    assert dec and all(a["reports"]["encoder"] == m["calibration"]["chosen"] for a in dec)
+    kept = next(a for a in enc if a["name"] == m["calibration"]["chosen"])
+    want = "f32 encoder + f32 decoder" if kept["passed"] else f"{kept['name']} encoder + f32 decoder"
+    assert all(a["reports"]["baseline"] == want for a in dec)
+
+
+def test_calib_reports_encoder_miss_compares_decoder_on_its_tokens(tiny_checkpoint, tiny_phantom, tmp_path,
+                                                                   monkeypatch):
+    """When no INT8 encoder rung keeps the reports within the bands (bands of -1: nothing can), every rung is
+    tried and recorded, the best is kept with passed=False, and the decoder's rungs are compared with the f32
+    decoder on that encoder's tokens (its error alone would refuse every decoder rung)."""
+    import emrrg.export.report_check as rc
+    from emrrg.export.pipeline import ExportOptions, export_bundle
+    from emrrg.export.quantize_encoder import ENCODER_INT8_LADDER
+
+    monkeypatch.setattr(rc, "REPORT_BANDS", {k: -1.0 for k in rc.REPORT_BANDS})
+    m = export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(int8=True, llm_bits=4, max_calib=4,
+                                                                        calib_reports=str(tiny_phantom),
+                                                                        calib_reports_limit=1),
+                      progress=False, log=lambda s: None)
+    enc = m["calibration"]["attempts"]
+    assert [a["name"] for a in enc] == [c["name"] for c in ENCODER_INT8_LADDER]
+    assert not any(a["passed"] for a in enc) and any("reports" in a for a in enc)
+    kept = m["calibration"]["chosen"]
+    dec = [a for a in m["validation"]["decoder_4bit"]["attempts"] if "reports" in a]
+    assert dec and all(a["reports"]["baseline"] == f"{kept} encoder + f32 decoder" for a in dec)
+
+
 @pytest.mark.parametrize("extra, msg", [(["--calib-reports", "NOPE.json"], "--calib-reports: NOPE.json: no such annotation"),
-                                        (["--calib-reports", "ANN", "--llm-bits", "32"], "does nothing with --llm-bits 32"),
+                                        (["--calib-reports", "ANN", "--llm-bits", "32"], "with --llm-bits 32 and no --int8 it has nothing"),
                                         (["--calib-reports", "ANN", "--calib-reports-limit", "0"], "give 1 or more"),
                                         ([], "missing")])
 def test_calib_reports_errors(tiny_checkpoint, tiny_phantom, tmp_path, capsys, extra, msg):
