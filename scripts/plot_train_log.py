@@ -83,24 +83,25 @@ def plot(jsonl: Path, out: Path, log: Path | None = None, title: str | None = No
     ax_loss.plot(xs, loss, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
     ax_loss.plot(xs, smooth, color="tab:blue", lw=1.8, label=f"moving average ({EMA})")
     ax_loss.set(title="language-model loss (teacher forced)", xlabel="step", ylabel="cross-entropy")
-    for ax in (ax_loss, ax_val):
-        for x, name in stages:
+    for ax, top in ((ax_loss, True), (ax_val, False)):       # the validation panel names stages at its foot
+        for k, (x, name) in enumerate(stages):
             ax.axvline(x, color="k", ls=":", lw=1)
-            ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                        textcoords="offset points", fontsize=7)
+            dy = 10 * (k % 2)                                   # close stages (2 and 3) on two rows
+            ax.annotate(name, (x, 1 if top else 0), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12 - dy if top else 4 + dy), textcoords="offset points", fontsize=7)
     ax_loss.grid(alpha=0.3)
     lr = ax_loss.twinx()
     lr.plot(xs, [steps[s]["lr"] for s in xs], color="tab:gray", ls="--", lw=1, label="learning rate")
     lr.set_ylabel("learning rate")
     h1, l1 = ax_loss.get_legend_handles_labels()
     h2, l2 = lr.get_legend_handles_labels()
-    ax_loss.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper right")
+    ax_loss.legend(h1 + h2, l1 + l2, fontsize=8, loc="center right")
     vs = sorted(vals)
     if vs:
         n = vals[vs[-1]].get("n")
         ax_val.plot(vs, [vals[s]["ce_f1"] for s in vs], "o-", color="tab:green", label="CE-F1 (micro)")
         ax_val.plot(vs, [vals[s]["score"] for s in vs], "s-", color="tab:orange", label="0.8 BLEU-4 + 0.2 CIDEr")
-        ax_val.legend(fontsize=8)
+        ax_val.legend(fontsize=8, loc="upper left")
         ax_val.set(title=f"validation (first {n} val studies, greedy)", xlabel="step")
     else:
         ax_val.set(title="validation (none logged)", xlabel="step")
