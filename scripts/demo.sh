@@ -11,10 +11,11 @@ bash scripts/setup.sh
 WORK=${EMRRG_DEMO_DIR:-.cache/demo}
 mkdir -p "$WORK"
 CKPT=demo/checkpoint
-# The demo checkpoint's 4-bit decoder: the rung `emrrg-export --calib-reports` chose for it (separate LoRA, f32
-# activations and lm_head), which writes the f32 decoder's reports; the faster int8-activation rung that the
-# export keeps without the report check flips near-tied beams (README: "The demo model", fidelity).
-EXTRA=(separate_adapters=true lm_head_bits=32 accuracy_level=0)
+# The demo checkpoint's INT8 encoder and 4-bit decoder: the rungs `emrrg-export --calib-reports` chose for it
+# (SmoothQuant 0.75 with the worst half of the MatMul inputs float; separate LoRA, f32 activations and lm_head),
+# which write the f32 model's validation reports; the first rungs within the token thresholds, which the export
+# keeps without the report check, flip near-tied beams (README: "The demo model", fidelity).
+EXTRA=(encoder_float_worst_inputs=0.5 separate_adapters=true lm_head_bits=32 accuracy_level=0)
 if [ ! -f "$CKPT/config.json" ]; then
   CKPT="$WORK/base-smollm2"
   EXTRA=()
