@@ -43,7 +43,7 @@ class ExportOptions:
     overwrite: bool = False
     extra: dict[str, str] = field(default_factory=dict)  # --extra-options KEY=VALUE (export/options.py)
     max_calib: int | None = None         # cap on calibration images (tests use a few)
-    calib_reports: str | None = None     # annotation.json: report-level check of the INT8 / 4-bit rungs (report_check.py)
+    calib_reports: str | None = None     # annotation.json: report check of the INT8 / 4-bit rungs (report_check.py)
     calib_reports_limit: int = DEFAULT_REPORT_LIMIT  # its validation studies
 
     def values(self) -> dict:
@@ -137,6 +137,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             # 1. checkpoint + images ------------------------------------------------------------------
             bar.start(steps[0])
             reference, why = _decoder_reference(checkpoint, opts)
+            if opts.calib_reports and reference == "streamed":
+                raise ExportError("--calib-reports needs the f32 reference in memory (decoder_reference=f32); "
+                                  "this LLM is scored against the streamed one")
             model = load_checkpoint(checkpoint, llm_weights=reference == "f32")
             src_sha = sha256_tree(checkpoint)
             images = _images(opts)
@@ -186,9 +189,6 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions |
             bar.done()
             reports = None
             if opts.calib_reports:
-                if reference == "streamed":
-                    raise ExportError("--calib-reports needs the f32 reference in memory (decoder_reference=f32); "
-                                      "this LLM is scored against the streamed one")
                 from emrrg.export.report_check import ReportCheck
                 reports = ReportCheck(model, opts.calib_reports, dec, opts.calib_reports_limit, log=log)
             enc_files = {"custom": work / "encoder.f32.onnx", "pure": work / "encoder.f32.scan.onnx"}
@@ -260,6 +260,8 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
                    "method": value(x, "encoder_method"), "float_mlp_down": value(x, "encoder_w3_float"),
                    "float_worst_inputs": value(x, "encoder_float_worst_inputs")},)
     w3 = mlp_down_nodes(onnx.load(str(work / "encoder.f32.scan.onnx"), load_external_data=False))
+    # the variant the runtime runs on this machine: the custom-op graph when the op library is built
+    runtime_variant = "custom" if find_op_library() is not None else "pure"
     attempts, best = [], None
     for cfg in ladder:
         q = quantize_int8(work / "encoder.f32.onnx", work / "encoder.f32.scan.onnx", calib,
@@ -270,7 +272,7 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
                           float_worst_inputs=cfg.get("float_worst_inputs", 0.0))
         files = {"pure": Path(q["pure_path"]), "custom": Path(q["path"])}
         checks = [("encoder_int8_pure", files["pure"], False)]
-        if find_op_library() is not None:
+        if runtime_variant == "custom":
             checks.append(("encoder_int8", files["custom"], "auto"))
         figures = {key: validate_encoder(path, model, sets, oplib=oplib, reference_outputs=ref_tokens, verbose=False,
                                          raise_on_failure=False) for key, path, oplib in checks}
@@ -280,10 +282,8 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
         attempts.append({"name": cfg["name"], "passed": passed, "held_out_mean_cosine": held,
                          "bytes": q["bytes"], "config": {k: v for k, v in cfg.items() if k != "name"}})
         log(f"int8 encoder {cfg['name']}: {'pass' if passed else 'miss'} (held-out mean token cosine {held:.6f})")
-        if passed and reports is not None:  # the graph the runtime would run: with the op library when built
-            custom = find_op_library() is not None
-            passed, attempts[-1]["reports"] = reports.check_encoder(files["custom" if custom else "pure"],
-                                                                    oplib="auto" if custom else False)
+        if passed and reports is not None:
+            passed, attempts[-1]["reports"] = reports.check_encoder(files[runtime_variant])
             attempts[-1]["passed"] = passed
             log(f"int8 encoder {cfg['name']}: reports {'within' if passed else 'outside'} the bands")
         if best is None or (passed, held) > (best[0]["passed"], best[0]["held_out_mean_cosine"]):
@@ -296,8 +296,7 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
             break
     chosen, files, figures, q = best
     if reports is not None:
-        custom = find_op_library() is not None
-        reports.adopt_encoder(files["custom" if custom else "pure"], chosen["name"], chosen["passed"])
+        reports.adopt_encoder(files[runtime_variant], chosen["name"], chosen["passed"])
     if not chosen["passed"]:
         if opts.strict:
             raise NoPassingConfigError(
@@ -337,7 +336,8 @@ def _ref_tokens(model, px: np.ndarray) -> np.ndarray:
 
 
 def _check_calib_reports(opts: ExportOptions) -> None:
-    """--calib-reports: an INT8 encoder or a 4-bit decoder to check and an annotation with a validation split, before any work."""
+    """--calib-reports: an INT8 encoder or a 4-bit decoder to check and an annotation with a validation split,
+    before any work."""
     if opts.calib_reports is None:
         return
     if opts.llm_bits != 4 and not opts.int8:

@@ -81,12 +81,12 @@ class ReportCheck:
         # each study's views, (1, V, 3, S, S), through the shared preprocessing
         self.pixels = [model.pixel_values([str(p) for p in split.images(ex)]).numpy() for ex in split.examples]
         with torch.no_grad():
-            self.f32_tokens = [model.encode_images(torch.from_numpy(px)).numpy() for px in self.pixels]
-        self.inputs = self._inputs(self.f32_tokens)          # what __call__ decodes
+            self.f32_inputs = self._inputs([model.encode_images(torch.from_numpy(px)).numpy() for px in self.pixels])
+        self.inputs = self.f32_inputs                        # what __call__ decodes
         self.encoder = "f32"
         self.compare_to = "f32"                              # __call__'s baseline: the f32 model
         self.baselines: dict[str, dict] = {}
-        self._candidates: dict[str, list] = {}
+        self._candidates: dict[str, tuple] = {}              # encoder path -> (its inputs, f32 decoder's metrics)
 
     def _inputs(self, tokens: list[np.ndarray]) -> list[tuple[np.ndarray, dict | None]]:
         """Visual tokens -> (prompt embeddings, hybrid layers' visual K/V) per study."""
@@ -127,23 +127,24 @@ class ReportCheck:
         if which not in self.baselines:
             self.log(f"report check: f32 decoder on {len(self.refs)} validation studies"
                      + ("" if which == "f32" else f" ({which} encoder tokens)"))
-            inputs = self._inputs(self.f32_tokens) if which == "f32" else self.inputs
+            inputs = self.f32_inputs if which == "f32" else self.inputs
             self.baselines[which] = report_metrics(self.reports(self.dec.decoder, inputs), self.refs)
         return self.baselines[which]
 
-    def encoder_tokens(self, encoder_onnx: str | Path, oplib: str | bool | None = "auto") -> list[np.ndarray]:
+    def encoder_inputs(self, encoder_onnx: str | Path) -> list[tuple[np.ndarray, dict | None]]:
+        """_inputs of an ONNX encoder's visual tokens (the op library registered when its graph needs it)."""
         from emrrg.export.encoder_onnx import make_session, run_onnx
 
-        sess = make_session(encoder_onnx, oplib=oplib)
-        return [run_onnx(sess, px) for px in self.pixels]
+        sess = make_session(encoder_onnx)
+        return self._inputs([run_onnx(sess, px) for px in self.pixels])
 
-    def check_encoder(self, encoder_onnx: str | Path, oplib: str | bool | None = "auto") -> tuple[bool, dict]:
+    def check_encoder(self, encoder_onnx: str | Path) -> tuple[bool, dict]:
         """An INT8 encoder rung: its visual tokens through the f32 decoder, against the f32 model's reports."""
         ref = self._baseline("f32")
         self.log(f"report check: encoder {Path(encoder_onnx).name}")
-        tokens = self.encoder_tokens(encoder_onnx, oplib)
-        got = report_metrics(self.reports(self.dec.decoder, self._inputs(tokens)), self.refs)
-        self._candidates[str(encoder_onnx)] = (tokens, got)
+        inputs = self.encoder_inputs(encoder_onnx)
+        got = report_metrics(self.reports(self.dec.decoder, inputs), self.refs)
+        self._candidates[str(encoder_onnx)] = (inputs, got)
         bands = within_bands(got, ref)
         ok = all(b["ok"] for b in bands.values())
         return ok, {"studies": len(self.refs), "decoder": "f32", "metrics": bands, "passed": ok}
@@ -151,9 +152,9 @@ class ReportCheck:
     def adopt_encoder(self, encoder_onnx: str | Path, name: str, passed: bool) -> None:
         """The encoder the bundle ships: the decoder rungs decode its tokens. `passed`: whether it met its own
         report check (if not, the decoder rungs are compared with the f32 decoder on the same tokens)."""
-        tokens, got = self._candidates.get(str(encoder_onnx)) or (self.encoder_tokens(encoder_onnx), None)
+        inputs, got = self._candidates.get(str(encoder_onnx)) or (self.encoder_inputs(encoder_onnx), None)
         self._candidates.clear()
-        self.inputs, self.encoder = self._inputs(tokens), name
+        self.inputs, self.encoder = inputs, name
         self.compare_to = "f32" if passed else name
         if got is not None:       # the f32 decoder's metrics on these tokens: measured by check_encoder
             self.baselines[name] = got
