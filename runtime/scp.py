@@ -342,9 +342,11 @@ class StorageSCP:
             reason = f"{type(e).__name__}: {e}"
             self.store.write_reason(study_uid, FAILED_NAME, reason)
             status.update(state="failed", reason=reason)
-            self.store.write_status(study_uid, **status)
+            # the log line first: status.json is the signal that the study is finished, so whoever waits on it
+            # (the console, the tests) finds the line already written
             log.error("%s: report failed (%s); the %d images stay on disk, reason in %s", tag, type(e).__name__,
                       len(images), FAILED_NAME)
+            self.store.write_status(study_uid, **status)
             return status
         self.store.write_reason(study_uid, FAILED_NAME, None)
         import pydicom
@@ -361,9 +363,9 @@ class StorageSCP:
                 status["forwarded"] = f"failed: {e}"
                 self.store.write_reason(study_uid, FORWARD_FAILED_NAME, str(e))
                 log.error("%s: forwarding the SR failed: %s", tag, e)
-        self.store.write_status(study_uid, **status)
         log.info("%s: SR written (%d images, %d tokens, %.1f s)%s", tag, len(images), out["tokens"],
                  status["seconds"], ", forwarded" if status["forwarded"] == "ok" else "")
+        self.store.write_status(study_uid, **status)
         return status
 
 
