@@ -79,6 +79,38 @@ class MambaXrayEncoder(nn.Module):
             x = layer(x)
         return self.norm_f(x)
 
+    @torch.no_grad()
+    def resize(self, img_size: int, patch_size: int) -> None:
+        """Re-grid a trained encoder for another input size or patch size, keeping what it learned.
+
+        The patch kernel is resampled to the new patch size (nearest up, area down) and scaled by (p / p')^2, so
+        a patch of p' pixels at the new size answers as the patch of p pixels covering the same anatomy did
+        (exactly so for a nearest-upsampled image and a whole-number ratio). When the token grid changes, the patch positions of
+        pos_embed are resampled bicubically (the cls position, in the middle, is kept). The blocks do not depend
+        on the grid. So 112 px / patch 16 -> 224 px / patch 32 keeps the 7 x 7 grid (and the LLM's 50 visual
+        tokens) while each patch sees the image at twice the resolution.
+        """
+        cfg = self.cfg
+        new = EncoderConfig(**{**cfg.__dict__, "img_size": img_size, "patch_size": patch_size})
+        old_p, old_g, d = cfg.patch_size, cfg.grid, cfg.d_model
+        conv = self.patch_embed.proj
+        if patch_size != old_p:
+            mode = "nearest" if patch_size > old_p else "area"
+            w = F.interpolate(conv.weight, size=(patch_size, patch_size), mode=mode) * (old_p / patch_size) ** 2
+            self.patch_embed.proj = nn.Conv2d(cfg.in_chans, d, kernel_size=patch_size, stride=patch_size).to(w)
+            self.patch_embed.proj.weight.copy_(w)
+            self.patch_embed.proj.bias.copy_(conv.bias)
+        if new.grid != old_g:
+            pos, mid = self.pos_embed.data, old_g * old_g // 2
+            grid = torch.cat([pos[:, :mid], pos[:, mid + 1:]], dim=1).reshape(1, old_g, old_g, d).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(new.grid, new.grid), mode="bicubic", align_corners=False)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, new.grid * new.grid, d)
+            new_mid = new.grid * new.grid // 2
+            self.pos_embed = nn.Parameter(torch.cat([grid[:, :new_mid], pos[:, mid:mid + 1], grid[:, new_mid:]], dim=1))
+        cfg.img_size, cfg.patch_size = img_size, patch_size
+        for layer in self.layers:                       # the scan orders depend on the grid
+            layer.mixer.set_tokens(cfg.num_tokens)
+
     def encode_study(self, views: torch.Tensor) -> torch.Tensor:
         """(b, V, 3, H, W) views of each study -> (b, L, D), the average of the per-view tokens."""
         b, v = views.shape[:2]

@@ -40,10 +40,15 @@ class ARMMixer(nn.Module):
         # Partial LoRA on the x half of in_proj (paper) and the release's lora_X adapter.
         self.in_proj_lora = PartialLoRA(cfg.d_model, d, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else None
         self.lora_X = LoraXAdapter(cfg.d_model, cfg.lora_x_rank) if cfg.lora_x_rank else None
-        self.register_buffer("gather_rows", directions.gather_rows(cfg.num_tokens), persistent=False)    # (4L,)
-        self.register_buffer("inverse_rows", directions.inverse_rows(cfg.num_tokens), persistent=False)  # (4L,)
+        self.set_tokens(cfg.num_tokens)
         self.scan_fn = selective_scan  # swapped by the exporter for the ONNX custom op
         self.reset_parameters()
+
+    def set_tokens(self, num_tokens: int) -> None:
+        """The four scan orders for a sequence of num_tokens (a square grid + cls)."""
+        dev = self.in_proj.weight.device
+        self.register_buffer("gather_rows", directions.gather_rows(num_tokens).to(dev), persistent=False)    # (4L,)
+        self.register_buffer("inverse_rows", directions.inverse_rows(num_tokens).to(dev), persistent=False)  # (4L,)
 
     def reset_parameters(self) -> None:
         """Mamba's init: S4D-real A, dt in [1e-3, 1e-1] through an inverse-softplus bias."""

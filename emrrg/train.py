@@ -114,6 +114,12 @@ def build_model(a):
     if a.init:
         model = load_checkpoint(a.init)
         _add_missing_adapters(model, a.lora_rank, a.lora_alpha, a.llm_lora_rank, a.llm_lora_alpha)
+        enc = model.cfg.encoder
+        size, patch = a.img_size or enc.img_size, a.patch_size or enc.patch_size
+        if (size, patch) != (enc.img_size, enc.patch_size):
+            if size % patch:
+                raise TrainError(f"--img-size {size} is not a multiple of the patch size {patch}")
+            model.visual_encoder.resize(size, patch)       # its cfg is model.cfg.encoder
     else:
         dec = {"lora_rank": a.llm_lora_rank, "lora_alpha": a.llm_lora_alpha}
         if a.decoder_path:
@@ -121,6 +127,8 @@ def build_model(a):
         enc = {"lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha}
         if a.img_size:
             enc["img_size"] = a.img_size
+        if a.patch_size:
+            enc["patch_size"] = a.patch_size
         cfg = make_config(a.encoder, a.decoder, a.dataset, encoder_overrides=enc, decoder_overrides=dec)
         llm, tok = load_base_decoder(cfg.decoder)
         if a.hybrid_layers == "every8":
@@ -762,7 +770,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--init", default=None, help="start from this emrrg checkpoint (emrrg-init / emrrg-import / a run) "
                                                    "(default: none; build from the presets)")
     m.add_argument("--encoder", default=None, choices=list(ENCODER_PRESETS), help="encoder preset (default: none; required without --init)")
-    m.add_argument("--img-size", type=int, default=None, help="override the encoder preset's image size (default: the preset's)")
+    m.add_argument("--img-size", type=int, default=None,
+                   help="the encoder's image size (default: the preset's, or --init's); with --init, a new size "
+                        "re-grids the trained encoder (patch kernel and positions resampled)")
+    m.add_argument("--patch-size", type=int, default=None,
+                   help="the encoder's patch size (default: the preset's, or --init's); e.g. --init at 112 px / 16 "
+                        "with --img-size 224 --patch-size 32 keeps the 7 x 7 token grid at twice the resolution")
     m.add_argument("--decoder", default=None, choices=list(DECODER_PRESETS), help="decoder preset (default: none; required without --init)")
     m.add_argument("--decoder-path", default=None, help="local HF Llama folder (for --decoder llama2-7b) (default: none)")
     m.add_argument("--hybrid-layers", default="", help="decoder layers with gated cross-attention ('every8', '7,15')")

@@ -138,3 +138,35 @@ def test_presets_build():
     for name in ENCODER_PRESETS:
         cfg = encoder_config(name)
         assert cfg.num_tokens == (cfg.img_size // cfg.patch_size) ** 2 + 1
+
+
+# Re-gridding at a whole-number ratio on a nearest-upsampled image: the resampled kernel sums each p x p block
+# of the new patch to what one old pixel weighed, so the outputs are the same sums in another order (f32 rounding
+# over 3 * 32 * 32 products, then the blocks).
+RTOL_RESIZE, ATOL_RESIZE = 1e-4, 1e-4
+
+
+def test_resize_to_a_larger_patch_keeps_the_tokens_on_an_upsampled_image():
+    torch.manual_seed(0)
+    enc = MambaXrayEncoder(encoder_config("tiny")).eval()           # 64 px, patch 16: a 4 x 4 grid
+    img = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = enc(img)
+        enc.resize(128, 32)
+        after = enc(F.interpolate(img, scale_factor=2, mode="nearest"))
+    assert enc.cfg.img_size == 128 and enc.cfg.patch_size == 32 and enc.patch_embed.proj.weight.shape[-1] == 32
+    assert enc.pos_embed.shape == before.shape[:1] + (17, 32)
+    torch.testing.assert_close(after, before, rtol=RTOL_RESIZE, atol=ATOL_RESIZE)
+
+
+def test_resize_to_a_finer_grid_keeps_cls_and_resamples_positions():
+    torch.manual_seed(0)
+    enc = MambaXrayEncoder(encoder_config("tiny"))
+    cls_pos = enc.pos_embed[0, 8].clone()
+    enc.pos_embed.data[0, :8] = 1.0
+    enc.pos_embed.data[0, 9:] = 1.0                                # a constant grid stays constant
+    enc.resize(128, 16)                                            # 8 x 8 grid, 65 tokens
+    assert enc.pos_embed.shape == (1, 65, 32)
+    assert torch.equal(enc.pos_embed[0, 32], cls_pos)
+    torch.testing.assert_close(torch.cat([enc.pos_embed[0, :32], enc.pos_embed[0, 33:]]), torch.ones(64, 32))
+    assert enc(torch.randn(1, 3, 128, 128)).shape == (1, 65, 32)

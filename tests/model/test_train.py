@@ -453,3 +453,21 @@ def test_quiet_run_prints_nothing_and_still_writes_its_files(tiny_phantom, tmp_p
         logs.configure("pytest", "info")   # the level is process-wide: give the next tests the default back
     assert (out, err) == ("", "")
     assert (run / "log.jsonl").stat().st_size > 0 and (run / "last").is_dir()
+
+
+def test_init_with_another_size_regrids_the_encoder_and_the_run_saves_it(tiny_phantom, tmp_path):
+    """--init at 64 px / patch 16 with --img-size 128 --patch-size 32: the same 4 x 4 grid at twice the
+    resolution; the checkpoint the run saves loads back at the new geometry."""
+    from emrrg.checkpoint import load_checkpoint, save_checkpoint
+    from emrrg.train import _parser, build_model, train_main
+
+    base = ["--data", str(tiny_phantom), "--encoder", "tiny", "--decoder", "tiny-llama"]
+    save_checkpoint(build_model(_parser().parse_args([*base, "-o", str(tmp_path / "a")])), tmp_path / "init")
+    with pytest.raises(SystemExit):
+        train_main(["--data", str(tiny_phantom), "-o", str(tmp_path / "bad"), "--init", str(tmp_path / "init"),
+                    "--img-size", "100", "--patch-size", "32", *TINY[4:], "--steps", "1"])
+    run = tmp_path / "run"
+    train_main(["--data", str(tiny_phantom), "-o", str(run), "--init", str(tmp_path / "init"), "--img-size", "128",
+                "--patch-size", "32", *TINY[4:], "--steps", "2", "--batch-size", "2", "--train-encoder", "full"])
+    enc = load_checkpoint(run / "last").cfg.encoder
+    assert (enc.img_size, enc.patch_size, enc.num_tokens) == (128, 32, 17)
