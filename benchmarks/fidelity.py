@@ -94,21 +94,27 @@ def _info(path: Path, note: str) -> dict:
     man = json.loads((path / "manifest.json").read_text())
     arts = {k: {kk: v.get(kk) for kk in ("precision", "bytes")} for k, v in man["artifacts"].items()}
     return {"path": str(path), "note": note, "artifacts": arts, "calibration": man.get("calibration", {}).get("images"),
+            "encoder_int8_rung": man.get("calibration", {}).get("chosen"),
+            "extra_options": (man.get("export_options") or {}).get("extra") or {},
             "validation": {k: v for k, v in man.get("validation", {}).items() if k != "images"}}
 
 
-def build_bundles(ckpt: Path, work: Path, calib: Path, calib_reports: str | None = None) -> dict[str, dict]:
+def build_bundles(ckpt: Path, work: Path, calib: Path, calib_reports: str | None = None,
+                  calib_reports_limit: int | None = None, extra: dict[str, str] | None = None) -> dict[str, dict]:
     """{name: info}. The quantized bundle falls back to INT8 encoder + f32 decoder when 4-bit export fails.
     calib_reports: an annotation.json whose validation studies the ladders' report check uses
-    (emrrg-export --calib-reports); None: the ladders' token-level thresholds alone."""
-    from emrrg.export.pipeline import ExportOptions
+    (emrrg-export --calib-reports, on its first calib_reports_limit studies); None: the ladders' token-level
+    thresholds alone. extra: emrrg-export --extra-options for the quantized bundle (pinned rungs)."""
+    from emrrg.export.pipeline import DEFAULT_REPORT_LIMIT, ExportOptions
 
     out = {}
     _export(ckpt, work / "bundle_f32", ExportOptions(int8=False, llm_bits=32, calib=str(calib)))
     out["f32 bundle"] = _info(work / "bundle_f32", "")
     q = work / ("bundle_int8_4bit_reports" if calib_reports else "bundle_int8_4bit")
     try:
-        _export(ckpt, q, ExportOptions(int8=True, llm_bits=4, calib=str(calib), calib_reports=calib_reports))
+        _export(ckpt, q, ExportOptions(int8=True, llm_bits=4, calib=str(calib), calib_reports=calib_reports,
+                                       calib_reports_limit=calib_reports_limit or DEFAULT_REPORT_LIMIT,
+                                       extra=dict(extra or {})))
         out["INT8 + 4-bit"] = _info(q, "")
     except Exception as e:  # noqa: BLE001 - the 4-bit decoder path may not be finished: say so, fall back
         note = (f"the 4-bit decoder export failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
@@ -191,6 +197,11 @@ def main(argv=None) -> None:
     p.add_argument("--calib-train", type=int, default=32, help="INT8 calibration images, from the train split")
     p.add_argument("--no-calib-reports", action="store_true", help="export the INT8 + 4-bit bundle without "
                    "--calib-reports (default: with it, on the first 24 validation studies of --data)")
+    p.add_argument("--calib-reports-limit", type=int, default=None,
+                   help="validation studies of the report check (default: emrrg-export's)")
+    p.add_argument("--extra-options", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="emrrg-export --extra-options for the INT8 + 4-bit bundle, e.g. the rungs a demo pins "
+                        "(default: none, both ladders walk)")
     p.add_argument("--seed-reference", default=None, help="emrrg-eval JSON (same checkpoint, split, batch size 1) "
                                                           "whose predictions stand in for the f32 PyTorch ones")
     a = p.parse_args(argv)
@@ -212,7 +223,9 @@ def main(argv=None) -> None:
     t_all = time.perf_counter()
     train = load_annotation(a.data)["train"]
     calib = calibration_folder(train, Path(a.data).parent, work, a.calib_train)
-    bundles = build_bundles(ckpt, work, calib, None if a.no_calib_reports else str(a.data))
+    from emrrg.export.options import split_extra_options
+    bundles = build_bundles(ckpt, work, calib, None if a.no_calib_reports else str(a.data), a.calib_reports_limit,
+                            split_extra_options(a.extra_options))
 
     if a.seed_reference and not (work / "pred_f32_PyTorch.json").is_file():
         ev = json.loads(Path(a.seed_reference).read_text())
@@ -348,6 +361,10 @@ def render_md(res: dict) -> str:
         dec = b["validation"].get("decoder_4bit") or {}
         rung = (f"; 4-bit decoder rung `{dec['chosen']}` ({'passed' if dec.get('passed') else 'no rung passed'})"
                 if dec.get("chosen") else "")
+        if b.get("encoder_int8_rung"):
+            rung = f"; INT8 encoder rung `{b['encoder_int8_rung']}`" + rung
+        if b.get("extra_options"):
+            rung += "; pinned with `--extra-options " + " ".join(f"{k}={v}" for k, v in b["extra_options"].items()) + "`"
         L.append(f"- {name}: {arts}{rung}" + (f". Note: {b['note']}" if b["note"] else ""))
     m = res["machine"]
     L += ["", f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs (load average "

@@ -33,6 +33,7 @@ LM_HEAD_BITS = (4, 8, 32)                             # 32: keep the lm_head f32
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)                     # MatMulNBits: unset, fp32, fp16, bf16, int8 activations
 ENCODER_METHODS = ("minmax", "percentile", "entropy")  # ORT's calibration methods (quantize_encoder)
 ENCODER_SMOOTH_ALPHA = 0.75                           # quantize_int8's default: the first rung of the ladder
+WEIGHT_NMSE_BUDGET = 1e-6       # the weight-only rung's budget (quantize_encoder.ENCODER_INT8_LADDER, last rung)
 MAX_REFINE = 64      # candidate grids per block; cost grows linearly, the ladder uses 9
 # Scoring the 4-bit candidates: teacher-forced over radlabels' 1,000 reports (~100k tokens in all), so
 # EVAL_PROMPTS x PROMPT_TOKENS stays well inside them.
@@ -115,6 +116,11 @@ EXTRA_OPTIONS: tuple[Option, ...] = (
     Option("encoder_w3_float", "encoder", bool, False, "keep the MLP down projections float"),
     Option("encoder_float_worst_inputs", "encoder", float, 0.0,
            "fraction of activations (worst int8 rounding first) whose MatMuls stay float", bounds=(0.0, 1.0)),
+    Option("encoder_weight_only", "encoder", bool, False,
+           "int8 MatMul weights and float activations (no activation rounding, and the keys above then do not apply)"),
+    Option("encoder_weight_nmse_budget", "encoder", float, WEIGHT_NMSE_BUDGET,
+           "with encoder_weight_only: the weights whose rounding moves the visual tokens most stay float until "
+           "the others' summed NMSE is within this (0 rounds every weight)", bounds=(0.0, 1.0)),
 )
 OPTIONS = {o.key: o for o in EXTRA_OPTIONS}
 

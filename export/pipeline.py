@@ -258,7 +258,9 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
     if pinned(x, "encoder"):
         ladder = ({"name": "user", "smooth_alpha": value(x, "encoder_smooth_alpha") or None,
                    "method": value(x, "encoder_method"), "float_mlp_down": value(x, "encoder_w3_float"),
-                   "float_worst_inputs": value(x, "encoder_float_worst_inputs")},)
+                   "float_worst_inputs": value(x, "encoder_float_worst_inputs"),
+                   "weight_only": value(x, "encoder_weight_only"),
+                   "weight_nmse_budget": value(x, "encoder_weight_nmse_budget")},)
     w3 = mlp_down_nodes(onnx.load(str(work / "encoder.f32.scan.onnx"), load_external_data=False))
     # the variant the runtime runs on this machine: the custom-op graph when the op library is built
     runtime_variant = "custom" if find_op_library() is not None else "pure"
@@ -269,7 +271,9 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
                           pure_out_path=work / f"encoder.int8.{cfg['name']}.scan.onnx",
                           smooth_alpha=cfg["smooth_alpha"], method=cfg.get("method", "minmax"),
                           nodes_to_exclude=w3 if cfg.get("float_mlp_down") else (),
-                          float_worst_inputs=cfg.get("float_worst_inputs", 0.0))
+                          float_worst_inputs=cfg.get("float_worst_inputs", 0.0),
+                          weight_only=cfg.get("weight_only", False),
+                          weight_nmse_budget=cfg.get("weight_nmse_budget", 0.0))
         files = {"pure": Path(q["pure_path"]), "custom": Path(q["path"])}
         checks = [("encoder_int8_pure", files["pure"], False)]
         if runtime_variant == "custom":

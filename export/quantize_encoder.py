@@ -41,6 +41,7 @@ import onnx
 from emrrg.export import onnx_ops
 from emrrg.runtime import logs
 from emrrg.export.errors import ExportError, QuantizationError
+from emrrg.export.options import WEIGHT_NMSE_BUDGET
 from emrrg.export.decoder_onnx import probe_session, save_onnx
 from emrrg.export.encoder_onnx import METADATA_VARIANT, get_metadata, op_counts, save_model, set_metadata
 
@@ -295,6 +296,20 @@ def smooth_activations(model: onnx.ModelProto, pixels: np.ndarray, alpha: float 
                    "max_outlier_ratio_after": round(max(ratios_after), 2)}
 
 
+def _int8_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8, one scale per output channel (`axis`): (q, scale). Batched weights (G, M, K) share one
+    scale per output channel across the batch: DequantizeLinear takes one axis, and TensorRT wants per-axis (not
+    blocked) scales."""
+    others = tuple(i for i in range(w.ndim) if i != axis)
+    scale = np.maximum(np.abs(w).max(others), 1e-12) / 127.0
+    return np.clip(np.rint(w / np.expand_dims(scale, others)), -127, 127).astype(np.int8), scale
+
+
+def _weight_slot(node: onnx.NodeProto, inits) -> int | None:
+    """Which input of a MatMul is its constant weight: 1 (X @ W), 0 (W @ X) or None."""
+    return 1 if node.input[1] in inits else 0 if node.input[0] in inits else None
+
+
 def weight_only_int8(model: onnx.ModelProto, node_names: Iterable[str]) -> dict:
     """Store the constant weights of these MatMuls as int8 (symmetric, per output channel) + DequantizeLinear.
 
@@ -315,7 +330,7 @@ def weight_only_int8(model: onnx.ModelProto, node_names: Iterable[str]) -> dict:
         if n.name not in wanted or n.op_type != "MatMul":
             continue
         # W on the right (X @ W, W (.., K, N): a column per output) or on the left (W @ X, W (.., M, K): a row)
-        slot = 1 if n.input[1] in inits else 0 if n.input[0] in inits else None
+        slot = _weight_slot(n, inits)
         if slot is None:
             continue
         w_name = n.input[slot]
@@ -323,12 +338,8 @@ def weight_only_int8(model: onnx.ModelProto, node_names: Iterable[str]) -> dict:
             w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
             if w.ndim < 2:
                 continue
-            # batched weights (G, M, K) share one scale per output channel across the batch: DequantizeLinear
-            # takes one axis, and TensorRT wants per-axis (not blocked) scales
             axis = w.ndim - 1 if slot == 1 else w.ndim - 2
-            others = tuple(i for i in range(w.ndim) if i != axis)
-            scale = np.maximum(np.abs(w).max(others), 1e-12) / 127.0                # one per output channel
-            q = np.clip(np.rint(w / np.expand_dims(scale, others)), -127, 127).astype(np.int8)
+            q, scale = _int8_per_channel(w, axis)
             model.graph.initializer.extend([numpy_helper.from_array(q, f"{w_name}_woq"),
                                             numpy_helper.from_array(scale.astype(np.float32), f"{w_name}_woq_scale"),
                                             numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{w_name}_woq_zp")])
@@ -370,6 +381,67 @@ def worst_int8_inputs(model: onnx.ModelProto, pixels: np.ndarray, exclude: Itera
     return sorted(m.name for n in worst for m in targets[n])
 
 
+def constant_weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Every MatMul with a constant weight (the weight-only rungs quantize them)."""
+    inits = {i.name for i in model.graph.initializer}
+    return sorted(n.name for n in model.graph.node if n.op_type == "MatMul" and _weight_slot(n, inits) is not None)
+
+
+def weight_sensitivity(model: onnx.ModelProto, pixels: np.ndarray, batch_size: int = 1) -> dict[str, float]:
+    """Per constant MatMul weight of an f32 pure_onnx encoder: the visual tokens' NMSE against f32 when that
+    weight alone is rounded to int8 (per output channel, as weight_only_int8 stores it), on the calibration
+    pixels. Returns {MatMul node name: NMSE} (MatMuls sharing a weight share its figure). The graph is serialized
+    once; each rounded weight is swapped in through SessionOptions.add_initializer."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list[str]] = {}
+    rounded: dict[str, np.ndarray] = {}
+    for n in model.graph.node:
+        slot = _weight_slot(n, inits) if n.op_type == "MatMul" else None
+        if slot is None:
+            continue
+        w_name = n.input[slot]
+        readers.setdefault(w_name, []).append(n.name)
+        if w_name not in rounded:
+            w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+            axis = w.ndim - 1 if slot == 1 else w.ndim - 2
+            q, scale = _int8_per_channel(w, axis)
+            rounded[w_name] = np.ascontiguousarray(
+                q.astype(np.float32) * np.expand_dims(scale, tuple(i for i in range(w.ndim) if i != axis)))
+
+    def tokens(sess) -> np.ndarray:
+        return np.concatenate([sess.run(None, {"pixel_values": pixels[i:i + batch_size, None]})[0]
+                               for i in range(0, len(pixels), batch_size)])
+
+    graph = model.SerializeToString()       # an encoder is far below protobuf's 2 GiB (the large preset: ~1.2 GB)
+    ref = tokens(ort.InferenceSession(graph, providers=["CPUExecutionProvider"]))
+    power = max(float((ref.astype(np.float64) ** 2).mean()), 1e-30)
+    out: dict[str, float] = {}
+    for w_name, nodes in readers.items():
+        so = ort.SessionOptions()
+        value = ort.OrtValue.ortvalue_from_numpy(rounded[w_name])      # alive as long as the session
+        so.add_initializer(w_name, value)
+        got = tokens(ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"]))
+        out.update({n: float(((got.astype(np.float64) - ref) ** 2).mean()) / power for n in nodes})
+    return out
+
+
+def float_for_budget(sensitivity: dict[str, float], budget: float) -> list[str]:
+    """The MatMuls to leave float, most sensitive first, until the others' summed NMSE is within `budget`
+    (single-weight NMSEs nearly add: the errors are small and independent)."""
+    order = sorted(sensitivity, key=sensitivity.get, reverse=True)
+    rest = sum(sensitivity.values())
+    keep = []
+    for n in order:
+        if rest <= budget:
+            break
+        keep.append(n)
+        rest -= sensitivity[n]
+    return sorted(keep)
+
+
 def mlp_down_nodes(model: onnx.ModelProto) -> list[str]:
     """The SwiGLU down projections (w3): MatMuls with a constant weight whose input is the gate product
     (a Mul). Their input is the widest-ranged activation in the block, the first to lose INT8 accuracy."""
@@ -382,7 +454,12 @@ def mlp_down_nodes(model: onnx.ModelProto) -> list[str]:
 # The accuracy-aware order of INT8 encoder configurations (emrrg-export walks it until one passes the
 # validation thresholds). The first four give the same file size; the last three leave some MatMuls in
 # f32 (the SwiGLU down projections, then the quarter / half of the inputs INT8 rounds worst) for the
-# checkpoints whose activations are hardest to quantize.
+# checkpoints whose activations are hardest to quantize. The last rounds no activation: MatMul weights int8,
+# except the few whose rounding alone moves the visual tokens most (weight_sensitivity), left float until the
+# rest sum to WEIGHT_NMSE_BUDGET. A beam search flips on visual-token perturbations far below the token
+# thresholds: on the demo's 168 test studies (its 4-bit decoder alone changed none of them) worst50-float (token
+# NMSE 3.1e-5) changed 18 reports, every weight int8 (7.6e-5 with ORT's fused int8 activations) 19, a first cut of
+# this rung (1.1e-6) 6, the only one within all three report bands (README, "Fidelity").
 ENCODER_INT8_LADDER: tuple[dict, ...] = (
     {"name": "smoothquant-0.75", "smooth_alpha": 0.75},
     {"name": "smoothquant-0.5", "smooth_alpha": 0.5},
@@ -391,6 +468,8 @@ ENCODER_INT8_LADDER: tuple[dict, ...] = (
     {"name": "smoothquant-0.75-w3-float", "smooth_alpha": 0.75, "float_mlp_down": True},
     {"name": "smoothquant-0.75-worst25-float", "smooth_alpha": 0.75, "float_worst_inputs": 0.25},
     {"name": "smoothquant-0.75-worst50-float", "smooth_alpha": 0.75, "float_worst_inputs": 0.5},
+    {"name": "weight-only-sensitive-float", "smooth_alpha": None, "weight_only": True,
+     "weight_nmse_budget": WEIGHT_NMSE_BUDGET},
 )
 
 
@@ -445,7 +524,7 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
                   per_channel: bool = True, keep_scan_projections_float: bool = True,
                   nodes_to_exclude: Sequence[str] = (), op_types: Sequence[str] = QUANTIZED_OP_TYPES,
                   smooth_alpha: float | None = 0.75, weight_only_scan_projections: bool = True,
-                  float_worst_inputs: float = 0.0,
+                  float_worst_inputs: float = 0.0, weight_only: bool = False, weight_nmse_budget: float = 0.0,
                   percentile: float = 99.999, batch_size: int = 1) -> dict:
     """Explicit Q/DQ INT8 of an exported f32 encoder (custom-op form), calibrated on X-rays.
 
@@ -459,6 +538,11 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
     weight_only_scan_projections: ... but store their weights int8 (weight_only_int8: float activations).
     float_worst_inputs: leave float the MatMuls reading this fraction of activation tensors (after
         SmoothQuant) that per-tensor INT8 rounds worst on the calibration images (worst_int8_inputs).
+    weight_only: no activation quantization at all: constant MatMul weights int8 (weight_only_int8), every
+        activation float (smooth_alpha, method, float_worst_inputs and the exclusions do not apply).
+    weight_nmse_budget: with weight_only, leave float the weights whose rounding alone moves the visual tokens
+        most on the calibration images (weight_sensitivity) until the others' summed NMSE is within this;
+        0 rounds every weight.
     smooth_alpha: SmoothQuant strength for the quantized MatMul inputs (smooth_activations); None: off.
         0.75 measured best of {0.5, 0.75, 0.9} on the base encoder, random and outlier-heavy inits alike.
     Returns {'path', 'pure_path', 'bytes', 'op_counts', 'checks', 'excluded_nodes', 'calibration': facts}.
@@ -483,6 +567,8 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
     size = json.loads(get_metadata(custom)["emrrg.encoder_config"])["img_size"]
     pixels, facts = load_calibration_set(calib_images, size)
 
+    if weight_only:
+        return _weight_only_encoder(pure, pixels, weight_nmse_budget, batch_size, facts, out_path, pure_out_path, t0)
     smooth_info = None
     excluded = list(nodes_to_exclude)
     if keep_scan_projections_float:
@@ -541,7 +627,33 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
                   "scan_projections_weight_only_int8": woq, "float_worst_inputs": worst,
                   "calibrated_graph": "pure_onnx twin (ORT's calibrator cannot load the op library)",
                   "onnxruntime": __import__("onnxruntime").__version__})
-    meta = {METADATA_VARIANT: "custom_op", "emrrg.precision": "int8-qdq",
+    return _save_int8(q_custom, q_pure, facts, excluded, out_path, pure_out_path, t0, "int8-qdq")
+
+
+def _weight_only_encoder(pure: onnx.ModelProto, pixels: np.ndarray, budget: float, batch_size: int, facts: dict,
+                         out_path, pure_out_path, t0: float) -> dict:
+    """quantize_int8(weight_only=True): int8 MatMul weights, float activations; with a budget, the most
+    sensitive weights stay float."""
+    keep: list[str] = []
+    sens = None
+    if budget > 0:
+        sens = weight_sensitivity(pure, pixels, batch_size)
+        keep = float_for_budget(sens, budget)
+    woq = weight_only_int8(pure, [n for n in constant_weight_matmuls(pure) if n not in keep])
+    facts.update({"method": "weight-only", "per_channel_weights": True, "activations": "float (not quantized)",
+                  "weights": "int8 symmetric, per output channel", "op_types": ["MatMul"], "float_nodes": len(keep),
+                  "weight_only_int8": woq, "smoothquant": None, "weight_nmse_budget": budget,
+                  "float_sensitive": keep,
+                  "weight_nmse_sum": None if sens is None else sum(v for k, v in sens.items() if k not in keep),
+                  "calibrated_graph": "pure_onnx twin (weight sensitivity)" if sens else "none (weight-only)",
+                  "onnxruntime": __import__("onnxruntime").__version__})
+    return _save_int8(onnx_ops.collapse_scan_functions(pure), pure, facts, keep, out_path, pure_out_path, t0,
+                      "int8-weight-only")
+
+
+def _save_int8(q_custom: onnx.ModelProto, q_pure: onnx.ModelProto, facts: dict, excluded: list, out_path,
+               pure_out_path, t0: float, precision: str) -> dict:
+    meta = {METADATA_VARIANT: "custom_op", "emrrg.precision": precision,
             "emrrg.calibration": json.dumps({k: v for k, v in facts.items() if k != "images"}, sort_keys=True)}
     info = {"calibration": facts, "excluded_nodes": excluded}
     for model, path, variant in ((q_custom, out_path, "custom_op"), (q_pure, pure_out_path, "pure_onnx")):
@@ -561,6 +673,7 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
 __all__ = [
     "CalibrationError", "QuantizationError", "IMAGE_SUFFIXES", "QUANTIZED_OP_TYPES", "CALIBRATION_METHODS",
     "list_calibration_images", "load_calibration_set", "scan_projection_nodes", "depthwise_conv_nodes",
-    "smooth_activations", "weight_only_int8", "mlp_down_nodes", "worst_int8_inputs", "ENCODER_INT8_LADDER",
+    "smooth_activations", "weight_only_int8", "constant_weight_matmuls", "weight_sensitivity",
+    "float_for_budget", "mlp_down_nodes", "worst_int8_inputs", "ENCODER_INT8_LADDER",
     "check_int8_graph", "quantize_int8",
 ]

@@ -342,6 +342,99 @@ def test_int8_encoder_ladder_keeps_the_best_or_fails_strict(tiny_checkpoint, tmp
     assert leftovers(tmp_path) == ["b"]
 
 
+# Weight-only INT8: every weight rounded by at most half a step of its output channel (amax / 254), activations
+# exact: the random tiny encoder's tokens move by NMSE ~1.5e-5 on two real X-rays (float arithmetic, as the
+# runtime's session options keep it); 10x headroom for other ORT builds.
+WEIGHT_ONLY_NMSE_MAX = 2e-4
+# Budgeted: single-weight NMSEs add up to the whole's when the errors are small and independent; the measured
+# NMSE of the rounded rest may exceed its summed budget by cross terms, allowed up to this factor.
+BUDGET_ADDITIVITY = 3.0
+# The runtime's session options against ORT with every graph optimization off, on the same weight-only graph:
+# the same float arithmetic, only kernels and fusions differ (f32 rounding).
+WEIGHT_ONLY_SESSION_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder_pair(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint's encoder, custom-op and pure_onnx, plus two real X-rays at its size."""
+    from emrrg.assets import real_xrays
+    from emrrg.checkpoint import load_checkpoint
+    from emrrg.export.encoder_onnx import export_encoder, pure_onnx_twin
+    from emrrg.export.quantize_encoder import load_calibration_set
+
+    d = tmp_path_factory.mktemp("enc")
+    model = load_checkpoint(tiny_checkpoint)
+    model.merge_adapters()
+    export_encoder(model, d / "e.onnx", "custom_op")
+    pure_onnx_twin(d / "e.onnx", d / "p.onnx")
+    return d, load_calibration_set(real_xrays()[:2], 64)[0]
+
+
+def _tokens(path, px, **session):
+    import onnxruntime as ort
+
+    from emrrg.runtime.sessions import session_options
+
+    so = session_options(**session)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"pixel_values": px[:, None]})[0]
+
+
+def _nmse(got, ref) -> float:
+    return float(((got.astype(np.float64) - ref) ** 2).mean() / (ref.astype(np.float64) ** 2).mean())
+
+
+def test_weight_only_encoder_rounds_weights_only(tiny_encoder_pair, tmp_path):
+    """weight_only with no budget: no QuantizeLinear anywhere, every constant MatMul weight an int8
+    DequantizeLinear, tokens within WEIGHT_ONLY_NMSE_MAX of f32, a smaller file; the runtime's session options
+    run it with float activations (ORT would otherwise fuse it into MatMulNBits with int8 activations)."""
+    import onnx
+
+    from emrrg.assets import real_xrays
+    from emrrg.export.quantize_encoder import constant_weight_matmuls, quantize_int8
+
+    d, px = tiny_encoder_pair
+    n_matmuls = len(constant_weight_matmuls(onnx.load(str(d / "p.onnx"))))
+    q = quantize_int8(d / "e.onnx", d / "p.onnx", real_xrays()[:3], tmp_path / "q.onnx",
+                      pure_out_path=tmp_path / "q.scan.onnx", weight_only=True)
+    g = onnx.load(q["pure_path"]).graph
+    assert not any(n.op_type == "QuantizeLinear" for n in g.node)
+    dq = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    matmuls = [n for n in g.node if n.op_type == "MatMul" and (n.input[0] in dq or n.input[1] in dq)]
+    assert n_matmuls >= 8 and len(matmuls) == n_matmuls and q["calibration"]["float_sensitive"] == []
+    assert q["pure_bytes"] < (d / "p.onnx").stat().st_size
+    ref, got = _tokens(d / "p.onnx", px), _tokens(q["pure_path"], px)
+    print(f"weight-only INT8 tokens: NMSE {_nmse(got, ref):.2e}")
+    assert 0 < _nmse(got, ref) < WEIGHT_ONLY_NMSE_MAX
+    np.testing.assert_allclose(got, _tokens(q["pure_path"], px, optimization="none"), rtol=WEIGHT_ONLY_SESSION_RTOL,
+                               atol=WEIGHT_ONLY_SESSION_RTOL)
+
+
+def test_weight_only_budget_leaves_the_most_sensitive_weights_float(tiny_encoder_pair, tmp_path):
+    """weight_sensitivity ranks every constant MatMul; float_for_budget keeps the most sensitive float until the
+    rest fit the budget; the quantized encoder's measured NMSE stays within BUDGET_ADDITIVITY x the budget."""
+    import onnx
+
+    from emrrg.assets import real_xrays
+    from emrrg.export.quantize_encoder import constant_weight_matmuls, float_for_budget, quantize_int8, weight_sensitivity
+
+    d, px = tiny_encoder_pair
+    pure = onnx.load(str(d / "p.onnx"))
+    sens = weight_sensitivity(pure, px)
+    assert set(sens) == set(constant_weight_matmuls(pure)) and min(sens.values()) >= 0 < max(sens.values())
+    total = sum(sens.values())
+    assert float_for_budget(sens, total) == [] and len(float_for_budget(sens, 0.0)) == sum(v > 0 for v in sens.values())
+    budget = total / 4
+    keep = float_for_budget(sens, budget)
+    top = sorted(sens, key=sens.get, reverse=True)[:len(keep)]
+    assert sorted(top) == keep and sum(v for k, v in sens.items() if k not in keep) <= budget
+    q = quantize_int8(d / "e.onnx", d / "p.onnx", real_xrays()[:2], tmp_path / "q.onnx",
+                      pure_out_path=tmp_path / "q.scan.onnx", weight_only=True, weight_nmse_budget=budget)
+    assert q["calibration"]["float_sensitive"] == keep
+    got = _nmse(_tokens(q["pure_path"], px), _tokens(d / "p.onnx", px))
+    print(f"budget {budget:.2e}: {len(keep)} of {len(sens)} weights float, NMSE {got:.2e}")
+    assert got <= BUDGET_ADDITIVITY * budget
+
+
 def test_worst_int8_inputs_are_left_float(tiny_checkpoint, tmp_path):
     """float_worst_inputs leaves the readers of the worst-rounded activations float, and only those."""
     import onnx
