@@ -243,10 +243,83 @@ def predict_split(gen, split: Split, over: dict, progress: bool = False) -> list
             for e, t in zip(split.examples, ids)]
 
 
+def _predict_worker(queue, part: int, source: str, batch_size: int, backend: str, threads: int | None,
+                    annotation: str, split_name: str, start: int, stop: int, over: dict) -> None:
+    """One process of predict_split_workers: its contiguous slice of the split, one ("done", n) message per
+    finished batch, then ("rows", part, rows) or ("error", part, message)."""
+    try:
+        if threads:
+            try:
+                import torch
+                torch.set_num_threads(threads)
+            except ImportError:
+                pass
+        split = load_split(annotation, split_name)
+        split.examples = split.examples[start:stop]
+        gen = open_source(source, batch_size, backend, threads)
+        ids = gen.generate([split.images(e) for e in split.examples], over, on_done=lambda n: queue.put(("done", n)))
+        queue.put(("rows", part, [{"id": e["id"], "reference": e["report"], "prediction": gen.decode(t),
+                                   "token_ids": list(t)} for e, t in zip(split.examples, ids)]))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises EvalError
+        queue.put(("error", part, f"{type(e).__name__}: {e}"))
+
+
+def predict_split_workers(source: str | Path, split: Split, over: dict, workers: int, batch_size: int = 8,
+                          backend: str = "auto", threads: int | None = None, progress: bool = False) -> list[dict]:
+    """predict_split over `workers` processes, each with its own copy of the source and a contiguous slice of
+    the split (`threads` each), merged in split order. The rows are the same as one process's at the same batch
+    size when each slice's batches are: batch size 1 gives the same per-study computation everywhere.
+    threads=None shares the cores among the workers."""
+    import multiprocessing as mp
+
+    from emrrg.runtime.logs import Progress
+
+    import os
+
+    n = len(split.examples)
+    bounds = [(n * k // workers, n * (k + 1) // workers) for k in range(workers)]
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)     # not every worker on every core
+    ctx = mp.get_context("spawn")                 # no fork of a process that may hold torch / ORT threads
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_predict_worker, daemon=True,
+                         args=(queue, k, str(source), batch_size, backend, threads, str(split.annotation), split.name,
+                               a, b, over)) for k, (a, b) in enumerate(bounds) if b > a]
+    bar = Progress(n, f"generate {split.name} ({len(procs)} workers)", unit="study", enabled=progress)
+    parts: dict[int, list[dict]] = {}
+    try:
+        for p in procs:
+            p.start()
+        while len(parts) < len(procs):
+            try:
+                msg = queue.get(timeout=5)
+            except Exception:  # noqa: BLE001 - queue.Empty: check that the workers are alive
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise EvalError(f"an evaluation worker exited with code {dead[0].exitcode} "
+                                    "(out of memory? try fewer --workers)") from None
+                continue
+            if msg[0] == "done":
+                bar.update(msg[1])
+            elif msg[0] == "rows":
+                parts[msg[1]] = msg[2]
+            else:
+                raise EvalError(f"evaluation worker {msg[1] + 1} of {len(procs)}: {msg[2]}")
+    finally:
+        bar.close()
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    return [r for k in sorted(parts) for r in parts[k]]
+
+
 def evaluate_source(gen, split: Split, over: dict, train_examples: Sequence[dict] | None = None,
-                    meteor: bool = True, tokenizer: str = "auto", progress: bool = False) -> dict:
+                    meteor: bool = True, tokenizer: str = "auto", progress: bool = False,
+                    predict: Callable[[], list[dict]] | None = None) -> dict:
+    """Score a split. `predict`: makes the predictions instead of predict_split(gen, ...) (for instance
+    predict_split_workers); `gen` still gives the source kind and the decoding settings."""
     t0 = time.perf_counter()
-    rows = predict_split(gen, split, over, progress)
+    rows = predict() if predict else predict_split(gen, split, over, progress)
     t1 = time.perf_counter()
     refs = [r["reference"] for r in rows]
     res: dict[str, Any] = {
@@ -363,6 +436,10 @@ def eval_main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="ban repeated n-grams of this size, 0 = off "
                                                                           "(default: the source's)")
     p.add_argument("--batch-size", type=int, default=8, help="studies per batch (PyTorch source)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes generating in parallel, each with its own copy of the source, a contiguous "
+                        "slice of the split and --threads threads (default: the cores shared among them); the "
+                        "reports are the same as one process's at batch size 1")
     p.add_argument("--backend", default="auto", help="runtime backend for a bundle source")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime) (default: all cores)")
     p.add_argument("--no-baseline", action="store_true", help="skip the most-common-training-report baseline")
@@ -410,8 +487,16 @@ def _run_eval(a) -> None:
         train = None if a.no_baseline else load_annotation(a.data)["train"]
         over = decode_overrides(a.beams, a.min_new_tokens, a.max_new_tokens, a.repetition_penalty,
                                 no_repeat_ngram_size=a.no_repeat_ngram_size)
+        if a.workers < 1:
+            raise EvalError(f"--workers {a.workers}: give 1 or more")
+        predict = None
+        if a.workers > 1:
+            predict = lambda: predict_split_workers(src, split, over, a.workers, a.batch_size, a.backend,  # noqa: E731
+                                                    a.threads, progress=not a.no_progress)
         res = evaluate_source(gen, split, over, train, meteor=meteor, tokenizer=a.tokenizer,
-                              progress=not a.no_progress)
+                              progress=not a.no_progress, predict=predict)
+        if a.workers > 1:
+            res["workers"] = a.workers
         res = {"source": str(src), "data": str(a.data), **res}
         print(f"{src} on {a.split} ({res['n']} studies, {gen.kind}, decoding {res['decoding']}, {res['generate_s']} s):")
         print(_summary_line("model", res["model"]))

@@ -87,6 +87,40 @@ def test_eval_ptb_tokenizer(tiny_checkpoint, tiny_phantom, tmp_path):
     _check_scores(res["model"], meteor=False)
 
 
+def test_workers_give_the_reports_of_one_process(tiny_checkpoint, tiny_phantom, tmp_path):
+    """--workers 2 (slices of 1 and 2 studies, one spawned process each) writes the same reports, in split
+    order, as one process at batch size 1: the same per-study computation."""
+    from emrrg.evaluate import eval_main
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    common = [str(tiny_checkpoint), "--data", str(tiny_phantom), "--split", "test", "--batch-size", "1",
+              "--no-meteor", "--no-baseline", *DECODE]
+    eval_main([*common, "-o", str(one)])
+    eval_main([*common, "-o", str(two), "--workers", "2"])
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [r["id"] for r in a["predictions"]] == [r["id"] for r in b["predictions"]] and len(a["predictions"]) == 3
+    assert [r["token_ids"] for r in a["predictions"]] == [r["token_ids"] for r in b["predictions"]]
+    assert a["model"] == b["model"] and b["workers"] == 2 and "workers" not in a
+
+
+def test_a_worker_that_fails_names_itself_and_its_error(tiny_checkpoint, tiny_phantom, tmp_path, capsys):
+    """A corrupt image in the second worker's slice: one line naming the worker and the image, exit 2."""
+    import shutil
+
+    from emrrg.evaluate import eval_main, load_split
+
+    data = tmp_path / "phantom"
+    shutil.copytree(tiny_phantom.parent, data)
+    split = load_split(data / tiny_phantom.name, "test")
+    bad = split.images(split.examples[-1])[0]
+    bad.write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as e:
+        eval_main([str(tiny_checkpoint), "--data", str(data / tiny_phantom.name), "--split", "test", "--no-meteor",
+                   "--no-baseline", *DECODE, "--workers", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "worker 2 of 2" in err and bad.name in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_eval_errors(tiny_phantom, tmp_path, capsys):
     from emrrg.evaluate import eval_main
 
