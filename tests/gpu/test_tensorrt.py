@@ -167,6 +167,39 @@ def test_tiny_encoder_fp32_engine_vs_pytorch(plugin, tmp_path, tiny_checkpoint):
     assert enc2.plan_path == enc.plan_path and np.array_equal(enc2.run(px), out)
 
 
+# A weight-only INT8 encoder (int8 weights through DequantizeLinear, float activations) as an int8 engine against
+# ORT CPU on the same file: the same weights and float arithmetic, so the bound is the INT8 bundle bound's
+# hundredth (TensorRT may still pick fp16 kernels for some layers under the int8 flag).
+WEIGHT_ONLY_MAX_NMSE = 1e-4
+
+
+def test_weight_only_int8_encoder_engine_vs_ort(plugin, tmp_path, tiny_checkpoint):
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
+    from emrrg.assets import real_xrays
+    from emrrg.checkpoint import load_checkpoint
+    from emrrg.export.encoder_onnx import export_encoder, pure_onnx_twin
+    from emrrg.export.quantize_encoder import quantize_int8
+    from emrrg.runtime.sessions import session_options
+
+    model = load_checkpoint(tiny_checkpoint).eval()
+    model.merge_adapters()
+    export_encoder(model, tmp_path / "e.onnx", "custom_op")
+    pure_onnx_twin(tmp_path / "e.onnx", tmp_path / "p.onnx")
+    q = quantize_int8(tmp_path / "e.onnx", tmp_path / "p.onnx", real_xrays()[:2], tmp_path / "q.onnx",
+                      pure_out_path=tmp_path / "q.scan.onnx", weight_only=True)
+    size = model.cfg.encoder.img_size
+    px = np.random.default_rng(0).standard_normal((2, 1, 3, size, size)).astype(np.float32)
+    ref = ort.InferenceSession(q["pure_path"], session_options(), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": px})[0]
+    enc = trtb.TensorRTEncoder(tmp_path, q["path"], "int8", image_size=size, cache_dir=tmp_path / "engines",
+                               plugin_path=plugin)
+    m = trtb.compare_outputs(enc.run(px), ref)
+    print(f"\nweight-only INT8 encoder engine vs ORT CPU: {m}")
+    assert m["finite"] and m["nmse"] <= WEIGHT_ONLY_MAX_NMSE
+
+
 def test_bundle_engine_auto_precision(plugin, tmp_path, tiny_bundle):
     from emrrg.export.tensorrt_engine import build_bundle_engine
 
