@@ -98,3 +98,16 @@ def test_report_bands():
     assert b["CE_F1"]["ok"] and not b["BLEU_4"]["ok"] and b["CIDEr"]["ok"]             # 0.9% in, 6% out, 0 stays 0
     assert not within_bands({"CE_F1": 0.5, "BLEU_4": 0.1, "CIDEr": 0.01}, ref)["CIDEr"]["ok"]
     assert REPORT_BANDS == {"CE_F1": 0.01, "BLEU_4": 0.05, "CIDEr": 0.05}               # the fidelity targets
+
+
+def test_identical_reports_rule():
+    """At least REPORT_MIN_IDENTICAL of the reports word for word the baseline's: 19 of 20 passes at 0.95,
+    18 of 20 does not (the bands could not tell a flipped beam from noise)."""
+    from emrrg.export.report_check import REPORT_MIN_IDENTICAL, identical
+
+    ref = [f"report {i}." for i in range(20)]
+    assert REPORT_MIN_IDENTICAL == 0.95
+    assert identical(ref, ref) == {"same": 20, "of": 20, "min_fraction": 0.95, "ok": True}
+    one, two = ["other."] + ref[1:], ["other."] * 2 + ref[2:]
+    assert identical(one, ref)["ok"] and identical(one, ref)["same"] == 19
+    assert not identical(two, ref)["ok"] and identical(two, ref)["same"] == 18

@@ -252,7 +252,9 @@ def test_calib_reports_checks_rungs_on_reports(tiny_checkpoint, tiny_phantom, tm
     for a in checked:
         r = a["reports"]
         assert r["studies"] == 2 and set(r["metrics"]) == {"CE_F1", "BLEU_4", "CIDEr"}
-        assert a["passed"] == r["passed"] == all(m["ok"] for m in r["metrics"].values())
+        assert r["identical"]["of"] == 2 and 0 <= r["identical"]["same"] <= 2
+        assert r["identical"]["ok"] == (r["identical"]["same"] >= r["identical"]["min_fraction"] * 2)
+        assert a["passed"] == r["passed"] == (all(m["ok"] for m in r["metrics"].values()) and r["identical"]["ok"])
     assert all(a.get("skipped") or "reports" in a or not (a["top1"] >= 0.95 and a["kl_mean"] <= 0.05)
                for a in attempts)                              # every rung within the thresholds was checked
 
@@ -269,8 +271,9 @@ def test_calib_reports_checks_int8_encoder_rungs(tiny_checkpoint, tiny_phantom, 
     checked = [a for a in enc if "reports" in a]
     assert checked, enc
     for a in checked:
-        assert a["reports"]["decoder"] == "f32" and a["reports"]["studies"] == 2
-        assert a["passed"] == a["reports"]["passed"] == all(b["ok"] for b in a["reports"]["metrics"].values())
+        r = a["reports"]
+        assert r["decoder"] == "f32" and r["studies"] == 2 and r["identical"]["of"] == 2
+        assert a["passed"] == r["passed"] == (all(b["ok"] for b in r["metrics"].values()) and r["identical"]["ok"])
     dec = [a for a in m["validation"]["decoder_4bit"]["attempts"] if "reports" in a]
     assert dec and all(a["reports"]["encoder"] == m["calibration"]["chosen"] for a in dec)
     kept = next(a for a in enc if a["name"] == m["calibration"]["chosen"])
