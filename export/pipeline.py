@@ -22,7 +22,7 @@ import numpy as np
 
 from emrrg.export.bundle import share_external_data, staged_bundle, write_manifest
 from emrrg.export.errors import ExportError, NoPassingConfigError
-from emrrg.export.report_check import DEFAULT_REPORT_LIMIT
+from emrrg.export.report_check import DEFAULT_REPORT_LIMIT, verdict_line
 
 from emrrg.runtime import contract as C  # artifact keys, file names, I/O names and the manifest's sections
 
@@ -289,7 +289,7 @@ def _quantize_encoder(model, work: Path, calib, sets, ref_tokens, opts: ExportOp
         if passed and reports is not None:
             passed, attempts[-1]["reports"] = reports.check_encoder(files[runtime_variant])
             attempts[-1]["passed"] = passed
-            log(f"int8 encoder {cfg['name']}: reports {'within' if passed else 'outside'} the bands")
+            log(f"int8 encoder {cfg['name']}: {verdict_line(attempts[-1]['reports'])}")
         if best is None or (passed, held) > (best[0]["passed"], best[0]["held_out_mean_cosine"]):
             loser, best = (best[1] if best else {}), (attempts[-1], files, figures, q)
         else:

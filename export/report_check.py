@@ -56,6 +56,14 @@ def identical(got: list[str], ref: list[str]) -> dict:
             "ok": same >= REPORT_MIN_IDENTICAL * len(ref)}
 
 
+def verdict_line(details: dict) -> str:
+    """One log line for a checked rung: the metrics' relative changes and the identical reports."""
+    rel = ", ".join(f"{k.replace('_', '-')} {100 * v['rel']:+.1f}%" for k, v in details["metrics"].items())
+    same = details["identical"]
+    return (f"reports {'kept' if details['passed'] else 'refused'} ({rel}; {same['same']} / {same['of']} "
+            f"identical, {100 * same['min_fraction']:g}% needed)")
+
+
 def within_bands(got: dict[str, float], ref: dict[str, float]) -> dict[str, dict]:
     """Per metric: the relative change from `ref` and whether it is within its band. A metric that is 0 for the
     reference must stay 0 (no relative change is defined)."""
@@ -183,4 +191,5 @@ class ReportCheck:
         ok, details = self._verdict(self.reports(Path(decoder_onnx)), ref)
         baseline = ("f32 encoder + f32 decoder" if self.compare_to == "f32"
                     else f"{self.compare_to} encoder + f32 decoder")
+        self.log(f"report check: {Path(decoder_onnx).parent.name}: {verdict_line(details)}")
         return ok, {"encoder": self.encoder, "baseline": baseline, **details}
