@@ -7,9 +7,9 @@ Variants, all on the same studies and the same pixels (`emrrg.runtime.preprocess
   f32 PyTorch      the checkpoint through emrrg (the reference)
   f32 bundle       emrrg-export with ExportOptions(int8=False, llm_bits=32), through emrrg.runtime.Runtime
   INT8 + 4-bit     ExportOptions(int8=True, llm_bits=4, calib_reports=--data): Q/DQ INT8 encoder, MatMulNBits
-                   4-bit decoder, the rungs chosen by both ladders with their report check on the first 24
-                   validation studies (emrrg-export --calib-reports; --no-calib-reports: the token-level
-                   thresholds alone)
+                   4-bit decoder, the rungs chosen by both ladders with their report check on the first
+                   --calib-reports-limit validation studies (emrrg-export --calib-reports, 84 by default;
+                   --no-calib-reports: the token-level thresholds alone; --extra-options: pinned rungs)
                    (when the 4-bit decoder path fails, INT8 encoder + f32 decoder, and the table says so)
 
 Per variant:
@@ -196,7 +196,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-report-tokens", type=int, default=96, help="teacher-forced report length")
     p.add_argument("--calib-train", type=int, default=32, help="INT8 calibration images, from the train split")
     p.add_argument("--no-calib-reports", action="store_true", help="export the INT8 + 4-bit bundle without "
-                   "--calib-reports (default: with it, on the first 24 validation studies of --data)")
+                   "--calib-reports (default: with it, on the first --calib-reports-limit validation studies of --data)")
     p.add_argument("--calib-reports-limit", type=int, default=None,
                    help="validation studies of the report check (default: emrrg-export's)")
     p.add_argument("--extra-options", nargs="*", default=[], metavar="KEY=VALUE",
