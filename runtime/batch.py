@@ -487,8 +487,12 @@ def run_pass(ray, studies: list[Study], batch_size: int, writer: PartWriter, a, 
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         ds = ds.map_batches(_Prepare(size, policy), batch_size=batch_size, batch_format="pyarrow",
                             num_cpus=0, compute=ray.data.TaskPoolStrategy(size=a.workers))
+        # One by one (the pass after a batch killed its worker on every retry), an actor takes a study only when
+        # it is idle: a study queued on the actor that a poison study kills would fail with it, and two deaths
+        # (the poison's try and its retry) would use up its own retries (seen in CI: an innocent study lost).
+        in_flight = 1 if batch_size == 1 else None
         ds = ds.map_batches(ReportWorker, batch_size=batch_size, batch_format="pyarrow", num_cpus=a.threads,
-                            compute=ray.data.ActorPoolStrategy(size=a.workers),
+                            compute=ray.data.ActorPoolStrategy(size=a.workers, max_tasks_in_flight_per_actor=in_flight),
                             runtime_env={"env_vars": hooks} if hooks else None,
                             fn_constructor_args=(a.bundle, a.threads, a.backend, sha, decode, a.sr),
                             max_restarts=-1, max_task_retries=a.retries)

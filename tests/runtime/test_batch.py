@@ -337,4 +337,5 @@ def test_study_that_kills_its_worker_every_time_is_an_error_row(tiny_bundle, dic
     rows = {r["study_id"]: r for r in read_out(out)}
     assert sorted(rows) == sorted(uid for _, uid in good)
     assert rows[poison]["status"] == "error" and rows[poison]["error"].startswith("no result: its Ray task failed 2 times")
-    assert all(r["status"] == "ok" for sid, r in rows.items() if sid != poison)
+    assert all(r["status"] == "ok" for sid, r in rows.items() if sid != poison), \
+        {sid: r["error"] for sid, r in rows.items() if r["status"] != "ok"}
