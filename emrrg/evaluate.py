@@ -239,8 +239,22 @@ def predict_split(gen, split: Split, over: dict, progress: bool = False) -> list
         ids = gen.generate([split.images(e) for e in split.examples], over, on_done=bar.update)
     finally:
         bar.close()
+    return _rows(gen, split.examples, ids)
+
+
+def _rows(gen, examples: Sequence[dict], ids: Sequence[Sequence[int]]) -> list[dict]:
     return [{"id": e["id"], "reference": e["report"], "prediction": gen.decode(t), "token_ids": list(t)}
-            for e, t in zip(split.examples, ids)]
+            for e, t in zip(examples, ids)]
+
+
+def _torch_threads(threads: int | None) -> None:
+    """torch's intra-op threads, when torch is there (a bundle source runs without it)."""
+    if threads:
+        try:
+            import torch
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
 
 
 def _predict_worker(queue, part: int, source: str, batch_size: int, backend: str, threads: int | None,
@@ -248,18 +262,12 @@ def _predict_worker(queue, part: int, source: str, batch_size: int, backend: str
     """One process of predict_split_workers: its contiguous slice of the split, one ("done", n) message per
     finished batch, then ("rows", part, rows) or ("error", part, message)."""
     try:
-        if threads:
-            try:
-                import torch
-                torch.set_num_threads(threads)
-            except ImportError:
-                pass
+        _torch_threads(threads)
         split = load_split(annotation, split_name)
         split.examples = split.examples[start:stop]
         gen = open_source(source, batch_size, backend, threads)
         ids = gen.generate([split.images(e) for e in split.examples], over, on_done=lambda n: queue.put(("done", n)))
-        queue.put(("rows", part, [{"id": e["id"], "reference": e["report"], "prediction": gen.decode(t),
-                                   "token_ids": list(t)} for e, t in zip(split.examples, ids)]))
+        queue.put(("rows", part, _rows(gen, split.examples, ids)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises EvalError
         queue.put(("error", part, f"{type(e).__name__}: {e}"))
 
@@ -271,10 +279,9 @@ def predict_split_workers(source: str | Path, split: Split, over: dict, workers:
     size when each slice's batches are: batch size 1 gives the same per-study computation everywhere.
     threads=None shares the cores among the workers."""
     import multiprocessing as mp
+    import os
 
     from emrrg.runtime.logs import Progress
-
-    import os
 
     n = len(split.examples)
     bounds = [(n * k // workers, n * (k + 1) // workers) for k in range(workers)]
@@ -462,12 +469,7 @@ def eval_main(argv: list[str] | None = None) -> None:
 
 
 def _run_eval(a) -> None:
-    if a.threads:
-        try:
-            import torch
-            torch.set_num_threads(a.threads)
-        except ImportError:
-            pass
+    _torch_threads(a.threads)
     meteor = not a.no_meteor
     if a.iu:
         res = iu_evaluation(a.limit, meteor=meteor, tokenizer=a.tokenizer)

@@ -117,9 +117,10 @@ def build_model(a):
         enc = model.cfg.encoder
         size, patch = a.img_size or enc.img_size, a.patch_size or enc.patch_size
         if (size, patch) != (enc.img_size, enc.patch_size):
-            if size % patch:
-                raise TrainError(f"--img-size {size} is not a multiple of the patch size {patch}")
-            model.visual_encoder.resize(size, patch)       # its cfg is model.cfg.encoder
+            try:
+                model.visual_encoder.resize(size, patch)   # its cfg is model.cfg.encoder
+            except ValueError as e:                        # EncoderConfig's own check of the geometry
+                raise TrainError(f"--img-size / --patch-size: {e}") from None
     else:
         dec = {"lora_rank": a.llm_lora_rank, "lora_alpha": a.llm_lora_alpha}
         if a.decoder_path:

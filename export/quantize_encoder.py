@@ -296,13 +296,15 @@ def smooth_activations(model: onnx.ModelProto, pixels: np.ndarray, alpha: float 
                    "max_outlier_ratio_after": round(max(ratios_after), 2)}
 
 
-def _int8_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8, one scale per output channel (`axis`): (q, scale). Batched weights (G, M, K) share one
-    scale per output channel across the batch: DequantizeLinear takes one axis, and TensorRT wants per-axis (not
-    blocked) scales."""
+def _int8_per_channel(w: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Symmetric int8 of a MatMul weight, one scale per output channel: (q, scale, axis). The weight on the
+    right (slot 1, X @ W, W (.., K, N)) has a column per output, on the left (slot 0, W @ X, W (.., M, K)) a row.
+    Batched weights (G, M, K) share one scale per output channel across the batch: DequantizeLinear takes one
+    axis, and TensorRT wants per-axis (not blocked) scales."""
+    axis = w.ndim - 1 if slot == 1 else w.ndim - 2
     others = tuple(i for i in range(w.ndim) if i != axis)
     scale = np.maximum(np.abs(w).max(others), 1e-12) / 127.0
-    return np.clip(np.rint(w / np.expand_dims(scale, others)), -127, 127).astype(np.int8), scale
+    return np.clip(np.rint(w / np.expand_dims(scale, others)), -127, 127).astype(np.int8), scale, axis
 
 
 def _weight_slot(node: onnx.NodeProto, inits) -> int | None:
@@ -329,7 +331,6 @@ def weight_only_int8(model: onnx.ModelProto, node_names: Iterable[str]) -> dict:
     for n in model.graph.node:
         if n.name not in wanted or n.op_type != "MatMul":
             continue
-        # W on the right (X @ W, W (.., K, N): a column per output) or on the left (W @ X, W (.., M, K): a row)
         slot = _weight_slot(n, inits)
         if slot is None:
             continue
@@ -338,8 +339,7 @@ def weight_only_int8(model: onnx.ModelProto, node_names: Iterable[str]) -> dict:
             w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
             if w.ndim < 2:
                 continue
-            axis = w.ndim - 1 if slot == 1 else w.ndim - 2
-            q, scale = _int8_per_channel(w, axis)
+            q, scale, axis = _int8_per_channel(w, slot)
             model.graph.initializer.extend([numpy_helper.from_array(q, f"{w_name}_woq"),
                                             numpy_helper.from_array(scale.astype(np.float32), f"{w_name}_woq_scale"),
                                             numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{w_name}_woq_zp")])
@@ -406,10 +406,10 @@ def weight_sensitivity(model: onnx.ModelProto, pixels: np.ndarray, batch_size: i
         readers.setdefault(w_name, []).append(n.name)
         if w_name not in rounded:
             w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
-            axis = w.ndim - 1 if slot == 1 else w.ndim - 2
-            q, scale = _int8_per_channel(w, axis)
-            rounded[w_name] = np.ascontiguousarray(
-                q.astype(np.float32) * np.expand_dims(scale, tuple(i for i in range(w.ndim) if i != axis)))
+            q, scale, axis = _int8_per_channel(w, slot)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            rounded[w_name] = np.ascontiguousarray(q.astype(np.float32) * scale.reshape(shape))
 
     def tokens(sess) -> np.ndarray:
         return np.concatenate([sess.run(None, {"pixel_values": pixels[i:i + batch_size, None]})[0]
