@@ -305,6 +305,11 @@ def use_scan(model, which: str) -> None:
 # ---- encoder label pre-training -----------------------------------------------------------------------
 
 PRETRAIN_LABELS = ("auto", "drawn", "report")
+# How the pre-training head turns the encoder's tokens into one logit per label. mean: a linear head on the
+# mean token (a global feature). max: the same head on every token, the image's logit the largest token's
+# (multiple-instance learning), so a finding a few patches show (a tube, a nodule, a pneumothorax's edge)
+# must be detected in the tokens that cover it, the tokens the LLM attends to, not averaged away.
+PRETRAIN_POOLS = ("mean", "max")
 
 
 def report_labels(reports: Sequence[str]) -> np.ndarray:
@@ -348,6 +353,15 @@ def label_targets(examples: Sequence[dict], which: str = "auto") -> tuple[np.nda
     return report_labels([e["report"] for e in examples]), "report"
 
 
+def label_classes(source: str) -> tuple[str, ...]:
+    """The names of label_targets' columns for its source: the phantom's FINDINGS or the CheXpert classes."""
+    if source == "drawn":
+        from emrrg.data.phantom import FINDINGS
+        return tuple(FINDINGS)
+    from emrrg.metrics.labeler import CHEXPERT_CLASSES
+    return tuple(CHEXPERT_CLASSES)
+
+
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
     """ROC AUC of scores `s` for 0/1 `y` (Mann-Whitney, ties counted half); None when one class is absent."""
     pos, neg = s[y > 0.5], s[y <= 0.5]
@@ -358,26 +372,38 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
 
 
 def label_head_metrics(y: np.ndarray, logits: np.ndarray) -> dict:
-    """BCE, macro AUC (over the labels with both classes present), element accuracy at p = 0.5 and the
-    fraction of studies whose whole label set is right, of a multi-label head's logits against `y`."""
+    """BCE, macro AUC (over the labels with both classes present) and each label's AUC (None where one class
+    is absent), element accuracy at p = 0.5 and the fraction of studies whose whole label set is right, of
+    a multi-label head's logits against `y`."""
     import torch
     import torch.nn.functional as F
 
     bce = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
-    aucs = [a for a in (_auc(y[:, j], logits[:, j]) for j in range(y.shape[1])) if a is not None]
+    per_label = [_auc(y[:, j], logits[:, j]) for j in range(y.shape[1])]
+    aucs = [a for a in per_label if a is not None]
     pred = logits > 0
-    return {"n": int(len(y)), "bce": bce, "auc_macro": float(np.mean(aucs)) if aucs else None,
+    return {"n": int(len(y)), "bce": bce, "auc_macro": float(np.mean(aucs)) if aucs else None, "auc": per_label,
             "accuracy": float((pred == (y > 0.5)).mean()), "exact_sets": float((pred == (y > 0.5)).all(1).mean())}
 
 
+def pool_logits(head, tokens, pool: str):
+    """(b, K) label logits of the encoder's (b, N, D) tokens by PRETRAIN_POOLS' rule `pool`."""
+    if pool == "mean":
+        return head(tokens.mean(1))
+    if pool == "max":
+        return head(tokens).amax(1)
+    raise TrainError(f"--pretrain-pool {pool!r}: choose one of {', '.join(PRETRAIN_POOLS)}")
+
+
 def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: float, seed: int,
-                     log=print, labels: str = "auto", val: "StudyData | None" = None) -> dict:
+                     log=print, labels: str = "auto", val: "StudyData | None" = None, pool: str = "mean") -> dict:
     """Multi-label pre-training of the encoder on the training studies' labels.
 
     Upstream starts from a MambaXray-VL encoder pre-trained on X-ray image-report pairs; without one (a
     fresh encoder, `--train-encoder full`), this gives the encoder visual features worth projecting
     before the LLM sees them. A linear head on the mean of the encoder's tokens, binary cross-entropy,
-    AdamW with a cosine schedule; the head is dropped afterwards. Only the encoder's trainable
+    AdamW with a cosine schedule; the head is dropped afterwards. `pool` (PRETRAIN_POOLS) says how the
+    tokens become one logit per label. Only the encoder's trainable
     parameters move. The labels (`label_targets`) are the findings drawn on each image when the
     annotation has them (phantoms), else the CheXpert labels of the report text, so any annotation.json
     works. With `val`, the head is scored on it (BCE, macro AUC, accuracy) at every log point and at the end.
@@ -387,6 +413,8 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
     import torch
     import torch.nn.functional as F
 
+    if pool not in PRETRAIN_POOLS:
+        raise TrainError(f"--pretrain-pool {pool!r}: choose one of {', '.join(PRETRAIN_POOLS)}")
     y_np, source = label_targets(data.split.examples, labels)
     y_all = torch.from_numpy(y_np)                                           # (n, K)
     y_val = label_targets(val.split.examples, source)[0] if val is not None and len(val) else None
@@ -409,19 +437,20 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
         enc.eval()
         try:
             with torch.no_grad():
-                out = [head(enc(torch.from_numpy(np.stack([val.pixels(i)[0] for i in range(k, min(k + 32, len(val)))])))
-                            .mean(1)) for k in range(0, len(val), 32)]
+                out = [pool_logits(head, enc(torch.from_numpy(np.stack([val.pixels(i)[0]
+                                                                        for i in range(k, min(k + 32, len(val)))]))), pool)
+                       for k in range(0, len(val), 32)]
         finally:
             enc.train()
         return {"step": step, **label_head_metrics(y_val, torch.cat(out).numpy())}
 
     losses, curve, t0 = [], [], time.perf_counter()
-    log(f"encoder pre-training on the {source} labels ({y_all.shape[1]} classes, {len(data)} studies)")
+    log(f"encoder pre-training on the {source} labels ({y_all.shape[1]} classes, {len(data)} studies, {pool} pooling)")
     enc.train()
     for step in range(1, steps + 1):
         idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False).tolist()
         px = torch.from_numpy(np.stack([data.pixels(i)[0] for i in idx]))   # (b, 3, S, S), first view
-        logits = head(enc(px).mean(1))                                       # (b, K)
+        logits = pool_logits(head, enc(px), pool)                            # (b, K)
         loss = F.binary_cross_entropy_with_logits(logits, y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,7 +468,12 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
                 msg += (f"; val ({v['n']}): BCE {v['bce']:.4f}, macro AUC {auc}, accuracy {v['accuracy']:.3f}, "
                         f"label sets exact {v['exact_sets']:.3f}")
             log(msg)
-    return {"labels": source, "bce": losses, "val": curve[-1] if curve else None, "val_curve": curve}
+    classes = label_classes(source)
+    if curve:
+        log("encoder pre-training, val AUC per label: " + ", ".join(
+            f"{c} {'n/a' if a is None else f'{a:.3f}'}" for c, a in zip(classes, curve[-1]["auc"])))
+    return {"labels": source, "classes": list(classes), "bce": losses, "val": curve[-1] if curve else None,
+            "val_curve": curve}
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -664,10 +698,11 @@ def train(a, log=print) -> dict:
                 pre_val = None
             pre = pretrain_encoder(model, data, a.encoder_pretrain_steps, a.encoder_pretrain_batch_size,
                                    a.encoder_pretrain_lr or a.encoder_lr or a.lr, a.seed, log=log,
-                                   labels=a.pretrain_labels, val=pre_val)
+                                   labels=a.pretrain_labels, val=pre_val, pool=a.pretrain_pool)
             bce = pre["bce"]
             with open(run_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"encoder_pretrain": {"labels": pre["labels"], "steps": len(bce), "bce_first": bce[0],
+                f.write(json.dumps({"encoder_pretrain": {"labels": pre["labels"], "pool": a.pretrain_pool,
+                                                         "classes": pre["classes"], "steps": len(bce), "bce_first": bce[0],
                                                          "bce_last": bce[-1],
                                                          "bce_last10pct_mean": float(np.mean(bce[-max(1, len(bce) // 10):])),
                                                          "val": pre["val"], "val_curve": pre["val_curve"]}})
@@ -795,6 +830,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="targets of the encoder pre-training: drawn = the findings drawn on each image (the "
                         "examples' 'labels', as emrrg.data.phantom writes them); report = the labeler's CheXpert "
                         "labels of the report text; auto = drawn when every train example has them, else report")
+    m.add_argument("--pretrain-pool", default="mean", choices=PRETRAIN_POOLS,
+                   help="how the pre-training head reads the tokens: mean = a linear head on the mean token; max = "
+                        "the head on every token, the image's logit the largest token's (a finding that a few "
+                        "patches show must be found in those patches)")
     m.add_argument("--encoder-pretrain-batch-size", type=int, default=32, help="images per label pre-training step")
     m.add_argument("--encoder-pretrain-lr", type=float, default=None, help="(default: --encoder-lr)")
     o = p.add_argument_group("optimization")

@@ -246,21 +246,26 @@ def test_pretraining_labels_are_the_drawn_ones_when_the_annotation_has_them(tiny
         label_targets(stripped, "drawn")
 
 
-def test_pretraining_on_drawn_labels_scores_the_head_on_val(tiny_phantom, tmp_path):
-    """The CLI pre-trains on the drawn labels and logs the label head's val BCE / AUC / accuracy in log.jsonl."""
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_pretraining_on_drawn_labels_scores_the_head_on_val(tiny_phantom, tmp_path, pool):
+    """The CLI pre-trains on the drawn labels (either pooling) and logs the label head's val BCE / AUC (macro and
+    per label, named) / accuracy in log.jsonl."""
+    from emrrg.data.phantom import FINDINGS
     from emrrg.train import train_main
 
     run = tmp_path / "run"
     train_main(["--data", str(tiny_phantom), "-o", str(run), *TINY, "--steps", "1", "--batch-size", "2",
                 "--train-encoder", "full", "--encoder-pretrain-steps", "10", "--encoder-pretrain-batch-size", "4",
-                "--encoder-pretrain-lr", "1e-2"])
+                "--encoder-pretrain-lr", "1e-2", "--pretrain-pool", pool])
     rec = [r["encoder_pretrain"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
            if "encoder_pretrain" in r]
-    assert len(rec) == 1 and rec[0]["labels"] == "drawn" and rec[0]["steps"] == 10
+    assert len(rec) == 1 and rec[0]["labels"] == "drawn" and rec[0]["steps"] == 10 and rec[0]["pool"] == pool
+    assert rec[0]["classes"] == list(FINDINGS)
     val = rec[0]["val"]
     assert val["n"] == 2 and val["step"] == 10 and math.isfinite(val["bce"])
     assert 0.0 <= val["accuracy"] <= 1.0 and 0.0 <= val["exact_sets"] <= 1.0
     assert val["auc_macro"] is None or 0.0 <= val["auc_macro"] <= 1.0
+    assert len(val["auc"]) == len(FINDINGS) and all(a is None or 0.0 <= a <= 1.0 for a in val["auc"])
     assert [v["step"] for v in rec[0]["val_curve"]] == list(range(1, 11))   # every log point (steps // 10 = 1)
 
 
@@ -273,7 +278,29 @@ def test_label_head_metrics_on_known_scores():
     assert perfect["auc_macro"] == 1.0 and perfect["accuracy"] == 1.0 and perfect["exact_sets"] == 1.0
     inverted = label_head_metrics(y, (4 - y * 8).astype(np.float32))
     assert inverted["auc_macro"] == 0.0 and inverted["exact_sets"] == 0.0
+    assert perfect["auc"] == [1.0, 1.0, None] and inverted["auc"] == [0.0, 0.0, None]   # label 3 is never present
     assert inverted["bce"] > perfect["bce"]
+
+
+def test_pretraining_pools_read_the_tokens_as_documented():
+    """mean: the head on the mean token; max: the largest of the head's logits over the tokens, so one token that
+    shows a finding decides its logit; an unknown pooling is refused with the choices."""
+    from emrrg.train import TrainError, pool_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 3).requires_grad_(False)
+    tokens = torch.randn(2, 5, 6)
+    assert torch.allclose(pool_logits(head, tokens, "mean"), head(tokens.mean(1)))
+    per_token = head(tokens)                                     # (2, 5, 3)
+    got = pool_logits(head, tokens, "max")
+    for b in range(2):
+        for k in range(3):
+            assert got[b, k] == max(float(per_token[b, t, k]) for t in range(5))
+    spiked = tokens.clone()
+    spiked[1, 2] += 50 * head.weight[0]                 # one token strongly shows label 0
+    assert pool_logits(head, spiked, "max")[1, 0] > got[1, 0] + 10
+    with pytest.raises(TrainError, match="mean, max"):
+        pool_logits(head, tokens, "attention")
 
 
 def _rare_share(examples, plans) -> float:
