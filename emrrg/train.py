@@ -401,9 +401,9 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
 
     Upstream starts from a MambaXray-VL encoder pre-trained on X-ray image-report pairs; without one (a
     fresh encoder, `--train-encoder full`), this gives the encoder visual features worth projecting
-    before the LLM sees them. A linear head on the mean of the encoder's tokens, binary cross-entropy,
-    AdamW with a cosine schedule; the head is dropped afterwards. `pool` (PRETRAIN_POOLS) says how the
-    tokens become one logit per label. Only the encoder's trainable
+    before the LLM sees them. A linear head on the encoder's tokens (`pool_logits`: their mean, or each
+    token with the largest logit kept), binary cross-entropy, AdamW with a cosine schedule; the head is
+    dropped afterwards. Only the encoder's trainable
     parameters move. The labels (`label_targets`) are the findings drawn on each image when the
     annotation has them (phantoms), else the CheXpert labels of the report text, so any annotation.json
     works. With `val`, the head is scored on it (BCE, macro AUC, accuracy) at every log point and at the end.
@@ -413,8 +413,6 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
     import torch
     import torch.nn.functional as F
 
-    if pool not in PRETRAIN_POOLS:
-        raise TrainError(f"--pretrain-pool {pool!r}: choose one of {', '.join(PRETRAIN_POOLS)}")
     y_np, source = label_targets(data.split.examples, labels)
     y_all = torch.from_numpy(y_np)                                           # (n, K)
     y_val = label_targets(val.split.examples, source)[0] if val is not None and len(val) else None
