@@ -280,6 +280,7 @@ def predict_split_workers(source: str | Path, split: Split, over: dict, workers:
     threads=None shares the cores among the workers."""
     import multiprocessing as mp
     import os
+    import queue as queue_mod
 
     from emrrg.runtime.logs import Progress
 
@@ -288,22 +289,31 @@ def predict_split_workers(source: str | Path, split: Split, over: dict, workers:
     threads = threads or max(1, (os.cpu_count() or 1) // workers)     # not every worker on every core
     ctx = mp.get_context("spawn")                 # no fork of a process that may hold torch / ORT threads
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_predict_worker, daemon=True,
-                         args=(queue, k, str(source), batch_size, backend, threads, str(split.annotation), split.name,
-                               a, b, over)) for k, (a, b) in enumerate(bounds) if b > a]
+    by_part = {k: ctx.Process(target=_predict_worker, daemon=True,
+                              args=(queue, k, str(source), batch_size, backend, threads, str(split.annotation),
+                                    split.name, a, b, over)) for k, (a, b) in enumerate(bounds) if b > a}
+    procs = list(by_part.values())
     bar = Progress(n, f"generate {split.name} ({len(procs)} workers)", unit="study", enabled=progress)
     parts: dict[int, list[dict]] = {}
+    ended: set[int] = set()                      # workers seen exited cleanly without their reports
     try:
         for p in procs:
             p.start()
         while len(parts) < len(procs):
             try:
                 msg = queue.get(timeout=5)
-            except Exception:  # noqa: BLE001 - queue.Empty: check that the workers are alive
+            except queue_mod.Empty:   # nothing for 5 s: check that the workers are alive
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise EvalError(f"an evaluation worker exited with code {dead[0].exitcode} "
                                     "(out of memory? try fewer --workers)") from None
+                # A worker that had exited cleanly at the previous empty wait sent everything before it exited:
+                # with the queue empty again and its reports missing, they were lost and waiting would never end.
+                now = {k for k, p in by_part.items() if p.exitcode == 0 and k not in parts}
+                lost, ended = now & ended, now
+                if lost:
+                    raise EvalError(f"evaluation worker {min(lost) + 1} of {len(procs)} ended without sending "
+                                    "its reports") from None
                 continue
             if msg[0] == "done":
                 bar.update(msg[1])
