@@ -15,7 +15,8 @@ What it computes, as R2Gen / EMRRG (arXiv 2510.16776) report it:
 The source is either an emrrg checkpoint directory (the f32 PyTorch model, batched generation) or a
 bundle written by emrrg-export (through `emrrg.runtime.Runtime`, torch-free); both read the same
 pixels through `emrrg.runtime.preprocess`. Decoding defaults to the source's own settings; the
-`--beams`, `--min-new-tokens`, `--max-new-tokens` and `--repetition-penalty` flags override them.
+`--beams`, `--min-new-tokens`, `--max-new-tokens`, `--repetition-penalty`, `--length-penalty` and
+`--no-repeat-ngram-size` flags override them.
 
 `--iu` needs no model: it scores the metrics themselves on the real IU X-Ray reports read at run time
 from the installed torchxrayvision package (CC BY-NC-ND; never copied into this repository):
@@ -450,6 +451,8 @@ def eval_main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-new-tokens", type=int, default=None, help="(default: the source's)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="(default: the source's)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="(default: the source's)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="beam score = sum of log-probabilities / length ** this (default: the source's)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="ban repeated n-grams of this size, 0 = off "
                                                                           "(default: the source's)")
     p.add_argument("--batch-size", type=int, default=8, help="studies per batch (PyTorch source)")
@@ -498,7 +501,7 @@ def _run_eval(a) -> None:
         gen = open_source(src, a.batch_size, a.backend, a.threads)
         train = None if a.no_baseline else load_annotation(a.data)["train"]
         over = decode_overrides(a.beams, a.min_new_tokens, a.max_new_tokens, a.repetition_penalty,
-                                no_repeat_ngram_size=a.no_repeat_ngram_size)
+                                a.length_penalty, a.no_repeat_ngram_size)
         if a.workers < 1:
             raise EvalError(f"--workers {a.workers}: give 1 or more")
         predict = None

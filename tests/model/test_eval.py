@@ -154,3 +154,17 @@ def test_iu_scores_labeler_on_real_reports(tmp_path):
     for k in ("baseline_most_common", "baseline_shuffled"):
         assert 0 <= res[k]["ce"]["f1_micro"] <= 1 and 0 < res[k]["nlg"]["BLEU_1"] <= 1
     assert "NLMCXR" in res["source"]
+
+
+def test_eval_decoding_flags_override_the_source(tiny_checkpoint, tiny_phantom, tmp_path):
+    """Every decoding flag reaches the generation settings the JSON records (the source's own are the rest)."""
+    from emrrg.evaluate import eval_main
+
+    out = tmp_path / "lp.json"
+    eval_main([str(tiny_checkpoint), "--data", str(tiny_phantom), "--split", "test", "--limit", "1", "-o", str(out),
+               "--no-meteor", "--no-baseline", "--beams", "2", "--max-new-tokens", "6", "--min-new-tokens", "6",
+               "--repetition-penalty", "1.1", "--length-penalty", "0.5", "--no-repeat-ngram-size", "2", "--threads", "1",
+               "--no-progress"])
+    d = json.loads(out.read_text())["decoding"]
+    assert d == {"num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 6, "repetition_penalty": 1.1,
+                 "length_penalty": 0.5, "no_repeat_ngram_size": 2}
