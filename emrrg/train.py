@@ -21,7 +21,9 @@ labels (linear head on the mean token, BCE), standing in for upstream's pre-trai
 does not exist offline: the findings drawn on each image when the annotation has them (phantoms), else
 the rule-based labeler's CheXpert labels of the report (`--pretrain-labels`); the head's BCE / AUC /
 accuracy on the val split go to the log. `--balance-labels P` draws the LM stage's studies with weight
-freq(rarest label) ** -P instead of a plain shuffle (same batches on resume).
+freq(rarest label) ** -P instead of a plain shuffle (same batches on resume). `--drop-prior-references`
+trains on the reports without the sentences that only compare with a prior study or describe the technique
+(`emrrg.data.reports`): one image cannot show either.
 
 AdamW with linear warm-up then cosine decay; gradient clipping. `--qlora` holds the base LLM's
 linear weights in bitsandbytes NF4 (4-bit) and trains the LoRA over them (QLoRA), which runs on CPU.
@@ -194,7 +196,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 class StudyData:
     """One split: tokenized reports (+EOS, truncated) and lazily cached pixels from the shared preprocess."""
 
-    def __init__(self, split, tokenizer, image_size: int, max_report_tokens: int, balance: float = 0.0):
+    def __init__(self, split, tokenizer, image_size: int, max_report_tokens: int, balance: float = 0.0,
+                 drop_prior_references: bool = False):
+        from emrrg.data.reports import drop_prior_references as drop_prior
         from emrrg.runtime.preprocess import preprocess_study
 
         self.split, self.size = split, image_size
@@ -203,7 +207,8 @@ class StudyData:
         eos = tokenizer.eos_token_id
         self.ids = []
         for e in split.examples:
-            ids = tokenizer(e["report"], add_special_tokens=False)["input_ids"] + [eos]
+            text = drop_prior(e["report"]) if drop_prior_references else e["report"]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
             self.ids.append(ids[:max_report_tokens])  # as upstream: report + EOS, then truncation
         self.lengths = np.array([len(i) for i in self.ids])
         self.weights = balance_weights(split.examples, balance) if balance else None
@@ -659,7 +664,8 @@ def train(a, log=print) -> dict:
         except Exception:  # noqa: BLE001 - an annotation without val examples trains without validation
             val_split = None
     data = StudyData(train_split, model.tokenizer, model.cfg.encoder.img_size, a.max_report_tokens,
-                     balance=getattr(a, "balance_labels", 0.0))  # runs saved before the flag have none
+                     balance=getattr(a, "balance_labels", 0.0),  # runs saved before the flags have none
+                     drop_prior_references=getattr(a, "drop_prior_references", False))
     saver = _Saver(model, a.qlora)  # before quantization: a twin (if any) keeps the f32 base
     if a.qlora:
         n4 = quantize_llm_4bit(model.llama_model)
@@ -849,6 +855,9 @@ def _parser() -> argparse.ArgumentParser:
                         "-POWER (drawn labels when present, else the report's; 0: off, the plain shuffle; 0.5: "
                         "square-root; 1: inverse frequency)")
     o.add_argument("--max-report-tokens", type=int, default=128, help="report + EOS truncated to this many tokens")
+    o.add_argument("--drop-prior-references", action="store_true",
+                   help="train on the reports without their sentences that only refer to a prior study or describe "
+                        "the technique (emrrg.data.reports; val / test references are scored as they are)")
     o.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the LLM (f32 master weights)")
     o.add_argument("--scan", default="fast", choices=("fast", "ref"), help="SelectiveScan for training")
     o.add_argument("--seed", type=int, default=0, help="seed of sampling, dropout and initialisation")

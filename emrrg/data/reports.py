@@ -1,0 +1,53 @@
+"""Training-target clean-up of report text.
+
+:func:`drop_prior_references` removes the sentences of a report that only refer to a prior study or
+describe how the film was taken ("Comparison is made to the patient's prior study of ___ at 10:45 a.m.",
+"Portable semi-erect chest film ___ at ___ is submitted."). A model that sees one image cannot know
+either, so trained on them it states them for every study: a comparison with a study that does not
+exist is a hallucination a reader can catch at once, and on the demo checkpoint such sentences open most
+reports and take a fifth of its 128-token budget without naming a finding. The idea follows the
+prior-reference removal of report-generation work on MIMIC-CXR (Ramesh et al., 2022); the rule here is
+ours and deliberately narrow:
+
+- a sentence is dropped only when it matches :data:`PRIOR_OR_TECHNIQUE` **and** the CE labeler
+  (:func:`emrrg.metrics.labeler.label_states`) finds no CheXpert finding in it, positive, negative or
+  uncertain: "Compared to the prior study, the effusion has increased." keeps its finding and stays;
+- sentences end at . ! ? followed by whitespace and a capital letter or ``_`` (anonymised text), so
+  "10:45 a.m. today" or "1.5 cm" do not end one.
+
+Only training targets are changed (``emrrg-train --drop-prior-references``); the references that
+validation and test reports are scored against keep every sentence.
+"""
+from __future__ import annotations
+
+import re
+
+__all__ = ["PRIOR_OR_TECHNIQUE", "split_report_sentences", "drop_prior_references"]
+
+PRIOR_OR_TECHNIQUE = re.compile(
+    r"\b(?:compar(?:e|ed|es|ing|ison)"
+    r"|(?:prior|previous|earlier|preceding)\s+(?:study|studies|exam|examinations?|radiographs?|films?|images?)"
+    r"|is\s+submitted|(?:was|were)\s+(?:obtained|submitted|provided)"
+    r"|(?:single|frontal|portable|semi-?erect|upright|supine)\b[^.!?]*\b(?:view|views|film|radiograph|chest))\b",
+    re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z_])")
+
+
+def split_report_sentences(report: str) -> list[str]:
+    """The sentences of `report`, each with its own punctuation (see the module docstring for the rule)."""
+    return [s for s in _SENTENCE_END.split(report.strip()) if s]
+
+
+def _names_a_finding(sentence: str) -> bool:
+    from emrrg.metrics.labeler import label_states
+
+    return any(v is not None for k, v in label_states(sentence).items() if k != "No Finding")
+
+
+def drop_prior_references(report: str) -> str:
+    """`report` without its prior-study and technique sentences that name no finding, the kept ones joined by
+    one space. A report with none of them, or made only of them (a target must not become empty), is
+    returned as it is."""
+    sentences = split_report_sentences(report)
+    kept = [s for s in sentences if not (PRIOR_OR_TECHNIQUE.search(s) and not _names_a_finding(s))]
+    return " ".join(kept) if kept and len(kept) < len(sentences) else report
