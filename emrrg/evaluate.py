@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -87,15 +86,16 @@ def most_common_report(examples: Sequence[dict]) -> str:
     return next(e["report"] for e in examples if counts[e["report"]] == best)
 
 
-REPEATED_SENTENCE_RULE = ("a report with the same sentence twice (split at . ! ? followed by a space or the end, "
-                          "so 'p.m.' or '1.5 cm' do not split; case-folded)")
+REPEATED_SENTENCE_RULE = ("a report with the same sentence twice (emrrg.data.reports.split_report_sentences: split at "
+                          ". ! ? followed by whitespace or the end, so '1.5 cm' does not split, and after 'a.m.' / "
+                          "'p.m.' only before a capital letter; spaces and case folded)")
 
 
 def repeats_a_sentence(report: str) -> bool:
-    """True when `report` says one sentence twice (sentences end at . ! ? followed by whitespace or the end of the
-    text, so abbreviations and decimals such as "p.m." or "1.5" stay inside their sentence; whitespace and case
-    folded)."""
-    sentences = [" ".join(s.split()).casefold() for s in re.split(r"[.!?]+(?=\s|$)", report)]
+    """True when `report` says one sentence twice (:data:`REPEATED_SENTENCE_RULE`)."""
+    from emrrg.data.reports import split_report_sentences
+
+    sentences = [" ".join(s.rstrip(".!?").split()).casefold() for s in split_report_sentences(report)]
     sentences = [s for s in sentences if s]
     return len(set(sentences)) < len(sentences)
 

@@ -12,8 +12,7 @@ ours and deliberately narrow:
 - a sentence is dropped only when it matches :data:`PRIOR_OR_TECHNIQUE` **and** the CE labeler
   (:func:`emrrg.metrics.labeler.label_states`) finds no CheXpert finding in it, positive, negative or
   uncertain: "Compared to the prior study, the effusion has increased." keeps its finding and stays;
-- sentences end at . ! ? followed by whitespace and a capital letter or ``_`` (anonymised text), so
-  "10:45 a.m. today" or "1.5 cm" do not end one.
+- sentences are :func:`split_report_sentences`'s.
 
 Only training targets are changed (``emrrg-train --drop-prior-references``); the references that
 validation and test reports are scored against keep every sentence.
@@ -30,12 +29,27 @@ PRIOR_OR_TECHNIQUE = re.compile(
     r"|is\s+submitted|(?:was|were)\s+(?:obtained|submitted|provided)"
     r"|(?:single|frontal|portable|semi-?erect|upright|supine)\b[^.!?]*\b(?:view|views|film|radiograph|chest))\b",
     re.IGNORECASE)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z_])")
+_END = re.compile(r"[.!?]+(?=\s|$)")
+_DOTTED_ABBREVIATION = re.compile(r"\b\w\.\w\.$")       # a.m. p.m. e.g. i.e.
 
 
 def split_report_sentences(report: str) -> list[str]:
-    """The sentences of `report`, each with its own punctuation (see the module docstring for the rule)."""
-    return [s for s in _SENTENCE_END.split(report.strip()) if s]
+    """The sentences of `report`, each with its own punctuation and inner spacing, stripped.
+
+    A sentence ends at . ! ? followed by whitespace or the end of the text, so a decimal ("1.5 cm") ends none;
+    after a dotted abbreviation ("a.m.", "p.m.") only when the next word starts with a capital letter or
+    ``_`` (anonymised text): "at 3 p.m. today" stays one sentence, "at 10:45 a.m. Portable film" is two.
+    Case is not otherwise needed, so a looping lower-case report still splits."""
+    out, start = [], 0
+    for m in _END.finditer(report):
+        if _DOTTED_ABBREVIATION.search(report, 0, m.end()):
+            nxt = report[m.end():].lstrip()[:1]
+            if nxt and not (nxt.isupper() or nxt == "_"):
+                continue
+        out.append(report[start:m.end()].strip())
+        start = m.end()
+    out.append(report[start:].strip())
+    return [s for s in out if s]
 
 
 def _names_a_finding(sentence: str) -> bool:

@@ -19,6 +19,8 @@ def test_sentences_end_before_a_capital_letter_only():
     assert s[0] == "Comparison is made to the patient's prior study of ___ at 10:45 a.m."   # "a.m. Portable" ends it
     assert s[1].endswith("3:30 p.m. is submitted.")                                       # "p.m. is" does not
     assert s[4] == "A 1.5 cm nodule projects over the right upper lobe."
+    assert split_report_sentences("no effusion. no edema") == ["no effusion.", "no edema"]   # no capital needed
+    assert split_report_sentences("Seen at 3 p.m. today.") == ["Seen at 3 p.m. today."]
     assert split_report_sentences("  ") == []
 
 

@@ -59,6 +59,9 @@ def test_repeated_sentence_rule():
     # abbreviations and decimals end no sentence: two different sentences that both say "p.m." / "1.5" are no repeat
     assert not repeats_a_sentence("Seen at 12:04 p.m. today. Compared with 3 a.m. films. A 1.5 cm nodule. A 2.5 cm mass.")
     assert repeats_a_sentence("Seen at 12:04 p.m. today. No effusion. Seen at 12:04 p.m. today.")
+    # "p.m. today" ends no sentence, so two sentences that share only their "... p.m." start are no repeat
+    assert not repeats_a_sentence("Seen at 3 p.m. today. Seen at 3 p.m. tomorrow.")
+    assert repeats_a_sentence("no pneumothorax. no pneumothorax.")                # a lower-case loop still splits
     assert repeated_sentence_reports([loop, "No acute findings.", loop])["count"] == 2
 
 
