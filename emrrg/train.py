@@ -170,6 +170,15 @@ def _no_decay(name: str, p) -> bool:
     return p.dim() < 2 or name.endswith("_log") or name.endswith(("cls_token", "pos_embed"))
 
 
+def encoder_lr(a, pretrain: bool = False) -> float:
+    """The encoder's peak rate: --encoder-lr, else --lr; for the pre-training, --encoder-pretrain-lr first. A
+    rate given as 0 is 0 (the encoder held), not a fall-through to the next one."""
+    for v in ((a.encoder_pretrain_lr,) if pretrain else ()) + (a.encoder_lr,):
+        if v is not None:
+            return v
+    return a.lr
+
+
 def param_groups(model, lr: float, encoder_lr: float, weight_decay: float) -> list[dict]:
     """Four AdamW groups (encoder / rest x decay / no decay), parameters sorted by name (stable resume)."""
     named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
@@ -678,7 +687,7 @@ def train(a, log=print) -> dict:
     steps_per_epoch = math.ceil(len(data) / a.batch_size)
     total = a.steps if a.steps else a.epochs * steps_per_epoch
     warmup = int(a.warmup * total) if a.warmup < 1 else int(a.warmup)
-    opt = torch.optim.AdamW(param_groups(model, a.lr, a.encoder_lr or a.lr, a.weight_decay), betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(param_groups(model, a.lr, encoder_lr(a), a.weight_decay), betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, a.min_lr_ratio))
     step, best, history = 0, None, []
     if last is not None:
@@ -701,7 +710,7 @@ def train(a, log=print) -> dict:
             except Exception:  # noqa: BLE001 - an annotation without val examples pre-trains without a score
                 pre_val = None
             pre = pretrain_encoder(model, data, a.encoder_pretrain_steps, a.encoder_pretrain_batch_size,
-                                   a.encoder_pretrain_lr or a.encoder_lr or a.lr, a.seed, log=log,
+                                   encoder_lr(a, pretrain=True), a.seed, log=log,
                                    labels=a.pretrain_labels, val=pre_val, pool=a.pretrain_pool)
             bce = pre["bce"]
             with open(run_dir / "log.jsonl", "a", encoding="utf-8") as f:

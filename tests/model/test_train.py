@@ -498,3 +498,16 @@ def test_init_with_another_size_regrids_the_encoder_and_the_run_saves_it(tiny_ph
                 "--patch-size", "32", *TINY[4:], "--steps", "2", "--batch-size", "2", "--train-encoder", "full"])
     enc = load_checkpoint(run / "last").cfg.encoder
     assert (enc.img_size, enc.patch_size, enc.num_tokens) == (128, 32, 17)
+
+
+def test_encoder_rate_zero_holds_the_encoder():
+    """--encoder-lr 0 is a rate of 0 (the encoder held), not 'unset' (it used to fall through to --lr)."""
+    from argparse import Namespace
+
+    from emrrg.train import encoder_lr
+
+    assert encoder_lr(Namespace(lr=6e-4, encoder_lr=0.0, encoder_pretrain_lr=None)) == 0.0
+    assert encoder_lr(Namespace(lr=6e-4, encoder_lr=None, encoder_pretrain_lr=None)) == 6e-4
+    assert encoder_lr(Namespace(lr=6e-4, encoder_lr=3e-5, encoder_pretrain_lr=None), pretrain=True) == 3e-5
+    assert encoder_lr(Namespace(lr=6e-4, encoder_lr=3e-5, encoder_pretrain_lr=0.0), pretrain=True) == 0.0
+    assert encoder_lr(Namespace(lr=6e-4, encoder_lr=None, encoder_pretrain_lr=None), pretrain=True) == 6e-4
