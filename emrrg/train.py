@@ -282,11 +282,16 @@ def collate(data: StudyData, idx: Sequence[int]):
     return torch.from_numpy(np.stack(px)), ids, labels
 
 
-def lm_loss(model, px, ids, labels, bf16: bool = False):
-    """Mean cross-entropy over the report tokens (teacher forcing), prompt and padding excluded.
+def lm_losses(model, px, ids, labels, bf16: bool = False, head=None, y=None) -> dict:
+    """{'lm': mean cross-entropy over the report tokens (teacher forcing), prompt and padding excluded}.
 
     Padding sits after the report, so causal attention never lets a real position see it: no
     attention mask is needed (and SDPA keeps its is_causal fast path).
+
+    With `head` (emrrg-train --lm-label-loss), also 'label': the BCE of `head` on the LLM's last
+    hidden state (after its final norm) at the prompt's last position, the one that predicts the first report
+    token, against the (b, K) 0/1 targets `y`. The LLM must then carry the image's findings, read from the
+    visual tokens, to where it starts writing; the head is for training only and is not saved.
     """
     import torch
     import torch.nn.functional as F
@@ -299,11 +304,35 @@ def lm_loss(model, px, ids, labels, bf16: bool = False):
         embeds = torch.cat([prompt, rep], dim=1)                              # (b, T0 + R, H)
         R = ids.shape[1]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model.llama_model(inputs_embeds=embeds, logits_to_keep=R + 1, use_cache=False)
+            out = model.llama_model(inputs_embeds=embeds, logits_to_keep=R + 1, use_cache=False,
+                                    output_hidden_states=head is not None)
         logits = out.logits[:, :R].float()                                    # position T0-1+j predicts report token j
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        res = {"lm": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)}
+        if head is not None:
+            last = out.hidden_states[-1][:, prompt.shape[1] - 1].float()      # (b, H)
+            res["label"] = F.binary_cross_entropy_with_logits(head(last), y)
+        return res
     finally:
         model.set_visual(None)
+
+
+def lm_loss(model, px, ids, labels, bf16: bool = False):
+    """The report tokens' mean cross-entropy (lm_losses' 'lm')."""
+    return lm_losses(model, px, ids, labels, bf16)["lm"]
+
+
+def label_head(n_in: int, y_train: np.ndarray, gen):
+    """A linear head from n_in features to the labels of `y_train` (n, K): its bias at their prior, its weights
+    small (from the torch Generator `gen`), so its first BCE is the prior's. The encoder's pre-training and
+    --lm-label-loss use one each; neither is saved in the checkpoint."""
+    import torch
+
+    head = torch.nn.Linear(n_in, y_train.shape[1])
+    pos = torch.from_numpy(y_train.mean(0)).clamp(1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=gen)
+        head.bias.copy_(torch.log(pos / (1 - pos)))
+    return head
 
 
 def use_scan(model, which: str) -> None:
@@ -435,11 +464,7 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
     if not params:
         raise TrainError("--encoder-pretrain-steps needs trainable encoder parameters")
     gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(enc.cfg.d_model, y_all.shape[1])
-    pos = y_all.mean(0).clamp(1e-3, 1 - 1e-3)
-    with torch.no_grad():
-        head.weight.normal_(0, 0.01, generator=gen)
-        head.bias.copy_(torch.log(pos / (1 - pos)))                         # start at the label prior
+    head = label_head(enc.cfg.d_model, y_np, gen)
     opt = torch.optim.AdamW([{"params": params}, {"params": head.parameters()}], lr=lr, weight_decay=0.05)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, steps, 0.0))
@@ -687,7 +712,19 @@ def train(a, log=print) -> dict:
     steps_per_epoch = math.ceil(len(data) / a.batch_size)
     total = a.steps if a.steps else a.epochs * steps_per_epoch
     warmup = int(a.warmup * total) if a.warmup < 1 else int(a.warmup)
-    opt = torch.optim.AdamW(param_groups(model, a.lr, encoder_lr(a), a.weight_decay), betas=(0.9, 0.999))
+    aux, y_aux, aux_w = None, None, getattr(a, "lm_label_loss", 0.0)  # runs saved before the flag have none
+    groups = param_groups(model, a.lr, encoder_lr(a), a.weight_decay)
+    if aux_w:
+        if aux_w < 0:
+            raise TrainError(f"--lm-label-loss {aux_w}: give a weight >= 0 (0: off)")
+        y_np, source = label_targets(train_split.examples, "auto")
+        y_aux = torch.from_numpy(y_np)
+        aux = label_head(model.llama_proj.out_features, y_np, torch.Generator().manual_seed(a.seed))
+        log(f"--lm-label-loss {aux_w}: BCE of a linear head on the LLM's last prompt position, "
+            f"{y_np.shape[1]} {source} labels")
+        groups.insert(0, {"params": list(aux.parameters()), "names": ["lm_label_head.weight", "lm_label_head.bias"],
+                          "lr": a.lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, a.min_lr_ratio))
     step, best, history = 0, None, []
     if last is not None:
@@ -696,6 +733,10 @@ def train(a, log=print) -> dict:
             raise TrainError(f"{last / TRAIN_STATE}: state version {st.get('version')} is not {STATE_VERSION}")
         if st["trainable"] != trainable:
             raise TrainError(f"{last}: the trainable parameters differ from the saved optimizer's")
+        if aux is not None:
+            if "lm_label_head" not in st:
+                raise TrainError(f"{last / TRAIN_STATE}: no --lm-label-loss head saved")
+            aux.load_state_dict(st["lm_label_head"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, best = st["step"], st.get("best")
@@ -732,6 +773,8 @@ def train(a, log=print) -> dict:
     def save_last() -> None:
         state = {"version": STATE_VERSION, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "step": step, "best": best, "rng": _rng_state(), "trainable": trainable}
+        if aux is not None:
+            state["lm_label_head"] = aux.state_dict()
         write_checkpoint(saver.target(), run_dir, "last", state=state)
 
     def run_val() -> None:
@@ -763,7 +806,13 @@ def train(a, log=print) -> dict:
             idx = data.plan(epoch, a.batch_size, a.seed)[k]
             px, ids, labels = collate(data, idx)
             t = time.perf_counter()
-            loss = lm_loss(model, px, ids, labels, a.bf16)
+            parts = {}
+            if aux is None:
+                loss = lm_loss(model, px, ids, labels, a.bf16)
+            else:
+                terms = lm_losses(model, px, ids, labels, a.bf16, head=aux, y=y_aux[idx])
+                loss = terms["lm"] + aux_w * terms["label"]
+                parts = {"lm_loss": float(terms["lm"].detach()), "label_bce": float(terms["label"].detach())}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.clip)
@@ -774,7 +823,7 @@ def train(a, log=print) -> dict:
             lv = float(loss.detach())
             ema = lv if ema is None else 0.9 * ema + 0.1 * lv
             rec = {"step": step, "loss": lv, "lr": lr, "grad_norm": float(gnorm), "tokens": int((labels != IGNORE).sum()),
-                   "s": round(time.perf_counter() - t, 3)}
+                   "s": round(time.perf_counter() - t, 3), **parts}
             history.append(lv)
             logf.write(json.dumps(rec) + "\n")
             bar.update(step, ema, lr)
@@ -867,6 +916,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--drop-prior-references", action="store_true",
                    help="train on the reports without their sentences that only refer to a prior study or describe "
                         "the technique (emrrg.data.reports; val / test references are scored as they are)")
+    o.add_argument("--lm-label-loss", type=float, default=0.0,
+                   help="weight of an auxiliary BCE: a linear head on the LLM's last prompt position (where the "
+                        "report starts) predicts the image's labels (drawn, else the labeler's); 0: off")
     o.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the LLM (f32 master weights)")
     o.add_argument("--scan", default="fast", choices=("fast", "ref"), help="SelectiveScan for training")
     o.add_argument("--seed", type=int, default=0, help="seed of sampling, dropout and initialisation")

@@ -174,6 +174,57 @@ def test_loss_is_on_report_tokens_after_the_prompt():
     assert before[0] == tok.bos_token_id and tok.decode(after).startswith("</Img> Generate")
 
 
+def test_lm_label_loss_reads_the_prompts_last_position():
+    """--lm-label-loss: the head reads the LLM's final hidden state where the report starts. Causal attention
+    makes it the prompt-only forward's last position, whatever the report; 'lm' is lm_loss unchanged."""
+    import torch.nn.functional as F
+
+    from emrrg.train import label_head, lm_loss, lm_losses
+
+    model = _tiny_model(hybrid=()).eval()
+    tok = model.tokenizer
+    ids = torch.tensor([tok("Mild cardiomegaly. No effusion.", add_special_tokens=False)["input_ids"]
+                        + [tok.eos_token_id]] * 2)
+    px = torch.randn(2, 1, 3, 64, 64)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    head = label_head(model.llama_proj.out_features, y.numpy(), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head.weight.normal_(0, 1.0)  # not the near-zero init: the logits must depend on the hidden state
+        terms = lm_losses(model, px, ids, ids.clone(), head=head, y=y)
+        prompt = model.prompt_embeds(model.encode_images(px))
+        hidden = model.llama_model(inputs_embeds=prompt, output_hidden_states=True).hidden_states[-1][:, -1]
+        theirs = F.binary_cross_entropy_with_logits(head(hidden), y)
+        plain = lm_loss(model, px, ids, ids.clone())
+    print(f"label BCE ours {float(terms['label']):.6f} prompt-only {float(theirs):.6f}")
+    assert abs(float(terms["label"]) - float(theirs)) < LOSS_MATCH_ATOL
+    assert abs(float(terms["lm"]) - float(plain)) < LOSS_MATCH_ATOL
+    # the prior-initialised head starts at the labels' prior
+    b = label_head(8, y.numpy(), torch.Generator().manual_seed(0)).bias.detach()
+    np.testing.assert_allclose(torch.sigmoid(b).numpy(), [0.5, 1e-3, 1 - 1e-3], rtol=1e-5)
+
+
+def test_lm_label_loss_run_logs_both_terms_and_saves_no_head(tiny_phantom, tmp_path, capsys):
+    from emrrg.checkpoint import load_checkpoint
+    from emrrg.train import train_main
+
+    run = tmp_path / "run"
+    train_main(["--data", str(tiny_phantom), "-o", str(run), *TINY, "--steps", "3", "--batch-size", "4",
+                "--lm-label-loss", "0.5"])
+    recs = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(recs) == 3
+    for r in recs:
+        assert r["loss"] == pytest.approx(r["lm_loss"] + 0.5 * r["label_bce"], rel=1e-5)
+    assert "lm_label_head" in torch.load(run / "last" / "train_state.pt", weights_only=False)
+    saved = load_checkpoint(run / "best").state_dict()
+    assert not any("label" in k for k in saved)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_main(["--data", str(tiny_phantom), "-o", str(tmp_path / "neg"), *TINY, "--steps", "1",
+                    "--lm-label-loss", "-1"])
+    assert e.value.code == 2 and "--lm-label-loss -1" in capsys.readouterr().err
+    assert not (tmp_path / "neg").exists()
+
+
 def test_collate_pads_with_ignore(tiny_phantom):
     from emrrg.evaluate import load_split
     from emrrg.model import EMRRG  # noqa: F401
@@ -363,12 +414,13 @@ def test_loss_goes_down(tiny_phantom, tmp_path):
     assert not list(run.glob(".*"))  # no staging leftovers
 
 
-@pytest.mark.parametrize("balance", ["0", "1"])
-def test_resume_continues_with_same_step_and_loss(tiny_phantom, tmp_path, capsys, balance):
+@pytest.mark.parametrize("extra", [["--balance-labels", "0"], ["--balance-labels", "1"], ["--lm-label-loss", "1"]],
+                         ids=["uniform", "balanced", "lm-label-loss"])
+def test_resume_continues_with_same_step_and_loss(tiny_phantom, tmp_path, capsys, extra):
     from emrrg.train import train_main
 
     common = ["--data", str(tiny_phantom), *TINY, "--steps", "6", "--batch-size", "3", "--lr", "5e-3",
-              "--warmup", "1", "--balance-labels", balance]
+              "--warmup", "1", *extra]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_main(["-o", str(straight), *common])
     train_main(["-o", str(stopped), *common, "--stop-after", "3"])
