@@ -18,9 +18,11 @@ generated token and beam. `gate_scale` starts at zero, so a fresh hybrid layer i
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -194,15 +196,69 @@ def default_hybrid_layers(num_layers: int, every: int = 8) -> tuple[int, ...]:
     return tuple(range(every - 1, num_layers, every))
 
 
+ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def lora_target_regex(targets: Sequence[str]) -> str:
+    """peft's target_modules for the LLM projections `targets` (any of the self-attention's q/k/v/o_proj and the
+    MLP's gate/up/down_proj): a regex, so that the hybrid layers' own q_proj / v_proj / gate_proj (under
+    `cross_attn`) are not targeted. An unknown name is a ValueError."""
+    bad = [t for t in targets if t not in ATTN_PROJECTIONS + MLP_PROJECTIONS]
+    if bad or not targets:
+        raise ValueError(f"LLM LoRA targets {list(targets)}: choose from {', '.join(ATTN_PROJECTIONS + MLP_PROJECTIONS)}")
+    attn = [t for t in targets if t in ATTN_PROJECTIONS]
+    mlp = [t for t in targets if t in MLP_PROJECTIONS]
+    alts = ([r"self_attn\.(" + "|".join(attn) + ")"] if attn else []) + ([r"mlp\.(" + "|".join(mlp) + ")"] if mlp else [])
+    return r".*\." + (alts[0] if len(alts) == 1 else "(" + "|".join(alts) + ")")
+
+
 def add_llm_lora(llm: nn.Module, cfg: DecoderConfig):
-    """peft LoRA on the configured projections (the paper: q_proj, v_proj)."""
+    """peft LoRA on the configured projections (the paper: q_proj, v_proj; see lora_target_regex)."""
     from peft import LoraConfig, get_peft_model
 
-    # A regex, so that the hybrid layers' own q_proj / v_proj (under `cross_attn`) are not targeted.
-    targets = r".*\.self_attn\.(" + "|".join(cfg.lora_targets) + ")"
-    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=lora_target_regex(cfg.lora_targets),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(llm, lcfg)
+
+
+def grow_llm_lora(llm, cfg: DecoderConfig, rank: int, alpha: float, targets: Sequence[str]):
+    """The LLM with its LoRA grown to `rank` on `targets` (a superset of cfg's), computing the same function.
+
+    Each trained adapter's A fills the first rows of the larger A, its B (rescaled from cfg's alpha / rank to
+    the new one) the first columns of the larger B; the new columns of B are zero, as are the B of the newly
+    targeted projections, so B @ A is unchanged. Returns (the new peft LLM, its DecoderConfig)."""
+    import torch
+
+    targets = tuple(targets)
+    lora_target_regex(targets)                            # unknown names fail before the adapters are unloaded
+    if rank < cfg.lora_rank or not set(cfg.lora_targets) <= set(targets):
+        raise ValueError(f"LLM LoRA rank {cfg.lora_rank} on {', '.join(cfg.lora_targets)} can grow to a rank >= "
+                         f"{cfg.lora_rank} on a superset of those projections; not to rank {rank} on "
+                         f"{', '.join(targets)}")
+    old_scale, new_scale = cfg.lora_alpha / cfg.lora_rank, alpha / rank
+    trained = {}
+    for name, mod in llm.named_modules():
+        a = getattr(mod, "lora_A", None)
+        if a is not None and hasattr(a, "keys") and "default" in a:
+            trained[name] = (a["default"].weight.detach().clone(), mod.lora_B["default"].weight.detach().clone())
+    new_cfg = dataclasses.replace(cfg, lora_rank=rank, lora_alpha=float(alpha), lora_targets=targets)
+    grown = add_llm_lora(llm.unload(), new_cfg)
+    placed = 0
+    with torch.no_grad():
+        for name, mod in grown.named_modules():
+            if name in trained:
+                A, B = trained[name]
+                r = A.shape[0]
+                mod.lora_A["default"].weight[:r] = A
+                mod.lora_B["default"].weight.zero_()
+                mod.lora_B["default"].weight[:, :r] = B * (old_scale / new_scale)
+                placed += 1
+            elif getattr(mod, "lora_B", None) is not None and hasattr(mod.lora_B, "keys") and "default" in mod.lora_B:
+                mod.lora_B["default"].weight.zero_()      # peft's init already is; the invariant does not rely on it
+    if placed != len(trained):
+        raise ValueError(f"grew {placed} of {len(trained)} trained LoRA adapters (module names changed)")
+    return grown, new_cfg
 
 
 def quantize_llm_nf4(llm: nn.Module) -> int:

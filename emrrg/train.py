@@ -81,9 +81,11 @@ def quantize_llm_4bit(llm) -> int:
         raise TrainError(f"--qlora: {e}") from None
 
 
-def _add_missing_adapters(model, enc_rank: int, enc_alpha: float, llm_rank: int, llm_alpha: float) -> None:
-    """Give a checkpoint without adapters the requested ones (an existing adapter must match)."""
-    from emrrg.decoder import add_llm_lora
+def _add_missing_adapters(model, enc_rank: int, enc_alpha: float, llm_rank: int, llm_alpha: float,
+                          llm_targets: Sequence[str] = ("q_proj", "v_proj"), log=print) -> None:
+    """Give a checkpoint without adapters the requested ones. An existing encoder adapter must match; an existing
+    LLM LoRA may grow to a larger rank and more projections (emrrg.decoder.grow_llm_lora: the same function)."""
+    from emrrg.decoder import add_llm_lora, grow_llm_lora
     from emrrg.lora import PartialLoRA
 
     cfg = model.cfg
@@ -96,14 +98,26 @@ def _add_missing_adapters(model, enc_rank: int, enc_alpha: float, llm_rank: int,
                 m = layer.mixer
                 m.in_proj_lora = PartialLoRA(m.cfg.d_model, m.cfg.d_inner, enc_rank, enc_alpha)
     if llm_rank:
-        if cfg.decoder.lora_rank and cfg.decoder.lora_rank != llm_rank:
-            raise TrainError(f"--init has LLM LoRA rank {cfg.decoder.lora_rank}, not {llm_rank}")
-        if not cfg.decoder.lora_rank:
-            cfg.decoder.lora_rank, cfg.decoder.lora_alpha = llm_rank, llm_alpha
-            model.llama_model = add_llm_lora(model.llama_model, cfg.decoder)
+        targets = tuple(llm_targets)
+        try:
+            if not cfg.decoder.lora_rank:
+                cfg.decoder.lora_rank, cfg.decoder.lora_alpha, cfg.decoder.lora_targets = llm_rank, llm_alpha, targets
+                model.llama_model = add_llm_lora(model.llama_model, cfg.decoder)
+            elif (cfg.decoder.lora_rank, set(cfg.decoder.lora_targets)) != (llm_rank, set(targets)):
+                old = cfg.decoder
+                model.llama_model, cfg.decoder = grow_llm_lora(model.llama_model, old, llm_rank, llm_alpha, targets)
+                log(f"LLM LoRA grown from rank {old.lora_rank} on {','.join(old.lora_targets)} to rank {llm_rank} "
+                    f"(alpha {llm_alpha:g}) on {','.join(targets)}: the same function, more to train")
+        except ValueError as e:
+            raise TrainError(f"--init: {e}") from None
 
 
-def build_model(a):
+def llm_lora_targets(a) -> tuple[str, ...]:
+    """--llm-lora-targets as a tuple ('q_proj,v_proj' -> ('q_proj', 'v_proj'); runs saved before it: q/v)."""
+    return tuple(t.strip() for t in getattr(a, "llm_lora_targets", "q_proj,v_proj").split(",") if t.strip())
+
+
+def build_model(a, log=print):
     """The model to train, from --init or from presets, with the generation settings of the run."""
     import torch
 
@@ -115,7 +129,8 @@ def build_model(a):
     torch.manual_seed(a.seed)
     if a.init:
         model = load_checkpoint(a.init)
-        _add_missing_adapters(model, a.lora_rank, a.lora_alpha, a.llm_lora_rank, a.llm_lora_alpha)
+        _add_missing_adapters(model, a.lora_rank, a.lora_alpha, a.llm_lora_rank, a.llm_lora_alpha,
+                              llm_lora_targets(a), log=log)
         enc = model.cfg.encoder
         size, patch = a.img_size or enc.img_size, a.patch_size or enc.patch_size
         if (size, patch) != (enc.img_size, enc.patch_size):
@@ -124,7 +139,7 @@ def build_model(a):
             except ValueError as e:                        # EncoderConfig's own check of the geometry
                 raise TrainError(f"--img-size / --patch-size: {e}") from None
     else:
-        dec = {"lora_rank": a.llm_lora_rank, "lora_alpha": a.llm_lora_alpha}
+        dec = {"lora_rank": a.llm_lora_rank, "lora_alpha": a.llm_lora_alpha, "lora_targets": llm_lora_targets(a)}
         if a.decoder_path:
             dec["path"] = a.decoder_path
         enc = {"lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha}
@@ -689,7 +704,7 @@ def train(a, log=print) -> dict:
         from emrrg.checkpoint import load_checkpoint
         model = load_checkpoint(last)
     else:
-        model = build_model(a)
+        model = build_model(a, log=log)
     train_split = load_split(a.data, "train")
     val_split = None
     if a.val_limit != 0:
@@ -880,7 +895,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dataset", default="mimic", choices=list(GENERATION_PRESETS), help="generation preset")
     m.add_argument("--lora-rank", type=int, default=8, help="encoder Partial LoRA rank (0: none)")
     m.add_argument("--lora-alpha", type=float, default=16.0, help="encoder Partial LoRA scale numerator")
-    m.add_argument("--llm-lora-rank", type=int, default=8, help="peft LoRA rank on q_proj/v_proj (0: none)")
+    m.add_argument("--llm-lora-rank", type=int, default=8,
+                   help="peft LoRA rank on --llm-lora-targets (0: none); with --init, a larger rank than its adapter's "
+                        "grows it (the same function, more to train)")
+    m.add_argument("--llm-lora-targets", default="q_proj,v_proj",
+                   help="the LLM projections LoRA adapts: q_proj,k_proj,v_proj,o_proj (self-attention), gate_proj,"
+                        "up_proj,down_proj (MLP); with --init, a superset of its adapter's grows it")
     m.add_argument("--llm-lora-alpha", type=float, default=16.0, help="LLM LoRA (peft) alpha")
     m.add_argument("--train-encoder", default="lora", choices=("lora", "full"),
                    help="lora: Partial LoRA only (upstream); full: the whole encoder (no pre-trained encoder)")

@@ -215,6 +215,33 @@ def test_separate_adapters_keep_a_lora_exact_over_grid_weights(tmp_path):
     assert quantized_builder(src, shape, adapters=factors).skip(rung, []) is None
 
 
+def test_separate_adapters_on_every_projection_stay_exact(tmp_path):
+    """LoRA on all seven projections (emrrg-train --llm-lora-targets, self-attention and MLP): each packed matmul
+    (qkv, o, gate_up, down) gets one branch of its parts' summed ranks, and the 4-bit graph with them still equals
+    the f32 merged graph over grid weights."""
+    from emrrg.decoder import ATTN_PROJECTIONS, MLP_PROJECTIONS
+
+    llm, _ = tiny_llm(seed=5)
+    _snap_to_grid(llm)
+    targets = ATTN_PROJECTIONS + MLP_PROJECTIONS
+    peft_llm = random_lora(llm, rank=4, rel_norm=0.15, targets=targets, seed=1)
+    factors = lora_factors(peft_llm)
+    layers = len(peft_llm.base_model.model.model.layers)
+    assert len(factors) == 7 * layers
+    merged = peft_llm.merge_and_unload()
+    src, shape = ModuleWeights(merged), _module_shape(merged)
+    f32 = build_decoder(src, shape, tmp_path / "f32")
+    rung = next(c for c in BUILT_LADDER if c.separate_adapters and c.accuracy_level == 0)
+    sep = build_decoder(src, shape, tmp_path / "sep", quant=rung, adapters=factors)
+    ranks = {r["name"].split(".")[-1]: r.get("adapter_rank") for r in sep.nodes if r["name"].startswith("model.layers.0.")}
+    assert ranks == {"qkv_proj": 12, "o_proj": 4, "gate_up_proj": 8, "down_proj": 4}
+    embed = src.get("model.embed_tokens.weight")
+    ids = np.random.default_rng(2).integers(4, 512, size=(1, 12))
+    a = OrtScorer(f32.path, embed).run(embed[ids], None)[0]
+    assert report("4-bit base + separate LoRA on 7 projections vs f32 merged",
+                  OrtScorer(sep.path, embed).run(embed[ids], None)[0], a) <= ATOL_GRID_LOGITS
+
+
 def test_awq_scales_fold_into_the_norms_and_cut_the_error_of_outlier_channels(tmp_path):
     """AWQ (QuantConfig.awq_scale): per-input-channel scales s, x / s folded into the RMSNorm weights (qkv, gate/up)
     and the up projection's output columns (down), s * W quantized. On a tiny decoder whose norms give four

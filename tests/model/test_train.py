@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +40,9 @@ PRETRAIN_BCE_DROP = 0.04
 BALANCE_SHARE_ATOL = 0.03
 # The loss equals transformers' own LM loss with the prompt masked, up to f32 reduction order.
 LOSS_MATCH_ATOL = 1e-5
+# A grown LoRA rescales the trained B by old/new (alpha / rank): one f32 rounding per element of B, ~1e-7 of
+# the LoRA delta, far below this on the tiny model's O(1) logits; a misplaced factor moves them by O(0.1).
+GROWN_LORA_ATOL = 1e-5
 
 TINY = ["--encoder", "tiny", "--decoder", "tiny-llama", "--max-report-tokens", "24", "--threads", "1",
         "--progress", "log", "--log-every", "100", "--val-limit", "0", "--save-every", "0"]
@@ -550,6 +555,52 @@ def test_init_with_another_size_regrids_the_encoder_and_the_run_saves_it(tiny_ph
                 "--patch-size", "32", *TINY[4:], "--steps", "2", "--batch-size", "2", "--train-encoder", "full"])
     enc = load_checkpoint(run / "last").cfg.encoder
     assert (enc.img_size, enc.patch_size, enc.num_tokens) == (128, 32, 17)
+
+
+def _llm_logits(model, ids):
+    with torch.no_grad():
+        return model.llama_model(input_ids=ids).logits
+
+
+def test_grown_llm_lora_computes_the_same_function_and_saves():
+    """--init with a larger --llm-lora-rank / more --llm-lora-targets: the trained q/v adapters sit in the first
+    rows of A and columns of B (B rescaled to the new alpha / rank), all else of B is zero: the logits are unchanged
+    (to f32 rounding of the rescale), the new adapters train, and the checkpoint reloads the grown config."""
+    from emrrg.checkpoint import load_checkpoint, save_checkpoint
+    from emrrg.decoder import ATTN_PROJECTIONS, MLP_PROJECTIONS, grow_llm_lora
+    from emrrg.train import TrainError, _add_missing_adapters
+
+    model = _tiny_model(hybrid=()).eval()
+    with torch.no_grad():   # trained-looking adapters: B non-zero
+        for n, p in model.llama_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.tensor([[1, 5, 9, 30, 7, 2]])
+    before = _llm_logits(model, ids)
+    targets = ATTN_PROJECTIONS + MLP_PROJECTIONS
+    _add_missing_adapters(model, 0, 16.0, 8, 24.0, targets, log=lambda *_: None)   # rank 4 (alpha 16) -> 8 (alpha 24)
+    dec = model.cfg.decoder
+    assert (dec.lora_rank, dec.lora_alpha, dec.lora_targets) == (8, 24.0, targets)
+    after = _llm_logits(model, ids)
+    torch.testing.assert_close(after, before, atol=GROWN_LORA_ATOL, rtol=0)
+    layers = model.llama_model.base_model.model.model.layers
+    adapted = [n for n, m in model.llama_model.named_modules() if n.endswith(("_proj",)) and hasattr(m, "lora_A")]
+    assert len(adapted) == 7 * len(layers)
+    assert all(m.lora_A["default"].weight.shape[0] == 8 for n, m in model.llama_model.named_modules()
+               if n in adapted)
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(model, Path(d) / "ck")
+        back = load_checkpoint(Path(d) / "ck")
+        assert back.cfg.decoder.lora_targets == targets
+        torch.testing.assert_close(_llm_logits(back, ids), after, atol=0, rtol=0)
+    # shrinking, or dropping a trained projection, is refused
+    with pytest.raises(ValueError, match="can grow"):
+        grow_llm_lora(model.llama_model, model.cfg.decoder, 4, 8.0, targets)
+    with pytest.raises(TrainError, match="can grow"):
+        _add_missing_adapters(model, 0, 16.0, 8, 24.0, ("q_proj",), log=lambda *_: None)
+    with pytest.raises(TrainError, match="choose from"):
+        _add_missing_adapters(model, 0, 16.0, 8, 24.0, (*targets, "lm_head"), log=lambda *_: None)
+    torch.testing.assert_close(_llm_logits(model, ids), after, atol=0, rtol=0)   # a refusal leaves the model as it was
 
 
 def test_encoder_rate_zero_holds_the_encoder():
