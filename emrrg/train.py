@@ -221,7 +221,8 @@ class StudyData:
     """One split: tokenized reports (+EOS, truncated) and lazily cached pixels from the shared preprocess."""
 
     def __init__(self, split, tokenizer, image_size: int, max_report_tokens: int, balance: float = 0.0,
-                 drop_prior_references: bool = False):
+                 drop_prior_references: bool = False, finding_weight: float = 1.0):
+        from emrrg.data.reports import drawn_finding_spans
         from emrrg.data.reports import drop_prior_references as drop_prior
         from emrrg.runtime.preprocess import preprocess_study
 
@@ -230,10 +231,23 @@ class StudyData:
         self._px: dict[int, np.ndarray] = {}
         eos = tokenizer.eos_token_id
         self.ids = []
+        # --finding-weight: per-token loss weights, `finding_weight` on the tokens of the sentences that name a
+        # finding drawn on the image (drawn_finding_spans), 1 elsewhere; None: all 1
+        self.token_weights: list[np.ndarray] | None = None if finding_weight == 1.0 else []
+        if finding_weight <= 0:
+            raise TrainError(f"--finding-weight {finding_weight}: give a weight > 0 (1: off)")
+        if self.token_weights is not None and not has_drawn_labels(split.examples):
+            raise TrainError("--finding-weight needs the findings drawn on each image ('labels' in every example)")
         for e in split.examples:
             text = drop_prior(e["report"]) if drop_prior_references else e["report"]
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            offsets = {"return_offsets_mapping": True} if self.token_weights is not None else {}
+            enc = tokenizer(text, add_special_tokens=False, **offsets)
+            ids = enc["input_ids"] + [eos]
             self.ids.append(ids[:max_report_tokens])  # as upstream: report + EOS, then truncation
+            if self.token_weights is not None:
+                spans = drawn_finding_spans(text, e["labels"])
+                w = [finding_weight if any(a < end <= b for a, b in spans) else 1.0 for _, end in enc["offset_mapping"]]
+                self.token_weights.append(np.array(w + [1.0], dtype=np.float32)[:max_report_tokens])
         self.lengths = np.array([len(i) for i in self.ids])
         self.weights = balance_weights(split.examples, balance) if balance else None
 
@@ -297,8 +311,21 @@ def collate(data: StudyData, idx: Sequence[int]):
     return torch.from_numpy(np.stack(px)), ids, labels
 
 
-def lm_losses(model, px, ids, labels, bf16: bool = False, head=None, y=None) -> dict:
+def collate_weights(data: StudyData, idx: Sequence[int]):
+    """(b, R) per-token loss weights of collate's batch (--finding-weight; padding 0), or None when all are 1."""
+    import torch
+
+    if data.token_weights is None:
+        return None
+    w = torch.zeros(len(idx), max(len(data.ids[i]) for i in idx))
+    for r, i in enumerate(idx):
+        w[r, :len(data.token_weights[i])] = torch.from_numpy(data.token_weights[i])
+    return w
+
+
+def lm_losses(model, px, ids, labels, bf16: bool = False, head=None, y=None, weights=None) -> dict:
     """{'lm': mean cross-entropy over the report tokens (teacher forcing), prompt and padding excluded}.
+    With `weights` (b, R) (collate_weights), the weighted mean instead.
 
     Padding sits after the report, so causal attention never lets a real position see it: no
     attention mask is needed (and SDPA keeps its is_causal fast path).
@@ -322,7 +349,13 @@ def lm_losses(model, px, ids, labels, bf16: bool = False, head=None, y=None) -> 
             out = model.llama_model(inputs_embeds=embeds, logits_to_keep=R + 1, use_cache=False,
                                     output_hidden_states=head is not None)
         logits = out.logits[:, :R].float()                                    # position T0-1+j predicts report token j
-        res = {"lm": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)}
+        flat = labels.reshape(-1)
+        if weights is None:
+            res = {"lm": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE)}
+        else:
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE, reduction="none")
+            w = weights.reshape(-1).to(ce.dtype) * (flat != IGNORE)
+            res = {"lm": (ce * w).sum() / w.sum()}
         if head is not None:
             last = out.hidden_states[-1][:, prompt.shape[1] - 1].float()      # (b, H)
             res["label"] = F.binary_cross_entropy_with_logits(head(last), y)
@@ -728,7 +761,8 @@ def train(a, log=print) -> dict:
             val_split = None
     data = StudyData(train_split, model.tokenizer, model.cfg.encoder.img_size, a.max_report_tokens,
                      balance=getattr(a, "balance_labels", 0.0),  # runs saved before the flags have none
-                     drop_prior_references=getattr(a, "drop_prior_references", False))
+                     drop_prior_references=getattr(a, "drop_prior_references", False),
+                     finding_weight=getattr(a, "finding_weight", 1.0))
     saver = _Saver(model, a.qlora)  # before quantization: a twin (if any) keeps the f32 base
     if a.qlora:
         n4 = quantize_llm_4bit(model.llama_model)
@@ -835,11 +869,11 @@ def train(a, log=print) -> dict:
             idx = data.plan(epoch, a.batch_size, a.seed)[k]
             px, ids, labels = collate(data, idx)
             t = time.perf_counter()
-            parts = {}
+            parts, tw = {}, collate_weights(data, idx)
             if aux is None:
-                loss = lm_loss(model, px, ids, labels, a.bf16)
+                loss = lm_losses(model, px, ids, labels, a.bf16, weights=tw)["lm"]
             else:
-                terms = lm_losses(model, px, ids, labels, a.bf16, head=aux, y=y_aux[idx])
+                terms = lm_losses(model, px, ids, labels, a.bf16, head=aux, y=y_aux[idx], weights=tw)
                 loss = terms["lm"] + aux_w * terms["label"]
                 parts = {"lm_loss": float(terms["lm"].detach()), "label_bce": float(terms["label"].detach())}
             opt.zero_grad(set_to_none=True)
@@ -950,6 +984,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--drop-prior-references", action="store_true",
                    help="train on the reports without their sentences that only refer to a prior study or describe "
                         "the technique (emrrg.data.reports; val / test references are scored as they are)")
+    o.add_argument("--finding-weight", type=float, default=1.0,
+                   help="loss weight of the report tokens in sentences that name a finding drawn on the image "
+                        "(the labeler on each sentence), against 1 for the rest: the words the image decides; 1: off")
     o.add_argument("--lm-label-loss", type=float, default=0.0,
                    help="weight of an auxiliary BCE: a linear head on the LLM's last prompt position (where the "
                         "report starts) predicts the image's labels (drawn, else the labeler's); 0: off")

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PRIOR_OR_TECHNIQUE", "split_report_sentences", "drop_prior_references"]
+__all__ = ["PRIOR_OR_TECHNIQUE", "split_report_sentences", "sentence_spans", "drop_prior_references",
+           "drawn_finding_spans"]
 
 PRIOR_OR_TECHNIQUE = re.compile(
     r"\b(?:compar(?:e|ed|es|ing|ison)"
@@ -33,23 +34,34 @@ _END = re.compile(r"[.!?]+(?=\s|$)")
 _DOTTED_ABBREVIATION = re.compile(r"\b\w\.\w\.$")       # a.m. p.m. e.g. i.e.
 
 
-def split_report_sentences(report: str) -> list[str]:
-    """The sentences of `report`, each with its own punctuation and inner spacing, stripped.
+def sentence_spans(report: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of `report`'s sentences, surrounding whitespace excluded.
 
     A sentence ends at . ! ? followed by whitespace or the end of the text, so a decimal ("1.5 cm") ends none;
     after a dotted abbreviation ("a.m.", "p.m.") only when the next word starts with a capital letter or
     ``_`` (anonymised text): "at 3 p.m. today" stays one sentence, "at 10:45 a.m. Portable film" is two.
     Case is not otherwise needed, so a looping lower-case report still splits."""
-    out, start = [], 0
+    bounds, start = [], 0
     for m in _END.finditer(report):
         if _DOTTED_ABBREVIATION.search(report, 0, m.end()):
             nxt = report[m.end():].lstrip()[:1]
             if nxt and not (nxt.isupper() or nxt == "_"):
                 continue
-        out.append(report[start:m.end()].strip())
+        bounds.append((start, m.end()))
         start = m.end()
-    out.append(report[start:].strip())
-    return [s for s in out if s]
+    bounds.append((start, len(report)))
+    out = []
+    for a, b in bounds:
+        a += len(report[a:b]) - len(report[a:b].lstrip())
+        b -= len(report[a:b]) - len(report[a:b].rstrip())
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def split_report_sentences(report: str) -> list[str]:
+    """The sentences of `report` (:func:`sentence_spans`), each with its own punctuation and inner spacing."""
+    return [report[a:b] for a, b in sentence_spans(report)]
 
 
 def _names_a_finding(sentence: str) -> bool:
@@ -65,3 +77,17 @@ def drop_prior_references(report: str) -> str:
     sentences = split_report_sentences(report)
     kept = [s for s in sentences if not (PRIOR_OR_TECHNIQUE.search(s) and not _names_a_finding(s))]
     return " ".join(kept) if kept and len(kept) < len(sentences) else report
+
+
+def drawn_finding_spans(report: str, findings) -> list[tuple[int, int]]:
+    """The :func:`sentence_spans` of `report` whose sentence, labelled alone by the CE labeler, names one of the
+    drawn `findings` (emrrg.data.phantom's names; :func:`emrrg.data.phantom.findings_named`). These are the
+    sentences an image decides; ``emrrg-train --finding-weight`` weighs their tokens' loss."""
+    from emrrg.data.phantom import findings_named
+    from emrrg.metrics.labeler import label_report
+
+    findings = list(findings)
+    if not findings:
+        return []
+    return [(a, b) for a, b in sentence_spans(report)
+            if any(findings_named(findings, label_report(report[a:b])).values())]

@@ -208,6 +208,33 @@ def test_lm_label_loss_reads_the_prompts_last_position():
     np.testing.assert_allclose(torch.sigmoid(b).numpy(), [0.5, 1e-3, 1 - 1e-3], rtol=1e-5)
 
 
+def test_weighted_lm_loss_is_the_weighted_mean_of_the_token_losses():
+    """lm_losses(weights=...): sum(w * ce) / sum(w) over the report tokens; all-ones weights give lm_loss."""
+    import torch.nn.functional as F
+
+    from emrrg.train import IGNORE, lm_loss, lm_losses
+
+    model = _tiny_model(hybrid=()).eval()
+    tok = model.tokenizer
+    ids = torch.tensor([tok("Mild cardiomegaly. No effusion.", add_special_tokens=False)["input_ids"]])
+    labels = ids.clone()
+    labels[0, -3:] = IGNORE                                   # as padding: never counted, whatever its weight
+    px = torch.randn(1, 1, 3, 64, 64)
+    w = torch.linspace(0.5, 4.0, ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        ours = lm_losses(model, px, ids, labels, weights=w)["lm"]
+        ones = lm_losses(model, px, ids, labels, weights=torch.ones_like(w))["lm"]
+        plain = lm_loss(model, px, ids, labels)
+        prompt = model.prompt_embeds(model.encode_images(px))
+        embeds = torch.cat([prompt, model.llama_model.get_input_embeddings()(ids)], 1)
+        logits = model.llama_model(inputs_embeds=embeds).logits[0, prompt.shape[1] - 1:-1]
+        ce = F.cross_entropy(logits, ids[0], reduction="none")
+        keep = labels[0] != IGNORE
+        theirs = (ce[keep] * w[0, keep]).sum() / w[0, keep].sum()
+    assert abs(float(ours) - float(theirs)) < LOSS_MATCH_ATOL
+    assert abs(float(ones) - float(plain)) < LOSS_MATCH_ATOL and abs(float(ours) - float(plain)) > 10 * LOSS_MATCH_ATOL
+
+
 def test_lm_label_loss_run_logs_both_terms_and_saves_no_head(tiny_phantom, tmp_path, capsys):
     from emrrg.checkpoint import load_checkpoint
     from emrrg.train import train_main
