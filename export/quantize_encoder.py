@@ -451,6 +451,15 @@ def mlp_down_nodes(model: onnx.ModelProto) -> list[str]:
                   and n.input[0] in prod and prod[n.input[0]].op_type == "Mul")
 
 
+# Weights of the Q/DQ rungs (activations quantized too) use 7 of their 8 bits (ORT's reduce_range). ONNX Runtime's
+# x86 integer GEMM on CPUs without AVX512-VNNI / AVX-VNNI (AVX2 laptops; a 2-core AVX2 EPYC CI machine) multiplies
+# u8 x s8 pairs with VPMADDUBSW, which adds two products into a saturating int16: 2 x 255 x 127 overflows it,
+# 2 x 255 x 64 does not. With full-range weights the tiny test checkpoint's percentile rung fell to held-out
+# cosine 0.988 on such a CPU (a miss) and the ladder dropped every activation rung for weight-only; with 7-bit
+# weights both pass there as on VNNI CPUs. A bundle exported on one machine runs on others, so the export does
+# not guess the target CPU. The weight-only rungs (float activations) compute no integer GEMM and keep 8 bits.
+REDUCE_RANGE = True
+
 # The accuracy-aware order of INT8 encoder configurations (emrrg-export walks it until one passes the
 # validation thresholds). The first four give the same file size; the last three leave some MatMuls in
 # f32 (the SwiGLU down projections, then the quarter / half of the inputs INT8 rounds worst) for the
@@ -607,7 +616,7 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
                 with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sys.stderr if logs.verbose() else sink):
                     quantize_static(str(pure_f32), str(pure_q), _Reader(pixels, batch_size),
                                     quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
-                                    per_channel=per_channel, reduce_range=False,
+                                    per_channel=per_channel, reduce_range=REDUCE_RANGE,
                                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                     nodes_to_exclude=excluded, calibrate_method=methods[method],
                                     use_external_data_format=pure.ByteSize() > 2**30, extra_options=extra)
@@ -621,7 +630,8 @@ def quantize_int8(f32_custom_op_onnx: str | os.PathLike, f32_pure_onnx: str | os
 
     facts.update({"method": method, "percentile": percentile if method == "percentile" else None,
                   "per_channel_weights": per_channel, "activations": "int8 symmetric, per tensor",
-                  "weights": "int8 symmetric" + (", per output channel" if per_channel else ", per tensor"),
+                  "weights": "int8 symmetric" + (", 7-bit range" if REDUCE_RANGE else "")
+                             + (", per output channel" if per_channel else ", per tensor"),
                   "op_types": list(op_types), "float_nodes": len(excluded),
                   "keep_scan_projections_float": keep_scan_projections_float, "smoothquant": smooth_info,
                   "scan_projections_weight_only_int8": woq, "float_worst_inputs": worst,
