@@ -738,6 +738,8 @@ def train(a, log=print) -> dict:
             raise TrainError("--data is required")
         if not a.init and not (a.encoder and a.decoder):
             raise TrainError("give --init CKPT, or --encoder and --decoder presets")
+        if a.lm_label_loss < 0:   # before the model loads
+            raise TrainError(f"--lm-label-loss {a.lm_label_loss}: give a weight >= 0 (0: off)")
         last = None
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -778,8 +780,6 @@ def train(a, log=print) -> dict:
     aux, y_aux, aux_w = None, None, getattr(a, "lm_label_loss", 0.0)  # runs saved before the flag have none
     groups = param_groups(model, a.lr, encoder_lr(a), a.weight_decay)
     if aux_w:
-        if aux_w < 0:
-            raise TrainError(f"--lm-label-loss {aux_w}: give a weight >= 0 (0: off)")
         y_np, source = label_targets(train_split.examples, "auto")
         y_aux = torch.from_numpy(y_np)
         aux = label_head(model.llama_proj.out_features, y_np, torch.Generator().manual_seed(a.seed))
