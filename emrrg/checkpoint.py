@@ -33,7 +33,7 @@ from emrrg.model import EMRRG
 
 FORMAT = "emrrg-checkpoint"
 FORMAT_VERSION = 1
-NON_LLM_PREFIXES = ("visual_encoder.", "llama_proj.", "layer_norm.")
+NON_LLM_PREFIXES = ("visual_encoder.", "llama_proj.", "layer_norm.", "finding_prompt.")
 
 
 class CheckpointError(ValueError):

@@ -115,6 +115,13 @@ class EMRRGConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     encoder_preset: str = "base"
     dataset: str = "mimic"
+    # emrrg.findings: one extra LLM input token per named finding after the visual tokens (() = none).
+    finding_tokens: tuple[str, ...] = ()
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens the encoder graph outputs: the encoder's, then one per finding token."""
+        return self.encoder.num_tokens + len(self.finding_tokens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,6 +138,7 @@ class EMRRGConfig:
             generation=GenerationConfig(**d.get("generation", {})),
             encoder_preset=d.get("encoder_preset", "custom"),
             dataset=d.get("dataset", "mimic"),
+            finding_tokens=tuple(d.get("finding_tokens", ())),
         )
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 from emrrg.config import EMRRGConfig, GenerationConfig
 from emrrg.decoder import add_hybrid_layers, add_llm_lora, load_base_decoder
 from emrrg.encoder import MambaXrayEncoder
+from emrrg.findings import FindingTokens
 from emrrg.lora import merge_partial_lora
 
 PROMPT_BEFORE = "Human: <Img>"
@@ -42,14 +43,23 @@ class EMRRG(nn.Module):
         self.llama_model = llm
         self.tokenizer = tokenizer
         self._prompt_ids = None
+        self.finding_prompt = FindingTokens(cfg.finding_tokens, cfg.encoder.d_model, hidden) if cfg.finding_tokens else None
+
+    def add_finding_tokens(self, names) -> None:
+        """Give the model finding tokens (emrrg.findings) for `names`, their vectors from the LLM's embeddings of
+        the names; the classifier head is zero (p = 0.5 everywhere) until fitted."""
+        self.cfg.finding_tokens = tuple(names)
+        self.finding_prompt = FindingTokens(self.cfg.finding_tokens, self.cfg.encoder.d_model, self.llama_proj.out_features)
+        self.finding_prompt.init_from_embeddings(self.tokenizer, self.llama_model.get_input_embeddings())
 
     # ---- vision side -------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(b, V, 3, H, W) views -> (b, L, H_llm) projected visual tokens (views averaged)."""
+    def encode_images(self, pixel_values: torch.Tensor, finding_gates: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, V, 3, H, W) views -> (b, L, H_llm) projected visual tokens (views averaged), then the finding
+        tokens when the model has them ((b, L + K, H_llm); `finding_gates` replace the classifier's p)."""
         if pixel_values.dim() == 4:
             pixel_values = pixel_values.unsqueeze(1)
         tokens = self.visual_encoder.encode_study(pixel_values)              # (b, L, D)
-        return self.layer_norm(self.llama_proj(tokens))                      # (b, L, H)
+        return visual_tokens(tokens, self.llama_proj, self.layer_norm, self.finding_prompt, finding_gates)
 
     def set_visual(self, visual: torch.Tensor | None) -> None:
         """Compute the hybrid layers' visual K/V once per image (None clears them)."""
@@ -124,6 +134,16 @@ class EMRRG(nn.Module):
         """Report for one study (one or several views, as paths or arrays)."""
         ids = self.generate_ids(self.pixel_values(images), gen, **overrides)
         return self.decode(ids[0].tolist())
+
+
+def visual_tokens(tokens: torch.Tensor, proj: nn.Module, norm: nn.Module, findings: nn.Module | None = None,
+                  gates: torch.Tensor | None = None) -> torch.Tensor:
+    """The encoder's (b, L, D) tokens -> the LLM's visual inputs: projected and normed, then the finding tokens
+    (if any). EMRRG.encode_images and the exported graph (export.encoder_onnx.VisualTokens) both use it."""
+    visual = norm(proj(tokens))                                              # (b, L, H)
+    if findings is None:
+        return visual
+    return torch.cat([visual, findings(tokens, gates).to(visual.dtype)], dim=1)
 
 
 def decode_report(tokenizer, ids: Sequence[int]) -> str:

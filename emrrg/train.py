@@ -170,6 +170,8 @@ def mark_trainable(model, train_encoder: str = "lora") -> list[str]:
             on = train_encoder == "full" or ".in_proj_lora." in n or ".lora_X." in n
         elif n.startswith(("llama_proj.", "layer_norm.")):
             on = True
+        elif n.startswith("finding_prompt."):   # the token vectors learn with the LM; the fitted classifier is held
+            on = not n.startswith("finding_prompt.head.")
         else:  # the LLM: its LoRA matrices and hybrid cross-attention only
             on = "lora_A" in n or "lora_B" in n or ".cross_attn." in n
         if on:
@@ -323,7 +325,8 @@ def collate_weights(data: StudyData, idx: Sequence[int]):
     return w
 
 
-def lm_losses(model, px, ids, labels, bf16: bool = False, head=None, y=None, weights=None) -> dict:
+def lm_losses(model, px, ids, labels, bf16: bool = False, head=None, y=None, weights=None,
+              finding_gates=None) -> dict:
     """{'lm': mean cross-entropy over the report tokens (teacher forcing), prompt and padding excluded}.
     With `weights` (b, R) (collate_weights), the weighted mean instead.
 
@@ -334,11 +337,13 @@ def lm_losses(model, px, ids, labels, bf16: bool = False, head=None, y=None, wei
     hidden state (after its final norm) at the prompt's last position, the one that predicts the first report
     token, against the (b, K) 0/1 targets `y`. The LLM must then carry the image's findings, read from the
     visual tokens, to where it starts writing; the head is for training only and is not saved.
+
+    `finding_gates` (b, K): the finding tokens' gates (emrrg.findings; NaN rows: the classifier's own).
     """
     import torch
     import torch.nn.functional as F
 
-    visual = model.encode_images(px)                                          # (b, Lv, H)
+    visual = model.encode_images(px, finding_gates)                           # (b, Lv, H)
     model.set_visual(visual)
     try:
         prompt = model.prompt_embeds(visual)                                  # (b, T0, H)
@@ -571,6 +576,52 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
             "val_curve": curve}
 
 
+# ---- finding tokens (emrrg.findings) ----------------------------------------------------------------------
+
+def add_finding_tokens(model, data: "StudyData", annotation, log=print) -> dict:
+    """--finding-tokens: give the model one token per label (the drawn findings, else the report's CheXpert
+    labels) and fit their classifier on the frozen encoder's features of the train studies, its L2 strength
+    chosen on the whole val split of `annotation` (whatever --val-limit). Returns fit_head's record with the
+    val metrics."""
+    from emrrg.evaluate import load_split
+    from emrrg.findings import encoder_features, fit_head
+
+    try:
+        val_split = load_split(annotation, "val")
+    except Exception:  # noqa: BLE001 - an annotation without val examples fits at the middle L2 strength
+        val_split = None
+
+    y, source = label_targets(data.split.examples, "auto")
+    model.add_finding_tokens(label_classes(source))
+    log(f"finding tokens: the frozen encoder's features of {len(data)} train studies for the classifier")
+    t0 = time.perf_counter()
+    x = encoder_features(model, data.pixels, len(data))
+    x_val = y_val = None
+    if val_split is not None and len(val_split.examples):
+        val = StudyData(val_split, model.tokenizer, model.cfg.encoder.img_size, 1)
+        x_val, y_val = encoder_features(model, val.pixels, len(val)), label_targets(val_split.examples, source)[0]
+    rec = fit_head(model.finding_prompt.head, x, y, x_val, y_val)
+    if x_val is not None:
+        import torch
+        with torch.no_grad():
+            logits = model.finding_prompt.head(torch.from_numpy(x_val).float()).numpy()
+        m = label_head_metrics(y_val, logits)
+        rec["val"] = {k: m[k] for k in ("bce", "auc_macro", "accuracy", "exact_sets")}
+        rec["val_auc"] = dict(zip(model.cfg.finding_tokens, m["auc"]))
+    log(f"finding tokens: {len(model.cfg.finding_tokens)} {source} labels, classifier fitted on {len(data)} studies in "
+        f"{time.perf_counter() - t0:.0f} s: {json.dumps(rec)}")
+    return rec
+
+
+def teacher_gates(y, teacher: float, seed) -> "torch.Tensor":
+    """(b, K) finding gates for a training batch: each study's drawn labels `y` with probability `teacher`,
+    else NaN (the classifier's own probabilities)."""
+    import torch
+
+    use = torch.from_numpy(np.random.default_rng(seed).random(len(y)) < teacher)
+    return torch.where(use[:, None], y.float(), torch.full_like(y.float(), float("nan")))
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------
 
 def _rng_state() -> dict:
@@ -740,6 +791,8 @@ def train(a, log=print) -> dict:
             raise TrainError("give --init CKPT, or --encoder and --decoder presets")
         if a.lm_label_loss < 0:   # before the model loads
             raise TrainError(f"--lm-label-loss {a.lm_label_loss}: give a weight >= 0 (0: off)")
+        if not 0 <= a.finding_teacher <= 1:
+            raise TrainError(f"--finding-teacher {a.finding_teacher}: give a fraction in [0, 1]")
         last = None
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -765,6 +818,15 @@ def train(a, log=print) -> dict:
                      balance=getattr(a, "balance_labels", 0.0),  # runs saved before the flags have none
                      drop_prior_references=getattr(a, "drop_prior_references", False),
                      finding_weight=getattr(a, "finding_weight", 1.0))
+    teacher, y_find = getattr(a, "finding_teacher", 0.5), None   # runs saved before the flags have none
+    if getattr(a, "finding_tokens", False) and model.finding_prompt is None:
+        add_finding_tokens(model, data, a.data, log)
+    if model.finding_prompt is not None and teacher > 0:
+        y_np, source = label_targets(train_split.examples, "auto")
+        if tuple(label_classes(source)) != model.cfg.finding_tokens:
+            raise TrainError(f"the model's finding tokens ({', '.join(model.cfg.finding_tokens)}) are not this data's "
+                             f"{source} labels; use --finding-teacher 0")
+        y_find = torch.from_numpy(y_np)
     saver = _Saver(model, a.qlora)  # before quantization: a twin (if any) keeps the f32 base
     if a.qlora:
         n4 = quantize_llm_4bit(model.llama_model)
@@ -870,10 +932,12 @@ def train(a, log=print) -> dict:
             px, ids, labels = collate(data, idx)
             t = time.perf_counter()
             parts, tw = {}, collate_weights(data, idx)
+            gates = None if y_find is None else teacher_gates(y_find[idx], teacher, [a.seed, 77, step])
             if aux is None:
-                loss = lm_losses(model, px, ids, labels, a.bf16, weights=tw)["lm"]
+                loss = lm_losses(model, px, ids, labels, a.bf16, weights=tw, finding_gates=gates)["lm"]
             else:
-                terms = lm_losses(model, px, ids, labels, a.bf16, head=aux, y=y_aux[idx], weights=tw)
+                terms = lm_losses(model, px, ids, labels, a.bf16, head=aux, y=y_aux[idx], weights=tw,
+                                  finding_gates=gates)
                 loss = terms["lm"] + aux_w * terms["label"]
                 parts = {"lm_loss": float(terms["lm"].detach()), "label_bce": float(terms["label"].detach())}
             opt.zero_grad(set_to_none=True)
@@ -990,6 +1054,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--lm-label-loss", type=float, default=0.0,
                    help="weight of an auxiliary BCE: a linear head on the LLM's last prompt position (where the "
                         "report starts) predicts the image's labels (drawn, else the labeler's); 0: off")
+    m.add_argument("--finding-tokens", action="store_true",
+                   help="add one LLM input token per label after the visual tokens, gated by a classifier fitted "
+                        "on the frozen encoder (emrrg.findings; hold the encoder with --encoder-lr 0)")
+    o.add_argument("--finding-teacher", type=float, default=0.5,
+                   help="with finding tokens: the fraction of studies whose gates are their drawn labels, "
+                        "the rest the classifier's probabilities")
     o.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for the LLM (f32 master weights); fast only where the CPU has native bf16 "
                         "(AVX512-BF16 / AMX): elsewhere it is emulated and many times slower, and the run warns")

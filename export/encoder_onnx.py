@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from emrrg.runtime.contract import ENCODER_INPUT, ENCODER_OUTPUT
 from emrrg.export import onnx_ops
 from emrrg.export.errors import ValidationError
+from emrrg.model import visual_tokens
 
 VARIANTS = ("custom_op", "pure_onnx")
 INPUT_NAME, OUTPUT_NAME = ENCODER_INPUT, ENCODER_OUTPUT   # the bundle contract's names (emrrg.runtime.contract)
@@ -74,16 +75,18 @@ INT8_THRESHOLDS = Thresholds(max_nmse=1e-2, min_mean_cosine=0.995)
 # ---------------------------------------------------------------------------------------------------
 
 class VisualTokens(nn.Module):
-    """EMRRG.encode_images as one module: (B, V, 3, S, S) pixel values -> (B, L, H_llm) visual tokens."""
+    """EMRRG.encode_images as one module: (B, V, 3, S, S) pixel values -> (B, L, H_llm) visual tokens, then the
+    model's finding tokens if it has them (emrrg.findings: (B, L + K, H_llm))."""
 
-    def __init__(self, encoder: nn.Module, projector: nn.Module):
+    def __init__(self, encoder: nn.Module, projector: nn.Module, findings: nn.Module | None = None):
         super().__init__()
         self.encoder = encoder
         self.projector = projector
+        self.findings = findings
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.encode_study(pixel_values)                    # (B, L, D), views averaged
-        return self.projector(tokens)                                       # (B, L, H)
+        return visual_tokens(tokens, self.projector, nn.Identity(), self.findings)
 
 
 def visual_tokens_module(model: nn.Module, projector: nn.Module | None = None) -> VisualTokens:
@@ -95,7 +98,8 @@ def visual_tokens_module(model: nn.Module, projector: nn.Module | None = None) -
     if all(hasattr(model, k) for k in ("visual_encoder", "llama_proj", "layer_norm")):
         if projector is not None:
             raise ValueError("an EMRRG model brings its own projector (llama_proj + layer_norm)")
-        return VisualTokens(model.visual_encoder, nn.Sequential(model.llama_proj, model.layer_norm))
+        return VisualTokens(model.visual_encoder, nn.Sequential(model.llama_proj, model.layer_norm),
+                            getattr(model, "finding_prompt", None))
     if hasattr(model, "encode_study"):
         if projector is None:
             raise ValueError("a bare encoder needs projector=nn.Sequential(nn.Linear(D, H_llm), nn.LayerNorm(H_llm))")
@@ -271,7 +275,7 @@ def export_encoder(model: nn.Module, out_path: str | os.PathLike, variant: str =
         "emrrg.precision": "fp32",
         "emrrg.layout_rewrites": "fused_swiglu,fused_mixer_layout" if layout_rewrites else "none",
         "emrrg.encoder_config": json.dumps(asdict(cfg), sort_keys=True),
-        "emrrg.num_tokens": cfg.num_tokens,
+        "emrrg.num_tokens": int(got.shape[1]),
         "emrrg.hidden": hidden,
         "emrrg.inputs": f"{INPUT_NAME}: (batch, views, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}) float32, "
                         "runtime.preprocess normalisation",
@@ -282,7 +286,7 @@ def export_encoder(model: nn.Module, out_path: str | os.PathLike, variant: str =
     scans = onnx_ops.count_scan_nodes(proto)
     return {"path": str(out_path), "variant": variant, "opset": opset, **saved,
             "nodes": len(proto.graph.node), "scan_nodes": scans[variant], "op_counts": op_counts(proto),
-            "num_tokens": cfg.num_tokens, "hidden": int(hidden), "export_s": round(time.perf_counter() - t0, 2)}
+            "num_tokens": int(got.shape[1]), "hidden": int(hidden), "export_s": round(time.perf_counter() - t0, 2)}
 
 
 def pure_onnx_twin(custom_op_path: str | os.PathLike, out_path: str | os.PathLike) -> dict:

@@ -387,7 +387,7 @@ def decoder_positions(model) -> int:
     visual tokens plus max_positions_new. The built graph's rotary tables must cover it, even past the LLM's
     max_position_embeddings (transformers computes rotary angles for any position, so the reference does too)."""
     before, after = model.prompt_ids()
-    return len(before) + model.cfg.encoder.num_tokens + len(after) + _max_positions_new(model.cfg)
+    return len(before) + model.cfg.num_visual_tokens + len(after) + _max_positions_new(model.cfg)
 
 
 def _export_decoder(model, out: Path, opts: ExportOptions, log: Callable[[str], None], min_positions: int = 0):
@@ -550,7 +550,7 @@ def _manifest(model, dec, opts, src_sha, checkpoint, enc_info, enc_precision, de
         "generation": {**asdict(cfg.generation), "max_positions_new": _max_positions_new(cfg)},
         "tokens": C.Tokens(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                            unk_token_id=tok.unk_token_id, unk_token=tok.unk_token).to_dict(),
-        "encoder": C.EncoderInfo(cfg.encoder.img_size, cfg.encoder.num_tokens, enc_info["hidden"]).to_dict(),
+        "encoder": C.EncoderInfo(cfg.encoder.img_size, cfg.num_visual_tokens, enc_info["hidden"]).to_dict(),
         "decoder": dec.spec.to_dict(),
         "artifacts": {k: a.to_dict() for k, a in arts.items()},
         "merge": {"merged": merged, "max_abs_diff": merge_diff, "tolerance": MERGE_MAX_ABS},
