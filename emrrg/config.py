@@ -115,13 +115,15 @@ class EMRRGConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     encoder_preset: str = "base"
     dataset: str = "mimic"
-    # emrrg.findings: one extra LLM input token per named finding after the visual tokens (() = none).
+    # emrrg.findings: after the visual tokens, `finding_slots` extra LLM input tokens per named finding
+    # (() = none): the finding's words, or "no" and its words, blended by its classifier probability.
     finding_tokens: tuple[str, ...] = ()
+    finding_slots: int = 0
 
     @property
     def num_visual_tokens(self) -> int:
-        """Tokens the encoder graph outputs: the encoder's, then one per finding token."""
-        return self.encoder.num_tokens + len(self.finding_tokens)
+        """Tokens the encoder graph outputs: the encoder's, then the finding slots."""
+        return self.encoder.num_tokens + len(self.finding_tokens) * self.finding_slots
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,6 +141,7 @@ class EMRRGConfig:
             encoder_preset=d.get("encoder_preset", "custom"),
             dataset=d.get("dataset", "mimic"),
             finding_tokens=tuple(d.get("finding_tokens", ())),
+            finding_slots=int(d.get("finding_slots", 0)),
         )
 
 

@@ -1,15 +1,21 @@
 """Finding tokens: a classification-guided prompt that keeps the export contract.
 
 A linear classifier reads the encoder's tokens (their mean and their per-channel max) and gives one
-probability per finding. Each finding then becomes one extra LLM input token after the visual tokens:
+probability p_k per finding. Each finding then becomes `slots` extra LLM input tokens after the visual tokens:
 
-    token_k = p_k * present_k + (1 - p_k) * absent_k            (present_k, absent_k: vectors in the LLM's
-                                                                   embedding space, trained with the LM)
+    slot_k,j = p_k * present_k,j + (1 - p_k) * absent_k,j
 
-so the LLM reads "cardiomegaly: yes, pneumothorax: no, ..." in its own embedding space instead of having
-to find each finding in the visual tokens. Everything is continuous (no threshold in the graph), so the
-tokens are part of the encoder's output like the visual ones: the ONNX graph, the INT8 export, the bundle
-and the torch-free runtime see only a longer visual sequence (`EMRRGConfig.num_visual_tokens`).
+present_k starts as the LLM's input embeddings of " pleural effusion," and absent_k as those of " no pleural
+effusion," (each padded with "," to the same number of slots), and both train with the LM. At p = 1 or 0 the
+LLM reads its own words for the finding or its negation; in between, a blend of the two.
+
+The blend must turn the tokens, not scale them: a Llama-family LLM normalises each input token (RMSNorm)
+before it reads it, so a token times p reads as the token itself for any p > 0. Hence the two word
+sequences, and no multiplication by p alone.
+
+Everything is continuous (no threshold in the graph), so the tokens are part of the encoder's output like
+the visual ones: the ONNX graph, the INT8 export, the bundle and the torch-free runtime see only a longer
+visual sequence (`EMRRGConfig.num_visual_tokens`).
 
 Training (`emrrg-train --finding-tokens`): the classifier is fitted once, on the frozen encoder's tokens of
 the training studies (`fit_head`: L2-regularised logistic regression by LBFGS, the strength chosen on the val
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 
 # The L2 strengths fit_head tries (per-sample mean BCE + lam * |W|^2 on standardised features).
 HEAD_L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+PAD_TEXT = ","
 
 
 def phrase(name: str) -> str:
@@ -35,16 +42,26 @@ def phrase(name: str) -> str:
     return name.replace("_", " ")
 
 
-class FindingTokens(nn.Module):
-    """(b, L, D) encoder tokens -> (b, K, H) finding tokens, one per name."""
+def slot_texts(name: str) -> tuple[str, str]:
+    """The text of a finding's present and absent slots (before padding)."""
+    return f" {phrase(name)}{PAD_TEXT}", f" no {phrase(name)}{PAD_TEXT}"
 
-    def __init__(self, names: Sequence[str], d_model: int, hidden: int):
+
+def slot_count(tokenizer, names: Sequence[str]) -> int:
+    """Slots per finding: the longest of the names' present / absent texts in the tokenizer's tokens."""
+    return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for n in names for t in slot_texts(n))
+
+
+class FindingTokens(nn.Module):
+    """(b, L, D) encoder tokens -> (b, K * slots, H) finding tokens, `slots` per name."""
+
+    def __init__(self, names: Sequence[str], slots: int, d_model: int, hidden: int):
         super().__init__()
         self.names = tuple(names)
         k = len(self.names)
         self.head = nn.Linear(2 * d_model, k)
-        self.present = nn.Parameter(torch.zeros(k, hidden))
-        self.absent = nn.Parameter(torch.zeros(k, hidden))
+        self.present = nn.Parameter(torch.zeros(k, slots, hidden))
+        self.absent = nn.Parameter(torch.zeros(k, slots, hidden))
 
     @staticmethod
     def features(tokens: torch.Tensor) -> torch.Tensor:
@@ -61,17 +78,21 @@ class FindingTokens(nn.Module):
         if gates is not None:
             gates = gates.to(g.dtype)
             g = torch.where(torch.isnan(gates), g, gates)
-        g = g.to(self.present.dtype).unsqueeze(-1)                           # (b, K, 1)
-        return g * self.present + (1 - g) * self.absent                      # (b, K, H)
+        g = g.to(self.present.dtype)[:, :, None, None]                        # (b, K, 1, 1)
+        out = g * self.present + (1 - g) * self.absent                       # (b, K, S, H)
+        return out.flatten(1, 2)                                             # (b, K * S, H)
 
     @torch.no_grad()
     def init_from_embeddings(self, tokenizer, embedding: nn.Embedding) -> None:
-        """present_k: the mean input embedding of the finding's words; absent_k: of 'no' and the words."""
+        """Each finding's slots: the input embeddings of slot_texts' present / absent words, padded with PAD_TEXT."""
         w = embedding.weight
+        pad = tokenizer(PAD_TEXT, add_special_tokens=False)["input_ids"][-1]
+        slots = self.present.shape[1]
         for k, name in enumerate(self.names):
-            for vec, text in ((self.present, phrase(name)), (self.absent, "no " + phrase(name))):
-                ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
-                vec[k] = w[torch.tensor(ids, device=w.device)].float().mean(0).to(vec.dtype)
+            for vec, text in zip((self.present, self.absent), slot_texts(name)):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids = ids + [pad] * (slots - len(ids))
+                vec[k] = w[torch.tensor(ids, device=w.device)].to(vec.dtype)
 
 
 def _logreg(x: torch.Tensor, y: torch.Tensor, lam: float, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:

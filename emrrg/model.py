@@ -19,7 +19,7 @@ import torch.nn as nn
 from emrrg.config import EMRRGConfig, GenerationConfig
 from emrrg.decoder import add_hybrid_layers, add_llm_lora, load_base_decoder
 from emrrg.encoder import MambaXrayEncoder
-from emrrg.findings import FindingTokens
+from emrrg.findings import FindingTokens, slot_count
 from emrrg.lora import merge_partial_lora
 
 PROMPT_BEFORE = "Human: <Img>"
@@ -43,13 +43,16 @@ class EMRRG(nn.Module):
         self.llama_model = llm
         self.tokenizer = tokenizer
         self._prompt_ids = None
-        self.finding_prompt = FindingTokens(cfg.finding_tokens, cfg.encoder.d_model, hidden) if cfg.finding_tokens else None
+        self.finding_prompt = (FindingTokens(cfg.finding_tokens, cfg.finding_slots, cfg.encoder.d_model, hidden)
+                               if cfg.finding_tokens else None)
 
     def add_finding_tokens(self, names) -> None:
-        """Give the model finding tokens (emrrg.findings) for `names`, their vectors from the LLM's embeddings of
-        the names; the classifier head is zero (p = 0.5 everywhere) until fitted."""
+        """Give the model finding tokens (emrrg.findings) for `names`, their slots the LLM's embeddings of the
+        names' words; the classifier head is zero (p = 0.5 everywhere) until fitted."""
         self.cfg.finding_tokens = tuple(names)
-        self.finding_prompt = FindingTokens(self.cfg.finding_tokens, self.cfg.encoder.d_model, self.llama_proj.out_features)
+        self.cfg.finding_slots = slot_count(self.tokenizer, names)
+        self.finding_prompt = FindingTokens(self.cfg.finding_tokens, self.cfg.finding_slots, self.cfg.encoder.d_model,
+                                            self.llama_proj.out_features)
         self.finding_prompt.init_from_embeddings(self.tokenizer, self.llama_model.get_input_embeddings())
 
     # ---- vision side -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from emrrg.checkpoint import load_checkpoint, save_checkpoint
 from emrrg.config import make_config
-from emrrg.findings import FindingTokens, fit_head, phrase
+from emrrg.findings import PAD_TEXT, fit_head, slot_texts
 from emrrg.model import EMRRG
 
 NAMES = ("cardiomegaly", "pleural_effusion", "pneumothorax")
@@ -38,28 +38,42 @@ def test_gates_select_present_absent_and_blend():
     tokens = torch.randn(4, 17, 32)
     k = len(NAMES)
     ones, zeros = torch.ones(4, k), torch.zeros(4, k)
-    torch.testing.assert_close(m(tokens, ones), m.present.expand(4, -1, -1), atol=BLEND_ATOL, rtol=0)
-    torch.testing.assert_close(m(tokens, zeros), m.absent.expand(4, -1, -1), atol=BLEND_ATOL, rtol=0)
+    present, absent = m.present.flatten(0, 1), m.absent.flatten(0, 1)     # (K * S, H): finding-major
+    torch.testing.assert_close(m(tokens, ones), present.expand(4, -1, -1), atol=BLEND_ATOL, rtol=0)
+    torch.testing.assert_close(m(tokens, zeros), absent.expand(4, -1, -1), atol=BLEND_ATOL, rtol=0)
     p = torch.sigmoid(m.logits(tokens))
-    want = p[..., None] * m.present + (1 - p[..., None]) * m.absent
+    want = (p[..., None, None] * m.present + (1 - p[..., None, None]) * m.absent).flatten(1, 2)
     torch.testing.assert_close(m(tokens), want, atol=BLEND_ATOL, rtol=0)
+    # one finding's gate moves its own slots only
+    g = zeros.clone()
+    g[:, 1] = 1
+    out, S = m(tokens, g), m.present.shape[1]
+    torch.testing.assert_close(out[:, S:2 * S], m.present[1].expand(4, -1, -1), atol=BLEND_ATOL, rtol=0)
+    torch.testing.assert_close(out[:, :S], m.absent[0].expand(4, -1, -1), atol=BLEND_ATOL, rtol=0)
     # a NaN row keeps the classifier's p; the other rows take the given gates
     mixed = ones.clone()
     mixed[1] = float("nan")
     out = m(tokens, mixed)
     torch.testing.assert_close(out[1], want[1], atol=BLEND_ATOL, rtol=0)
-    torch.testing.assert_close(out[0], m.present, atol=BLEND_ATOL, rtol=0)
+    torch.testing.assert_close(out[0], present, atol=BLEND_ATOL, rtol=0)
     assert not torch.allclose(out[1], out[0])
 
 
-def test_token_vectors_start_at_the_names_embeddings():
+def test_slots_start_as_the_words_of_the_finding_and_its_negation():
+    """At gate 1 the LLM reads the input embeddings of " pleural effusion,", at 0 those of " no pleural effusion,"
+    (padded with ","): its own words, which an RMSNorm'd LLM reads by direction (a gate that only scaled one
+    vector would read the same at every p > 0)."""
     model = _model()
-    emb = model.llama_model.get_input_embeddings().weight
+    tok, emb = model.tokenizer, model.llama_model.get_input_embeddings().weight
+    S = model.cfg.finding_slots
+    pad = tok(PAD_TEXT, add_special_tokens=False)["input_ids"][-1]
+    assert S == max(len(tok(t, add_special_tokens=False)["input_ids"]) for n in NAMES for t in slot_texts(n))
     for k, name in enumerate(NAMES):
-        ids = model.tokenizer(" " + phrase(name), add_special_tokens=False)["input_ids"]
-        torch.testing.assert_close(model.finding_prompt.present[k], emb[ids].mean(0), atol=BLEND_ATOL, rtol=0)
-        ids = model.tokenizer(" no " + phrase(name), add_special_tokens=False)["input_ids"]
-        torch.testing.assert_close(model.finding_prompt.absent[k], emb[ids].mean(0), atol=BLEND_ATOL, rtol=0)
+        for vec, text in zip((model.finding_prompt.present, model.finding_prompt.absent), slot_texts(name)):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert len(ids) <= S
+            torch.testing.assert_close(vec[k], emb[ids + [pad] * (S - len(ids))], atol=0, rtol=0)
+    assert slot_texts("pleural_effusion") == (" pleural effusion,", " no pleural effusion,")
 
 
 def test_encode_images_appends_one_token_per_finding():
@@ -67,11 +81,14 @@ def test_encode_images_appends_one_token_per_finding():
     px = torch.randn(2, 1, 3, 64, 64)
     out = model.encode_images(px)
     L = model.cfg.encoder.num_tokens
-    assert out.shape == (2, L + len(NAMES), model.llama_proj.out_features) and model.cfg.num_visual_tokens == L + 3
+    S = model.cfg.finding_slots
+    assert out.shape == (2, L + len(NAMES) * S, model.llama_proj.out_features)
+    assert model.cfg.num_visual_tokens == L + 3 * S
     plain = model.layer_norm(model.llama_proj(model.visual_encoder.encode_study(px)))
     torch.testing.assert_close(out[:, :L], plain, atol=0, rtol=0)
     gated = model.encode_images(px, torch.ones(2, len(NAMES)))
-    torch.testing.assert_close(gated[:, L:], model.finding_prompt.present.expand(2, -1, -1), atol=BLEND_ATOL, rtol=0)
+    torch.testing.assert_close(gated[:, L:], model.finding_prompt.present.flatten(0, 1).expand(2, -1, -1),
+                               atol=BLEND_ATOL, rtol=0)
 
 
 def test_fit_head_learns_a_separable_rule_and_reads_raw_features():
@@ -111,7 +128,8 @@ def test_fit_head_folds_the_standardisation_into_the_head():
 def test_checkpoint_round_trip_keeps_the_finding_tokens(tmp_path):
     model = _model()
     ckpt = save_checkpoint(model, tmp_path / "ck")
-    assert json.loads((ckpt / "config.json").read_text())["finding_tokens"] == list(NAMES)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["finding_tokens"] == list(NAMES) and cfg["finding_slots"] == model.cfg.finding_slots > 0
     back = load_checkpoint(ckpt)
     assert back.cfg.finding_tokens == NAMES and back.cfg.num_visual_tokens == model.cfg.num_visual_tokens
     px = torch.randn(1, 1, 3, 64, 64)
@@ -207,7 +225,7 @@ def test_bundle_with_finding_tokens_matches_the_reference(tmp_path):
     bundle = tmp_path / "bundle"
     export_bundle(ckpt, bundle, ExportOptions(llm_bits=32, max_calib=2), progress=False)
     m = verify_bundle(bundle)
-    assert m["encoder"]["num_tokens"] == model.cfg.encoder.num_tokens + len(NAMES)
+    assert m["encoder"]["num_tokens"] == model.cfg.encoder.num_tokens + len(NAMES) * model.cfg.finding_slots
     ref = load_checkpoint(ckpt)
     ref.merge_adapters()
     rt = Runtime.from_pretrained(bundle)
