@@ -222,6 +222,15 @@ def add_llm_lora(llm: nn.Module, cfg: DecoderConfig):
     return get_peft_model(llm, lcfg)
 
 
+def lora_modules(llm):
+    """(name, module) of each peft LoRA layer of `llm` (a module whose lora_A is an adapter dict). The one walk over
+    the adapters: grow_llm_lora and the export's export.decoder_builder.lora_factors both use it."""
+    for name, mod in llm.named_modules():
+        a = getattr(mod, "lora_A", None)
+        if a is not None and hasattr(a, "keys") and len(a):
+            yield name, mod
+
+
 def grow_llm_lora(llm, cfg: DecoderConfig, rank: int, alpha: float, targets: Sequence[str]):
     """The LLM with its LoRA grown to `rank` on `targets` (a superset of cfg's), computing the same function.
 
@@ -237,25 +246,20 @@ def grow_llm_lora(llm, cfg: DecoderConfig, rank: int, alpha: float, targets: Seq
                          f"{cfg.lora_rank} on a superset of those projections; not to rank {rank} on "
                          f"{', '.join(targets)}")
     old_scale, new_scale = cfg.lora_alpha / cfg.lora_rank, alpha / rank
-    trained = {}
-    for name, mod in llm.named_modules():
-        a = getattr(mod, "lora_A", None)
-        if a is not None and hasattr(a, "keys") and "default" in a:
-            trained[name] = (a["default"].weight.detach().clone(), mod.lora_B["default"].weight.detach().clone())
+    trained = {name: (mod.lora_A["default"].weight.detach().clone(), mod.lora_B["default"].weight.detach().clone())
+               for name, mod in lora_modules(llm) if "default" in mod.lora_A}
     new_cfg = dataclasses.replace(cfg, lora_rank=rank, lora_alpha=float(alpha), lora_targets=targets)
     grown = add_llm_lora(llm.unload(), new_cfg)
     placed = 0
     with torch.no_grad():
-        for name, mod in grown.named_modules():
+        for name, mod in lora_modules(grown):
+            mod.lora_B["default"].weight.zero_()          # peft's init already is; the invariant does not rely on it
             if name in trained:
                 A, B = trained[name]
                 r = A.shape[0]
                 mod.lora_A["default"].weight[:r] = A
-                mod.lora_B["default"].weight.zero_()
                 mod.lora_B["default"].weight[:, :r] = B * (old_scale / new_scale)
                 placed += 1
-            elif getattr(mod, "lora_B", None) is not None and hasattr(mod.lora_B, "keys") and "default" in mod.lora_B:
-                mod.lora_B["default"].weight.zero_()      # peft's init already is; the invariant does not rely on it
     if placed != len(trained):
         raise ValueError(f"grew {placed} of {len(trained)} trained LoRA adapters (module names changed)")
     return grown, new_cfg

@@ -46,7 +46,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
+import logging
 import math
 import os
 import random
@@ -251,7 +253,13 @@ class StudyData:
                 w = [finding_weight if any(a < end <= b for a, b in spans) else 1.0 for _, end in enc["offset_mapping"]]
                 self.token_weights.append(np.array(w + [1.0], dtype=np.float32)[:max_report_tokens])
         self.lengths = np.array([len(i) for i in self.ids])
-        self.weights = balance_weights(split.examples, balance) if balance else None
+        self.weights = balance_weights(split.examples, balance, self.labels[0]) if balance else None
+
+    @functools.cached_property
+    def labels(self) -> tuple[np.ndarray, str]:
+        """label_targets(auto) of the split, computed once (the sampler, --lm-label-loss and the finding tokens
+        read the same labels; with report labels the labeler runs over every report)."""
+        return label_targets(self.split.examples, "auto")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -280,14 +288,14 @@ class StudyData:
         return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def balance_weights(examples: Sequence[dict], power: float) -> np.ndarray:
+def balance_weights(examples: Sequence[dict], power: float, labels: np.ndarray | None = None) -> np.ndarray:
     """Sampling probabilities that raise rare findings: each study weighs freq(its rarest label) ** -power,
     normalised to sum to 1. The labels are the drawn ones when every example has them, else the labeler's
     on the report; a study with none counts as the class 'no finding'. power 0: uniform; 1: every rarest
-    class gets about the same share of the samples."""
+    class gets about the same share of the samples. `labels`: label_targets(examples, 'auto')'s, if known."""
     if power < 0:
         raise TrainError(f"--balance-labels {power}: give a power >= 0 (0: off, 0.5: square-root, 1: inverse frequency)")
-    y = label_targets(examples, "auto")[0] > 0.5                               # (n, K)
+    y = (label_targets(examples, "auto")[0] if labels is None else labels) > 0.5  # (n, K)
     y = np.concatenate([y, ~y.any(1, keepdims=True)], axis=1)                 # + 'no finding'
     freq = y.sum(0) / len(y)                                                  # (K + 1,)
     rarest = np.where(y, freq[None, :], np.inf).min(1)                        # (n,)
@@ -591,7 +599,7 @@ def add_finding_tokens(model, data: "StudyData", annotation, log=print) -> dict:
     except Exception:  # noqa: BLE001 - an annotation without val examples fits at the middle L2 strength
         val_split = None
 
-    y, source = label_targets(data.split.examples, "auto")
+    y, source = data.labels
     model.add_finding_tokens(label_classes(source))
     log(f"finding tokens: the frozen encoder's features of {len(data)} train studies for the classifier")
     t0 = time.perf_counter()
@@ -797,9 +805,9 @@ def train(a, log=print) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.bf16 and not native_bf16():
-        log("warning: --bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): autocast emulates it, many "
-            "times slower than f32 (one demo training step: 217 s against 8 s in f32 on a 2-core AVX2 EPYC); "
-            "drop --bf16 here")
+        logging.getLogger("emrrg.train").warning(   # a warning: stderr, and it survives -q
+            "--bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): autocast emulates it, many times slower "
+            "than f32 (one demo training step: 217 s against 8 s in f32 on a 2-core AVX2 EPYC); drop --bf16 here")
 
     # data + model -------------------------------------------------------------------------------------
     if last is not None:
@@ -822,7 +830,7 @@ def train(a, log=print) -> dict:
     if getattr(a, "finding_tokens", False) and model.finding_prompt is None:
         add_finding_tokens(model, data, a.data, log)
     if model.finding_prompt is not None and teacher > 0:
-        y_np, source = label_targets(train_split.examples, "auto")
+        y_np, source = data.labels
         if tuple(label_classes(source)) != model.cfg.finding_tokens:
             raise TrainError(f"the model's finding tokens ({', '.join(model.cfg.finding_tokens)}) are not this data's "
                              f"{source} labels; use --finding-teacher 0")
@@ -842,7 +850,7 @@ def train(a, log=print) -> dict:
     aux, y_aux, aux_w = None, None, getattr(a, "lm_label_loss", 0.0)  # runs saved before the flag have none
     groups = param_groups(model, a.lr, encoder_lr(a), a.weight_decay)
     if aux_w:
-        y_np, source = label_targets(train_split.examples, "auto")
+        y_np, source = data.labels
         y_aux = torch.from_numpy(y_np)
         aux = label_head(model.llama_proj.out_features, y_np, torch.Generator().manual_seed(a.seed))
         log(f"--lm-label-loss {aux_w}: BCE of a linear head on the LLM's last prompt position, "

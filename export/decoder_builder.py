@@ -82,11 +82,11 @@ AdapterFactors = dict[str, tuple[np.ndarray, np.ndarray]]   # HF weight name -> 
 def lora_factors(llm) -> AdapterFactors:
     """The peft LoRA factors of an LLM that still carries its adapters (take them before merging), keyed by the
     merged model's weight names (model.layers.3.self_attn.q_proj.weight): merged W = W0 + B_scaled @ A."""
+    from emrrg.decoder import lora_modules
+
     out: AdapterFactors = {}
-    for name, mod in llm.named_modules():
-        a = getattr(mod, "lora_A", None)
-        if not a or not hasattr(a, "keys"):
-            continue
+    for name, mod in lora_modules(llm):
+        a = mod.lora_A
         if list(a.keys()) != ["default"] or getattr(mod, "fan_in_fan_out", False) or \
                 any(getattr(mod, "use_dora", {}).values()):
             raise DecoderExportError(f"{name}: only one plain LoRA adapter ('default', no DoRA) can be kept "

@@ -632,17 +632,21 @@ def test_grown_llm_lora_computes_the_same_function_and_saves():
 
 def test_bf16_on_a_cpu_without_it_warns(tiny_phantom, tmp_path, capsys, monkeypatch):
     """--bf16 where the CPU has no native bfloat16 is emulated (217 s against 8 s a step on an AVX2 EPYC): the run
-    says so up front, and still runs."""
+    says so up front, as a warning on stderr that -q keeps, and still runs."""
     import emrrg.train as tr
 
     assert isinstance(tr.native_bf16(), bool)   # this machine's answer, whatever it is
     args = ["--data", str(tiny_phantom), *TINY, "--steps", "1", "--batch-size", "2", "--bf16"]
     monkeypatch.setattr(tr, "native_bf16", lambda: False)
     tr.train_main(["-o", str(tmp_path / "a"), *args])
-    assert "without native bfloat16" in capsys.readouterr().out
+    assert "warning: --bf16 on a CPU without native bfloat16" in capsys.readouterr().err
+    tr.train_main(["-o", str(tmp_path / "q"), *args, "-q"])
+    out = capsys.readouterr()
+    assert "without native bfloat16" in out.err and "step 1/1" not in out.out   # -q: the warning, not the steps
     monkeypatch.setattr(tr, "native_bf16", lambda: True)
     tr.train_main(["-o", str(tmp_path / "b"), *args])
-    assert "without native bfloat16" not in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "without native bfloat16" not in out.out + out.err
 
 
 def test_encoder_rate_zero_holds_the_encoder():
