@@ -841,6 +841,11 @@ def train(a, log=print) -> dict:
         log(f"QLoRA: {n4} LLM linear layers held in NF4 (bitsandbytes), LoRA in f32")
     use_scan(model, a.scan)
     trainable = mark_trainable(model, a.train_encoder)
+    if model.finding_prompt is not None and encoder_lr(a) > 0 and any(n.startswith("visual_encoder.") for n in trainable):
+        logging.getLogger("emrrg.train").warning(
+            "finding tokens: their classifier was fitted on the frozen encoder and is held; with the encoder "
+            "training (--encoder-lr %g) it reads features it was not fitted on; hold it with --encoder-lr 0",
+            encoder_lr(a))
     if not trainable:
         raise TrainError("nothing to train: give --lora-rank / --llm-lora-rank, or --train-encoder full")
 

@@ -161,8 +161,9 @@ def test_training_with_finding_tokens(tiny_phantom, tmp_path, capsys):
     run = tmp_path / "run"
     train_main(["--data", str(tiny_phantom), "-o", str(run), *TINY, "--steps", "3", "--batch-size", "4",
                 "--lr", "1e-2", "--encoder-lr", "0", "--finding-tokens", "--finding-teacher", "0.5"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "finding tokens: 11 drawn labels, classifier fitted on 8 studies" in out
+    assert "fitted on the frozen encoder" not in err                      # the encoder is held: no warning
     fit = json.loads(out.split("classifier fitted on 8 studies in ")[1].split(": ", 1)[1].splitlines()[0])
     assert fit["l2"] in (1e-4, 1e-3, 1e-2, 1e-1) and "val_bce" in fit   # the val split chose it (--val-limit 0)
     trained = load_checkpoint(run / "last")
@@ -207,6 +208,17 @@ def test_finding_tokens_refused_when_labels_differ(tiny_phantom, tmp_path, capsy
                     "--finding-teacher", "1.5"])
     assert e.value.code == 2 and "--finding-teacher 1.5: give a fraction in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_finding_tokens_with_a_training_encoder_warn(tiny_phantom, tmp_path, capsys):
+    """The classifier is fitted on the frozen encoder and held: training the encoder under it is allowed, with a
+    warning on stderr that says how to hold it."""
+    from emrrg.train import train_main
+    from tests.model.test_train import TINY
+
+    train_main(["--data", str(tiny_phantom), "-o", str(tmp_path / "r"), *TINY, "--steps", "1", "--batch-size", "2",
+                "--finding-tokens", "--encoder-lr", "1e-3"])
+    assert "fitted on the frozen encoder and is held" in capsys.readouterr().err
 
 
 def test_bundle_with_finding_tokens_matches_the_reference(tmp_path):
