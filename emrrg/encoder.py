@@ -8,12 +8,22 @@ The state-dict keys are the upstream `visual_encoder.*` ones (README, "The model
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from emrrg.config import EncoderConfig
 from emrrg.mixer import ARMMixer
+
+
+def stack_views(studies: Sequence[np.ndarray]) -> torch.Tensor:
+    """Studies' (V_i, 3, S, S) views -> one (b, V, 3, S, S) batch for encode_study; a study with fewer views than
+    the most repeats its last one."""
+    views = max(p.shape[0] for p in studies)
+    return torch.from_numpy(np.stack([np.concatenate([p] + [p[-1:]] * (views - p.shape[0])) for p in studies]))
 
 
 class PatchEmbed(nn.Module):

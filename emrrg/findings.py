@@ -113,21 +113,18 @@ def _logreg(x: torch.Tensor, y: torch.Tensor, lam: float, iters: int = 200) -> t
 
 
 @torch.no_grad()
-def encoder_features(model, pixels: Callable[[int], np.ndarray], n: int, batch: int = 16,
-                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def encoder_features(model, pixels: Callable[[int], np.ndarray], n: int, batch: int = 16) -> np.ndarray:
     """(n, 2D) FindingTokens.features of the model's encoder for studies 0..n-1 (`pixels(i)`: (V, 3, S, S))."""
+    from emrrg.encoder import stack_views
+
     enc = model.visual_encoder
     was = enc.training
     enc.eval()
     out = []
     try:
         for s in range(0, n, batch):
-            px = [pixels(i) for i in range(s, min(s + batch, n))]
-            v = max(p.shape[0] for p in px)
-            px = [np.concatenate([p] + [p[-1:]] * (v - p.shape[0])) for p in px]
-            out.append(FindingTokens.features(enc.encode_study(torch.from_numpy(np.stack(px)))).double().numpy())
-            if progress:
-                progress(min(s + batch, n), n)
+            px = stack_views([pixels(i) for i in range(s, min(s + batch, n))])
+            out.append(FindingTokens.features(enc.encode_study(px)).double().numpy())
     finally:
         enc.train(was)
     return np.concatenate(out)

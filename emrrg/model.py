@@ -58,7 +58,8 @@ class EMRRG(nn.Module):
     # ---- vision side -------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, finding_gates: torch.Tensor | None = None) -> torch.Tensor:
         """(b, V, 3, H, W) views -> (b, L, H_llm) projected visual tokens (views averaged), then the finding
-        tokens when the model has them ((b, L + K, H_llm); `finding_gates` replace the classifier's p)."""
+        tokens when the model has them ((b, L + K * finding_slots, H_llm); `finding_gates` replace the classifier's
+        p)."""
         if pixel_values.dim() == 4:
             pixel_values = pixel_values.unsqueeze(1)
         tokens = self.visual_encoder.encode_study(pixel_values)              # (b, L, D)

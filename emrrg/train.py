@@ -307,10 +307,8 @@ def collate(data: StudyData, idx: Sequence[int]):
     """(pixels (b, V, 3, S, S), report ids (b, R), labels (b, R)); right-padded with label -100."""
     import torch
 
-    px = [data.pixels(i) for i in idx]
-    views = max(p.shape[0] for p in px)
-    if any(p.shape[0] != views for p in px):  # studies with fewer views repeat their last one
-        px = [np.concatenate([p] + [p[-1:]] * (views - p.shape[0])) for p in px]
+    from emrrg.encoder import stack_views
+
     R = max(len(data.ids[i]) for i in idx)
     ids = torch.zeros(len(idx), R, dtype=torch.long)
     labels = torch.full((len(idx), R), IGNORE, dtype=torch.long)
@@ -318,7 +316,7 @@ def collate(data: StudyData, idx: Sequence[int]):
         t = torch.tensor(data.ids[i])
         ids[r, :len(t)] = t
         labels[r, :len(t)] = t
-    return torch.from_numpy(np.stack(px)), ids, labels
+    return stack_views([data.pixels(i) for i in idx]), ids, labels
 
 
 def collate_weights(data: StudyData, idx: Sequence[int]):
@@ -587,8 +585,8 @@ def pretrain_encoder(model, data: "StudyData", steps: int, batch_size: int, lr: 
 # ---- finding tokens (emrrg.findings) ----------------------------------------------------------------------
 
 def add_finding_tokens(model, data: "StudyData", annotation, log=print) -> dict:
-    """--finding-tokens: give the model one token per label (the drawn findings, else the report's CheXpert
-    labels) and fit their classifier on the frozen encoder's features of the train studies, its L2 strength
+    """--finding-tokens: give the model finding tokens for each label (the drawn findings, else the report's
+    CheXpert labels) and fit their classifier on the frozen encoder's features of the train studies, its L2 strength
     chosen on the whole val split of `annotation` (whatever --val-limit). Returns fit_head's record with the
     val metrics."""
     from emrrg.evaluate import load_split
@@ -1068,8 +1066,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight of an auxiliary BCE: a linear head on the LLM's last prompt position (where the "
                         "report starts) predicts the image's labels (drawn, else the labeler's); 0: off")
     m.add_argument("--finding-tokens", action="store_true",
-                   help="add one LLM input token per label after the visual tokens, gated by a classifier fitted "
-                        "on the frozen encoder (emrrg.findings; hold the encoder with --encoder-lr 0)")
+                   help="after the visual tokens, give the LLM each label's words or their negation, blended by a "
+                        "classifier fitted on the frozen encoder (emrrg.findings; hold the encoder with --encoder-lr 0)")
     o.add_argument("--finding-teacher", type=float, default=0.5,
                    help="with finding tokens: the fraction of studies whose gates are their drawn labels, "
                         "the rest the classifier's probabilities")

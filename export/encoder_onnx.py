@@ -76,7 +76,7 @@ INT8_THRESHOLDS = Thresholds(max_nmse=1e-2, min_mean_cosine=0.995)
 
 class VisualTokens(nn.Module):
     """EMRRG.encode_images as one module: (B, V, 3, S, S) pixel values -> (B, L, H_llm) visual tokens, then the
-    model's finding tokens if it has them (emrrg.findings: (B, L + K, H_llm))."""
+    model's finding tokens if it has them (emrrg.findings: (B, L + K * finding_slots, H_llm))."""
 
     def __init__(self, encoder: nn.Module, projector: nn.Module, findings: nn.Module | None = None):
         super().__init__()
