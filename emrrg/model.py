@@ -10,7 +10,7 @@ Prompt (upstream, R2GenGPT-style), preceded by BOS:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class EMRRG(nn.Module):
         if pixel_values.dim() == 4:
             pixel_values = pixel_values.unsqueeze(1)
         tokens = self.visual_encoder.encode_study(pixel_values)              # (b, L, D)
-        return visual_tokens(tokens, self.llama_proj, self.layer_norm, self.finding_prompt, finding_gates)
+        return visual_tokens(tokens, lambda t: self.layer_norm(self.llama_proj(t)), self.finding_prompt, finding_gates)
 
     def set_visual(self, visual: torch.Tensor | None) -> None:
         """Compute the hybrid layers' visual K/V once per image (None clears them)."""
@@ -140,11 +140,11 @@ class EMRRG(nn.Module):
         return self.decode(ids[0].tolist())
 
 
-def visual_tokens(tokens: torch.Tensor, proj: nn.Module, norm: nn.Module, findings: nn.Module | None = None,
-                  gates: torch.Tensor | None = None) -> torch.Tensor:
-    """The encoder's (b, L, D) tokens -> the LLM's visual inputs: projected and normed, then the finding tokens
-    (if any). EMRRG.encode_images and the exported graph (export.encoder_onnx.VisualTokens) both use it."""
-    visual = norm(proj(tokens))                                              # (b, L, H)
+def visual_tokens(tokens: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor],
+                  findings: nn.Module | None = None, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """The encoder's (b, L, D) tokens -> the LLM's visual inputs: `project`ed (linear, then norm), then the finding
+    tokens (if any). EMRRG.encode_images and the exported graph (export.encoder_onnx.VisualTokens) both use it."""
+    visual = project(tokens)                                                 # (b, L, H)
     if findings is None:
         return visual
     return torch.cat([visual, findings(tokens, gates).to(visual.dtype)], dim=1)

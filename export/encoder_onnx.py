@@ -86,7 +86,7 @@ class VisualTokens(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.encode_study(pixel_values)                    # (B, L, D), views averaged
-        return visual_tokens(tokens, self.projector, nn.Identity(), self.findings)
+        return visual_tokens(tokens, self.projector, self.findings)
 
 
 def visual_tokens_module(model: nn.Module, projector: nn.Module | None = None) -> VisualTokens:
