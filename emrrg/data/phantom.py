@@ -90,6 +90,7 @@ from emrrg.assets import MissingAssetError, _package_dir
 from emrrg.data.annotation import SPLITS, write_annotation
 from emrrg.data.phantom_render import (DEVICES, FINDINGS, PhantomSpec, phantom_regions, render_phantom, save_png,
                                        to_uint8, to_uint16)
+from emrrg.data.reports import split_report_sentences
 from emrrg.metrics.labeler import NEGATIVE, mention_state
 
 __all__ = [
@@ -319,16 +320,12 @@ _DEVICE_WORDS = (
 )
 
 
-def _split_sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.lower()) if s.strip()]
-
-
 def parse_attributes(report: str, findings: Iterable[str]) -> dict[str, dict[str, str]]:
     """Side / severity / zone / nodule-vs-mass of each finding, from the sentences that assert it.
 
     Sides are the patient's. Only what the text states is returned; the renderer draws the rest.
     """
-    sents = _split_sentences(report)
+    sents = [s.lower() for s in split_report_sentences(report)]
     out: dict[str, dict[str, str]] = {}
     for f in findings:
         kw = _KEYWORDS.get(f)
