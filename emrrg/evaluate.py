@@ -235,7 +235,7 @@ def predict_split(gen, split: Split, over: dict, progress: bool = False) -> list
     """Generate a report for every example: [{id, reference, prediction, token_ids}]."""
     from emrrg.runtime.logs import Progress  # a bar on a terminal, plain lines in a log file
 
-    bar = Progress(len(split.examples), f"generate {split.name}", unit="study", enabled=progress)
+    bar = Progress(len(split.examples), f"generate {split.name}", units="studies", enabled=progress)
     try:
         ids = gen.generate([split.images(e) for e in split.examples], over, on_done=bar.update)
     finally:
@@ -294,7 +294,7 @@ def predict_split_workers(source: str | Path, split: Split, over: dict, workers:
                               args=(queue, k, str(source), batch_size, backend, threads, str(split.annotation),
                                     split.name, a, b, over)) for k, (a, b) in enumerate(bounds) if b > a}
     procs = list(by_part.values())
-    bar = Progress(n, f"generate {split.name} ({len(procs)} workers)", unit="study", enabled=progress)
+    bar = Progress(n, f"generate {split.name} ({len(procs)} workers)", units="studies", enabled=progress)
     parts: dict[int, list[dict]] = {}
     ended: set[int] = set()                      # workers seen exited cleanly without their reports
     try:

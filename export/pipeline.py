@@ -84,7 +84,7 @@ class _Progress:
         from emrrg.runtime.logs import Progress
 
         self.steps, self.i = steps, 0
-        self.bar = Progress(len(steps), "emrrg-export", unit="step", enabled=enabled)
+        self.bar = Progress(len(steps), "emrrg-export", units="steps", enabled=enabled)
 
     def start(self, name: str) -> None:
         self.bar.set_note(name)

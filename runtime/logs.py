@@ -183,10 +183,11 @@ def torch_loggers_quiet() -> None:
 
 class Progress:
     """A progress display on `stream` (stderr): a tqdm bar on a terminal, a plain line at most every
-    PLAIN_EVERY_S seconds (and one at the end) otherwise, nothing when quiet or `enabled` is False."""
+    PLAIN_EVERY_S seconds (and one at the end) otherwise, nothing when quiet or `enabled` is False. `units`
+    names what is counted, plural as the plain line prints it ("3/8 studies")."""
 
-    def __init__(self, total: int, desc: str, unit: str = "step", enabled: bool = True, stream: IO | None = None):
-        self.total, self.desc, self.unit, self.n, self.note = total, desc, unit, 0, ""
+    def __init__(self, total: int, desc: str, units: str = "steps", enabled: bool = True, stream: IO | None = None):
+        self.total, self.desc, self.units, self.n, self.note = total, desc, units, 0, ""
         self.stream = stream or sys.stderr
         self.t0 = self.shown = time.perf_counter()
         self.on = enabled and not quiet()
@@ -197,7 +198,7 @@ class Progress:
             except ImportError:  # the runtime extra has no tqdm: plain lines
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=True, dynamic_ncols=True,
+                self.bar = tqdm(total=total, desc=desc, file=self.stream, leave=True, dynamic_ncols=True,
                                 bar_format="{desc}: {n}/{total} [{elapsed}<{remaining}] {postfix}")
 
     def set_note(self, note: str) -> None:
@@ -216,7 +217,7 @@ class Progress:
     def _line(self) -> None:
         self.shown = time.perf_counter()
         note = f" ({self.note})" if self.note else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {self.shown - self.t0:.0f} s{note}",
+        print(f"{self.desc}: {self.n}/{self.total} {self.units}, {self.shown - self.t0:.0f} s{note}",
               file=self.stream, flush=True)
 
     def close(self) -> None:

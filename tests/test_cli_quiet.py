@@ -143,7 +143,7 @@ def test_level_from_flags_then_environment(monkeypatch, capsys):
 
 def test_progress_plain_lines_off_a_terminal():
     stream = io.StringIO()
-    bar = logs.Progress(3, "emrrg-test", unit="step", stream=stream)
+    bar = logs.Progress(3, "emrrg-test", units="steps", stream=stream)
     for name in ("a", "b", "c"):
         bar.set_note(name)
         bar.update()
@@ -162,7 +162,7 @@ def test_progress_bar_on_a_terminal():
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))   # a terminal 80 columns wide
     with os.fdopen(slave, "w") as tty:
-        bar = logs.Progress(2, "emrrg-test", unit="step", stream=tty)
+        bar = logs.Progress(2, "emrrg-test", units="steps", stream=tty)
         bar.update()
         bar.update()
         bar.close()
