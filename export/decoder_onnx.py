@@ -81,7 +81,7 @@ EXTERNAL_DATA_ABOVE_BYTES = 512 * 2**20  # inline protobufs stay well under the 
 # (MLAS vs oneDNN GEMM blocking, a fused vs decomposed softmax). The per-op relative error is ~1e-7;
 # over 30 layers with RMSNorms and logits of magnitude ~30 it grows to ~1e-5 relative: SmolLM2-135M
 # measures 2-4e-4 max |diff| on a 7-token prefill of random ids and ~1e-4 on decode steps; a trained,
-# LoRA-merged SmolLM2 (the demo checkpoint, max |logit| 35) amplifies the prefill rounding to 3.7e-3
+# LoRA-merged SmolLM2 (stage 6's demo checkpoint, max |logit| 35) amplifies the prefill rounding to 3.7e-3
 # (repeat_kv attention graph) and 5.6e-3 (the grouped attention graph), decode steps still ~7e-5.
 # A real export bug (wrong mask, rope offset, cache order) shows up at >= 1e-1. So: 1e-3 absolute plus
 # 2.5e-4 relative to the largest |logit| (~1e-2 for SmolLM2: 1.7x the worst rounding measured, 10x below a bug).

@@ -609,7 +609,7 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, config: QuantCon
 #  4. the LLM's LoRA kept beside the 4-bit weights, not merged into them (built graph only): the base weights
 #     re-encode exactly (affine, on their grid) and each adapted projection gets a rank-r f32 branch
 #     (x A^T) B^T, two small MatMuls (~3% of a SmolLM2 layer's multiply-adds at rank 8 on q/v). Exact where a
-#     trained LoRA has moved the merged weights too far off the grid for rung 3 (the demo checkpoint).
+#     trained LoRA has moved the merged weights too far off the grid for rung 3 (stage 6's demo checkpoint).
 #  5. + the 16 MatMuls with the largest weighted error at 8 bits.
 #  6. + 64 of them at 8 bits (every q/v projection of a 30-layer model with a q/v LoRA).
 #  7. lm_head kept f32 as well.
@@ -617,7 +617,7 @@ def quantize_decoder(f32_onnx: str | Path, out_dir: str | Path, config: QuantCon
 #  9-10. rungs 4 and 2 with f32 activations (accuracy_level 0) and an f32 lm_head: the last resort for the
 #     report-level check (--calib-reports). Every rung above runs MatMulNBits on int8-quantized activations
 #     (accuracy_level 4, llama.cpp's Q4 x Q8 regime), whose small logit errors flip near-tied beams: on the
-#     demo checkpoint no such rung, all-8-bit weights included, kept 24 validation reports within the bands,
+#     stage-6 demo checkpoint no such rung, all-8-bit weights included, kept 24 validation reports within the bands,
 #     while these wrote the f32 decoder's 24 reports exactly. Their decode is ~2.6x slower than rung 4's (3
 #     beams, SmolLM2); an 8-bit lm_head at accuracy_level 0 is not used: ORT CPU de-quantizes it on every
 #     call (11x slower than rung 4).

@@ -34,11 +34,12 @@ log = logging.getLogger("emrrg.export")     # stderr, hidden by -q (runtime/logs
 # targets of the INT8 + 4-bit bundle (CE-F1 within 1%, BLEU-4 and CIDEr within 5%).
 REPORT_BANDS = {"CE_F1": 0.01, "BLEU_4": 0.05, "CIDEr": 0.05}
 # ... and at least this fraction of its reports word for word the same as the baseline's. The bands see a flipped
-# beam only through its random effect on the metrics, which a few dozen studies can hide: on the demo checkpoint
-# an encoder rung whose reports stayed within the bands on 84 validation studies changed 11% of the 168 test
-# reports and missed the CE-F1 and CIDEr bands there; the rung the demo ships changed 2.4% (README, "Fidelity").
+# beam only through its random effect on the metrics, which a few dozen studies can hide: on stage 6's demo
+# checkpoint an encoder rung whose reports stayed within the bands on 84 validation studies changed 11% of the
+# 168 test reports and missed the CE-F1 and CIDEr bands there; the rung that stage 6's demo shipped changed 2.4%
+# (README, "Fidelity").
 REPORT_MIN_IDENTICAL = 0.95
-# Validation studies checked. With 24, the demo checkpoint's worst50-float changed none of them (it changed 11%
+# Validation studies checked. With 24, stage 6's worst50-float changed none of them (it changed 11%
 # of the test split's); with 84 the rule above refused it (77 / 84 identical) and kept the weight-only rung
 # (84 / 84): ~4 minutes per rung on 2 cores with SmolLM2 and 3 beams.
 DEFAULT_REPORT_LIMIT = 84

@@ -4,7 +4,7 @@
 describe how the film was taken ("Comparison is made to the patient's prior study of ___ at 10:45 a.m.",
 "Portable semi-erect chest film ___ at ___ is submitted."). A model that sees one image cannot know
 either, so trained on them it states them for every study: a comparison with a study that does not
-exist is a hallucination a reader can catch at once, and on the demo checkpoint such sentences open most
+exist is a hallucination a reader can catch at once, and on stage 6's demo checkpoint such sentences open most
 reports and take a fifth of its 128-token budget without naming a finding. The idea follows the
 prior-reference removal of report-generation work on MIMIC-CXR (Ramesh et al., 2022); the rule here is
 ours and deliberately narrow:

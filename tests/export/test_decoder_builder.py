@@ -178,7 +178,7 @@ def test_affine_grid_weights_reencode_exactly_through_the_built_graph(tmp_path):
 
 
 def test_separate_adapters_keep_a_lora_exact_over_grid_weights(tmp_path):
-    """A LoRA trained over grid weights (the demo checkpoint: SmolLM2 on its Q4_1 grid + q/v LoRA): merged, its
+    """A LoRA trained over grid weights (the demo checkpoints: SmolLM2 on its Q4_1 grid + q/v LoRA): merged, its
     q/v leave the grid and every 4-bit encoding re-rounds them; kept as a rank-r branch beside the re-encoded base
     (QuantConfig.separate_adapters), the 4-bit graph equals the f32 merged graph."""
     llm, _ = tiny_llm(seed=5)
